@@ -1,0 +1,13 @@
+"""Paged attention kernels (Pallas) and their plain-XLA references."""
+
+from pallas_kernels.reference import (
+    paged_decode_attention_reference,
+    paged_prefill_attention_reference,
+    write_kv_pages,
+)
+
+__all__ = [
+    "paged_decode_attention_reference",
+    "paged_prefill_attention_reference",
+    "write_kv_pages",
+]
