@@ -61,8 +61,10 @@ class ModelConfig:
             )
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        rope_scaling = hf.get("rope_scaling")
+        # transformers 5 writes the scaling (and rope_theta) as `rope_parameters` instead of `rope_scaling`.
+        rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
         if rope_scaling:
+            rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
             rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if rope_type not in (None, "default", "llama3"):
                 raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
