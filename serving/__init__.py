@@ -1,0 +1,1 @@
+"""OpenAI-compatible streaming HTTP server over the TokenFlow-JAX engine."""

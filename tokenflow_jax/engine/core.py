@@ -1,0 +1,189 @@
+"""The engine loop: ask the policy for a plan, have the executor carry it out, account tokens and buffers.
+
+Shared by the real engine and the simulator (they differ only in the Executor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+
+from tokenflow_jax.metrics import RequestRecord
+from tokenflow_jax.scheduler.interface import Executor, Policy, SchedulerState, StepPlan
+from tokenflow_jax.scheduler.request import Request, RequestStatus
+from tokenflow_jax.tracker import RequestTracker
+
+PREEMPTION_MODES = ("auto", "swap", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    time: float
+    finished: bool
+    finish_reason: str | None
+
+
+class EngineCore:
+    """Owns the request queues. `step()` runs one iteration and returns the tokens it produced."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        policy: Policy,
+        *,
+        eos_token_ids: Iterable[int] = (),
+        preemption: str = "auto",
+    ) -> None:
+        if preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
+        self.executor = executor
+        self.policy = policy
+        self.preemption = preemption
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.tracker = RequestTracker()
+        self.records: dict[str, RequestRecord] = {}
+        self.scheduler_times_s: list[float] = []
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
+        self._admissions = 0
+
+    # ---- queues
+    def _with_status(self, status: RequestStatus) -> list[Request]:
+        return [r for r in self.requests.values() if r.status is status]
+
+    @property
+    def waiting(self) -> list[Request]:
+        return sorted(self._with_status(RequestStatus.WAITING), key=lambda r: (r.arrival, r.request_id))
+
+    @property
+    def running(self) -> list[Request]:
+        return sorted(self._with_status(RequestStatus.RUNNING), key=lambda r: r.admitted_order)
+
+    @property
+    def paused(self) -> list[Request]:
+        return self._with_status(RequestStatus.PAUSED)
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    # ---- requests
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests or req.request_id in self.records:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if not req.prompt_ids:
+            raise ValueError("prompt must contain at least one token")
+        limit = self.executor.max_model_len
+        if len(req.prompt_ids) + req.sampling.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.sampling.max_tokens}) "
+                f"exceeds the model length {limit}"
+            )
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.tracker.add(req.request_id, req.rate, req.arrival)
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """End a request (stop string, abort, length or EOS) and free its pages on both tiers."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        self.executor.release(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        buf = self.tracker.get(request_id)
+        self.records[request_id] = RequestRecord(
+            request_id=request_id,
+            arrival=req.arrival,
+            rate=req.rate,
+            prompt_len=len(req.prompt_ids),
+            token_times=list(buf.token_times),
+            preemptions_swap=req.preemptions_swap,
+            preemptions_recompute=req.preemptions_recompute,
+        )
+        self.tracker.remove(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.finish(request_id, "abort")
+
+    # ---- one iteration
+    def _apply_preemption_mode(self, plan: StepPlan) -> None:
+        if self.preemption == "recompute":
+            plan.recompute_out += plan.swap_out
+            plan.swap_out = []
+        elif self.preemption == "swap" and self.executor.num_host_pages:
+            plan.swap_out += plan.recompute_out
+            plan.recompute_out = []
+
+    def _validate(self, plan: StepPlan) -> None:
+        expect = {
+            "swap_out": (RequestStatus.RUNNING,),
+            "recompute_out": (RequestStatus.RUNNING, RequestStatus.PAUSED),
+            "swap_in": (RequestStatus.PAUSED,),
+        }
+        for field, allowed in expect.items():
+            for rid in getattr(plan, field):
+                req = self.requests.get(rid)
+                if req is None or req.status not in allowed:
+                    raise RuntimeError(f"policy {self.policy.name}: {field} of {rid} in state "
+                                       f"{None if req is None else req.status}")  # fmt: skip
+        gone = set(plan.swap_out) | set(plan.recompute_out)
+        if len(plan.schedule) > self.executor.max_num_seqs:
+            raise RuntimeError(f"policy {self.policy.name}: {len(plan.schedule)} sequences > max_num_seqs")
+        for rid in plan.schedule:
+            req = self.requests.get(rid)
+            if req is None or rid in gone or (req.status is RequestStatus.PAUSED and rid not in plan.swap_in):
+                raise RuntimeError(f"policy {self.policy.name}: cannot schedule {rid}")
+
+    def step(self) -> list[TokenEvent]:
+        now = self.executor.now()
+        state = SchedulerState(now, self.waiting, self.running, self.paused, self.tracker, self.executor)
+        t0 = time.perf_counter()
+        plan = self.policy.plan(state)
+        self.scheduler_times_s.append(time.perf_counter() - t0)
+        self._apply_preemption_mode(plan)
+        self._validate(plan)
+        plan.sync_order = sorted(
+            plan.schedule, key=lambda rid: -self.tracker.get(rid).buffer_tokens(now)
+        )
+        swapped_out = set(plan.swap_out)
+        result = self.executor.execute(plan, self.requests)
+        self.bytes_to_host += result.bytes_to_host
+        self.bytes_to_device += result.bytes_to_device
+        for rid in plan.recompute_out:
+            req = self.requests[rid]
+            req.status = RequestStatus.WAITING
+            req.preemptions_recompute += 1
+        for rid in plan.swap_out:
+            req = self.requests[rid]
+            # The executor drops a request it could not copy out (host tier full): that is a recompute.
+            if req.num_computed == 0:
+                req.status = RequestStatus.WAITING
+                req.preemptions_recompute += 1
+            else:
+                req.status = RequestStatus.PAUSED
+                req.preemptions_swap += 1
+        for rid in list(plan.swap_in) + list(plan.schedule):
+            req = self.requests[rid]
+            if req.status is not RequestStatus.RUNNING and rid not in swapped_out:
+                req.status = RequestStatus.RUNNING
+                self._admissions += 1
+                req.admitted_order = self._admissions
+        now = self.executor.now()
+        events = []
+        for rid, token in result.sampled.items():
+            req = self.requests[rid]
+            req.output_ids.append(token)
+            self.tracker.on_token(rid, now)
+            reason = None
+            if token in self.eos_token_ids and not req.sampling.ignore_eos:
+                reason = "stop"
+            elif len(req.output_ids) >= req.sampling.max_tokens:
+                reason = "length"
+            events.append(TokenEvent(rid, token, now, reason is not None, reason))
+            if reason is not None:
+                self.finish(rid, reason)
+        return events

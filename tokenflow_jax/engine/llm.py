@@ -1,0 +1,190 @@
+"""`LLM`: the public Python face. Builds the model, the executor and a policy; runs requests to completion."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from tokenflow_jax.engine.core import EngineCore, TokenEvent
+from tokenflow_jax.engine.executor import EngineExecutor
+from tokenflow_jax.metrics import RequestMetrics, request_metrics
+from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.scheduler.registry import make_policy
+from tokenflow_jax.scheduler.request import Request
+
+DEFAULT_RATE = 20.0  # tokens/s a reader consumes when a request does not say
+
+
+@dataclasses.dataclass
+class Output:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    metrics: RequestMetrics | None
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, on by default (TOKENFLOW_JAX_CACHE_DIR='' turns it off)."""
+    path = os.environ.get("TOKENFLOW_JAX_CACHE_DIR", os.path.expanduser("~/.cache/tokenflow_jax/xla"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def default_attention() -> str:
+    # Interpret-mode Pallas is too slow to serve on CPU; the XLA reference is the CPU path.
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+class LLM:
+    """Offline and streaming generation over one model.
+
+    `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output].
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        *,
+        scheduler: str = "tokenflow",
+        kv_pages: int | None = None,
+        host_kv_pages: int | None = None,
+        preemption: str = "auto",
+        seed: int = 0,
+        dtype: str = "float32",
+        page_size: int = 16,
+        max_num_seqs: int = 32,
+        max_batch_tokens: int = 256,
+        max_model_len: int | None = None,
+        attention: str | None = None,
+        default_rate: float = DEFAULT_RATE,
+        scheduler_config: dict[str, Any] | None = None,
+        warmup: bool = True,
+        progress: bool = False,
+    ) -> None:
+        from checkpoints import load_model
+
+        if default_rate <= 0:
+            raise ValueError(f"default_rate must be positive, got {default_rate}")
+        enable_compilation_cache()
+        loaded = load_model(model, dtype=dtype, seed=seed)
+        self.cfg, self.tokenizer = loaded.cfg, loaded.tokenizer
+        self.model_name = model
+        self.seed = seed
+        self.default_rate = default_rate
+        max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 2048)
+        pages_per_seq = -(-max_model_len // page_size)
+        if kv_pages is None:
+            kv_pages = max_num_seqs * pages_per_seq + 1
+        if host_kv_pages is None:
+            host_kv_pages = 2 * kv_pages
+        self.executor = EngineExecutor(
+            self.cfg, loaded.params, num_device_pages=kv_pages, num_host_pages=host_kv_pages,
+            page_size=page_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+            max_model_len=max_model_len, kv_dtype=dtype, attention_impl=attention or default_attention(),
+        )  # fmt: skip
+        if warmup:
+            self.executor.warmup(progress=progress)
+        self.core = EngineCore(
+            self.executor,
+            make_policy(scheduler, **(scheduler_config or {})),
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            preemption=preemption,
+        )
+        self._ids = itertools.count()
+
+    # ---- building requests
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams,
+        *,
+        rate: float | None = None,
+        request_id: str | None = None,
+        arrival: float | None = None,
+    ) -> Request:
+        rate = self.default_rate if rate is None else float(rate)
+        if not rate > 0:
+            raise ValueError(f"stream rate must be positive, got {rate}")
+        n = next(self._ids)
+        seed = sampling.seed if sampling.seed is not None else (self.seed * 1_000_003 + n)
+        return Request(
+            request_id=request_id or f"req-{n}",
+            prompt_ids=self.encode_prompt(prompt),
+            sampling=sampling,
+            rate=rate,
+            arrival=self.executor.now() if arrival is None else arrival,
+            seed=seed % (2**31 - 1),
+        )
+
+    # ---- offline generation
+    def generate(
+        self,
+        prompts: str | Sequence[str | Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        rates: Sequence[float] | None = None,
+    ) -> list[Output]:
+        from tokenflow_jax.tokenizer import IncrementalDetokenizer
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        samplings = sampling if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
+        if len(samplings) != len(prompts) or (rates is not None and len(rates) != len(prompts)):
+            raise ValueError("prompts, sampling and rates must have the same length")
+        reqs = [
+            self.make_request(p, s, rate=None if rates is None else rates[i])
+            for i, (p, s) in enumerate(zip(prompts, samplings, strict=True))
+        ]
+        detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r.sampling.stop) for r in reqs}
+        texts = {r.request_id: [] for r in reqs}
+        for r in reqs:
+            self.core.add_request(r)
+        while any(r.request_id in self.core.requests for r in reqs):
+            for ev in self.core.step():
+                self._on_token(ev, detoks[ev.request_id], texts[ev.request_id])
+        return [self._output(r, "".join(texts[r.request_id])) for r in reqs]
+
+    def _on_token(self, ev: TokenEvent, detok: Any, text: list[str]) -> None:
+        if ev.finish_reason == "stop" and ev.token_id in self.core.eos_token_ids:
+            text.append(detok.flush())
+            return
+        text.append(detok.push(ev.token_id))
+        if detok.stopped and not ev.finished:
+            self.core.finish(ev.request_id, "stop")
+        elif ev.finished:
+            text.append(detok.flush())
+
+    def _output(self, req: Request, text: str) -> Output:
+        record = self.core.records.get(req.request_id)
+        return Output(
+            request_id=req.request_id,
+            prompt_token_ids=list(req.prompt_ids),
+            token_ids=list(req.output_ids),
+            text=text,
+            finish_reason=req.finish_reason,
+            metrics=request_metrics(record) if record is not None and record.token_times else None,
+        )
+
+    def close(self) -> None:
+        if self.executor.host is not None:
+            self.executor.host.close()

@@ -1,0 +1,223 @@
+"""Jitted model steps and page transfers over the device page pool. Mechanism only: no policy here.
+
+Every call is padded to a bucket and compiled ahead of time (`warmup`); after warm-up, a call whose shape
+was not compiled raises `CompileDuringServing` instead of silently compiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
+from tokenflow_jax.config import ModelConfig
+from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
+from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward, init_kv_cache
+from tokenflow_jax.sampling import sample
+
+
+def _step(
+    params: Params,
+    kv_cache: KVCache,
+    batch: dict[str, jax.Array],
+    *,
+    cfg: ModelConfig,
+    decode: bool,
+    attention_impl: str,
+) -> tuple[jax.Array, KVCache]:
+    meta = AttentionMetadata(batch["slot_mapping"], batch["cu_q_lens"], batch["kv_lens"], batch["block_tables"])
+    logits, kv_cache = forward(
+        params, cfg, batch["tokens"], batch["positions"], kv_cache, meta, batch["logits_indices"],
+        decode=decode, attention_impl=attention_impl,
+    )  # fmt: skip
+    tokens = sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"], batch["steps"])
+    return tokens, kv_cache
+
+
+def _gather_pages(kv_cache: KVCache, page_ids: jax.Array) -> jax.Array:
+    """-> [layers, 2, Hkv, n, S, D]: the listed pages of every layer, one contiguous block for one copy."""
+    return jnp.stack([jnp.stack([k[:, page_ids], v[:, page_ids]]) for k, v in kv_cache])
+
+
+def _scatter_pages(kv_cache: KVCache, page_ids: jax.Array, data: jax.Array) -> KVCache:
+    return [
+        (k.at[:, page_ids].set(data[i, 0].astype(k.dtype)), v.at[:, page_ids].set(data[i, 1].astype(v.dtype)))
+        for i, (k, v) in enumerate(kv_cache)
+    ]
+
+
+@functools.lru_cache(maxsize=1)
+def _compile_counter() -> list[int]:
+    """Count backend compilations process-wide (tests assert zero in steady state)."""
+    count = [0]
+
+    def on_event(event: str, duration: float, **_: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    return count
+
+
+def backend_compile_count() -> int:
+    return _compile_counter()[0]
+
+
+class ModelRunner:
+    """Owns the device KV page pool and the compiled step and transfer executables."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        max_model_len: int,
+        kv_dtype: Any,
+        attention_impl: str = "reference",
+    ) -> None:
+        _compile_counter()
+        self.cfg = cfg
+        self.params = params
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.attention_impl = attention_impl
+        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.buckets = Buckets.build(max_num_seqs, max_batch_tokens, self.max_pages_per_seq)
+        self.max_num_seqs = max_num_seqs
+        self.kv_cache: KVCache = init_kv_cache(cfg, num_pages, page_size, kv_dtype)
+        self.page_bytes = int(
+            2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
+        )
+        self._executables: dict[tuple, Any] = {}
+        self._serving = False
+        step = functools.partial(_step, cfg=cfg, attention_impl=attention_impl)
+        self._jit_decode = jax.jit(functools.partial(step, decode=True), donate_argnums=(1,))
+        self._jit_mixed = jax.jit(functools.partial(step, decode=False), donate_argnums=(1,))
+        self._jit_gather = jax.jit(_gather_pages)
+        self._jit_scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+
+    # ---- compilation
+    def _executable(self, key: tuple, fn: Callable, *args: Any) -> Any:
+        exe = self._executables.get(key)
+        if exe is None:
+            if self._serving:
+                raise CompileDuringServing(f"shape {key} was not compiled at warm-up")
+            exe = fn.lower(*args).compile()
+            self._executables[key] = exe
+        return exe
+
+    def _batch_arrays(self, b: RaggedBatch, sampling: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            "tokens": b.tokens, "positions": b.positions, "slot_mapping": b.slot_mapping,
+            "cu_q_lens": b.cu_q_lens, "kv_lens": b.kv_lens, "block_tables": b.block_tables,
+            "logits_indices": b.logits_indices, **sampling,
+        }  # fmt: skip
+
+    def warmup(self, progress: bool = True) -> int:
+        """Compile every bucket, then refuse to compile anything else. Returns the number compiled."""
+        shapes: list[tuple[bool, int, int]] = []
+        for w in self.buckets.pages:
+            shapes += [(True, b, w) for b in self.buckets.seqs]
+            shapes += [(False, t, w) for t in self.buckets.tokens]
+        try:
+            from tqdm import tqdm
+
+            it = tqdm(shapes, desc="compiling buckets", disable=not progress, leave=False)
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            it = shapes
+        for decode, n, w in it:
+            num_seqs = n if decode else self.max_num_seqs
+            batch = self._padded_empty(n, num_seqs, w)
+            fn = self._jit_decode if decode else self._jit_mixed
+            self._executable(("step", decode, n, w), fn, self.params, self.kv_cache, batch)
+        page_spec = jax.ShapeDtypeStruct
+        k0 = self.kv_cache[0][0]
+        for n in self.buckets.transfer_pages:
+            ids = page_spec((n,), jnp.int32)
+            data = page_spec((self.cfg.num_layers, 2, k0.shape[0], n, self.page_size, k0.shape[3]), k0.dtype)
+            self._executable(("gather", n), self._jit_gather, self.kv_cache, ids)
+            self._executable(("scatter", n), self._jit_scatter, self.kv_cache, ids, data)
+        self._serving = True
+        return len(self._executables)
+
+    def _padded_empty(self, num_tokens: int, num_seqs: int, width: int) -> dict[str, np.ndarray]:
+        b = build_ragged_batch([], self.page_size, pad_tokens=num_tokens, pad_seqs=num_seqs, pad_pages=width)
+        return self._batch_arrays(b, self._sampling_arrays([], num_seqs))
+
+    @staticmethod
+    def _sampling_arrays(rows: Sequence[tuple[float, int, float, int, int]], num_seqs: int) -> dict:
+        arr = np.zeros((num_seqs, 5), np.float64)
+        arr[:, 2] = 1.0  # top_p of padding rows
+        if rows:
+            arr[: len(rows)] = np.asarray(rows, np.float64)
+        return {
+            "temperature": arr[:, 0].astype(np.float32),
+            "top_k": arr[:, 1].astype(np.int32),
+            "top_p": arr[:, 2].astype(np.float32),
+            "seeds": arr[:, 3].astype(np.int32),
+            "steps": arr[:, 4].astype(np.int32),
+        }
+
+    # ---- steps
+    def run_step(
+        self, chunks: Sequence[SequenceChunk], sampling_rows: Sequence[tuple[float, int, float, int, int]]
+    ) -> jax.Array:
+        """Compute `chunks` (one per sequence) and sample one token per sequence. Returns a device array [B]
+        (only the first len(chunks) rows are meaningful); the caller decides when to read it."""
+        decode = all(len(c.token_ids) == 1 for c in chunks)
+        width = self.buckets.page_bucket(max(len(c.pages) for c in chunks))
+        num_tokens = sum(len(c.token_ids) for c in chunks)
+        if decode:
+            n = self.buckets.seq_bucket(len(chunks))
+            b = build_ragged_batch(chunks, self.page_size, pad_tokens=n, pad_seqs=n, pad_pages=width)
+            num_seqs = n
+        else:
+            n = self.buckets.token_bucket(num_tokens)
+            if len(chunks) > self.max_num_seqs:
+                raise CompileDuringServing(f"{len(chunks)} sequences exceed max_num_seqs {self.max_num_seqs}")
+            b = build_ragged_batch(
+                chunks, self.page_size, pad_tokens=n, pad_seqs=self.max_num_seqs, pad_pages=width
+            )
+            num_seqs = self.max_num_seqs
+        batch = self._batch_arrays(b, self._sampling_arrays(sampling_rows, num_seqs))
+        exe = self._executable(("step", decode, n, width), self._jit_decode if decode else self._jit_mixed,
+                               self.params, self.kv_cache, batch)  # fmt: skip
+        tokens, self.kv_cache = exe(self.params, self.kv_cache, batch)
+        return tokens
+
+    # ---- page transfers
+    def _padded_ids(self, page_ids: Sequence[int]) -> np.ndarray:
+        n = self.buckets.transfer_bucket(len(page_ids))
+        ids = np.zeros(n, np.int32)  # padding reads / writes the null page
+        ids[: len(page_ids)] = page_ids
+        return ids
+
+    def gather_pages(self, page_ids: Sequence[int]) -> jax.Array:
+        """Device pages -> one device block [layers, 2, Hkv, n_bucket, S, D] (dispatch only, no wait)."""
+        ids = self._padded_ids(page_ids)
+        exe = self._executable(("gather", len(ids)), self._jit_gather, self.kv_cache, ids)
+        return exe(self.kv_cache, ids)
+
+    def scatter_pages(self, page_ids: Sequence[int], data: np.ndarray) -> None:
+        """Write host data [layers, 2, Hkv, n, S, D] into device pages (in place: the cache is donated)."""
+        ids = self._padded_ids(page_ids)
+        if data.shape[3] != len(ids):
+            pad = np.zeros(data.shape[:3] + (len(ids) - data.shape[3],) + data.shape[4:], data.dtype)
+            data = np.concatenate([data, pad], axis=3)
+        exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, data)
+        self.kv_cache = exe(self.kv_cache, ids, jax.device_put(data))
+
+    def block_until_ready(self) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.kv_cache)
+        return time.perf_counter() - t0

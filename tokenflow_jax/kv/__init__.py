@@ -1,0 +1,1 @@
+"""Paged KV: page allocation on both tiers, the host tier and transfers."""

@@ -1,0 +1,84 @@
+"""The host KV tier: a page pool in host memory and a background thread that copies device pages into it.
+
+Copies run on their own thread because on a GPU a device->host copy issued from the compute thread queues
+behind the next step, while one issued from another thread overlaps it (../shared/DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from tokenflow_jax.config import ModelConfig
+
+
+class HostKVTier:
+    """Pages `[layers, 2, Hkv, num_pages, page_size, head_dim]` in host memory, same layout as a transfer block."""
+
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any) -> None:
+        self.num_pages = num_pages
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        # np.zeros maps lazily: untouched host pages cost no memory.
+        self.pages = np.zeros(shape, dtype=np.dtype(jax.numpy.dtype(dtype)))
+        self.page_bytes = int(np.prod(shape) // num_pages * self.pages.itemsize)
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
+        self.d2h_seconds = 0.0
+        self._pending_pages = 0
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[tuple[jax.Array, list[int]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._copy_loop, name="kv-write-through", daemon=True)
+        self._thread.start()
+
+    def _copy_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                block, host_ids = item
+                block.block_until_ready()
+                t0 = time.perf_counter()
+                data = np.asarray(block)
+                self.pages[:, :, :, host_ids] = data[:, :, :, : len(host_ids)]
+                with self._lock:
+                    self.d2h_seconds += time.perf_counter() - t0
+                    self.bytes_to_host += len(host_ids) * self.page_bytes
+                    self._pending_pages -= len(host_ids)
+            except BaseException as e:  # surfaced on the next flush
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def write_async(self, device_block: jax.Array, host_ids: Sequence[int]) -> None:
+        """Queue a copy of an already-dispatched device gather into host pages (FIFO order)."""
+        with self._lock:
+            self._pending_pages += len(host_ids)
+        self._queue.put((device_block, list(host_ids)))
+
+    def flush(self) -> None:
+        """Wait for every queued copy; the host pages are then current."""
+        self._queue.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError("write-through copy failed") from err
+
+    @property
+    def pending_pages(self) -> int:
+        return self._pending_pages
+
+    def read(self, host_ids: Sequence[int]) -> np.ndarray:
+        data = self.pages[:, :, :, list(host_ids)]
+        self.bytes_to_device += len(host_ids) * self.page_bytes
+        return data
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)

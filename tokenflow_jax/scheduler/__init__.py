@@ -1,0 +1,1 @@
+"""Scheduling policies (tokenflow and baselines) and the contract they share with executors."""

@@ -1,0 +1,83 @@
+"""`fcfs`: the vLLM V1-like baseline.
+
+Running requests first, in admission order; then admit waiting requests in arrival order while pages allow.
+When a running request needs a page and none is free, the most recently admitted request is preempted by
+recompute. No proactive preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.scheduler.request import Request
+
+
+@dataclasses.dataclass
+class TokenBudget:
+    """Tokens, sequences and free pages left for this iteration."""
+
+    tokens: int
+    seqs: int
+    pages: int
+
+    def chunk(self, state: SchedulerState, req: Request) -> tuple[int, int]:
+        """(tokens to compute, extra pages needed) if `req` runs now with what is left."""
+        n = min(req.num_uncomputed, self.tokens)
+        return n, state.extra_pages_for(req, n) if n > 0 else 0
+
+    def take(self, plan: StepPlan, req: Request, n: int, pages: int) -> None:
+        plan.schedule[req.request_id] = n
+        self.tokens -= n
+        self.seqs -= 1
+        self.pages -= pages
+
+
+def budget_for(state: SchedulerState) -> TokenBudget:
+    ex = state.executor
+    return TokenBudget(ex.max_batch_tokens, ex.max_num_seqs, ex.free_device_pages())
+
+
+def admit_in_order(state: SchedulerState, plan: StepPlan, budget: TokenBudget, candidates: list[Request]) -> None:
+    """Admit waiting requests in the given order while tokens, sequences and pages last (stop at the first
+    that does not fit, so order is kept)."""
+    for req in candidates:
+        if budget.seqs <= 0 or budget.tokens <= 0:
+            return
+        n, pages = budget.chunk(state, req)
+        if n <= 0 or pages > budget.pages:
+            return
+        budget.take(plan, req, n, pages)
+
+
+class FCFSPolicy:
+    name = "fcfs"
+
+    def plan(self, state: SchedulerState) -> StepPlan:
+        plan = StepPlan()
+        budget = budget_for(state)
+        running = list(state.running)
+        preempted = False
+        i = 0
+        while i < len(running):
+            req = running[i]
+            n, pages = budget.chunk(state, req)
+            if n <= 0 or budget.seqs <= 0:
+                i += 1
+                continue
+            while pages > budget.pages and running[-1] is not req:
+                victim = running.pop()  # latest admitted goes first
+                plan.recompute_out.append(victim.request_id)
+                budget.pages += len(victim.device_pages)
+                preempted = True
+            if pages > budget.pages:
+                plan.recompute_out.append(req.request_id)
+                running.pop(i)
+                budget.pages += len(req.device_pages)
+                preempted = True
+                continue
+            budget.take(plan, req, n, pages)
+            i += 1
+        if not preempted:
+            admit_in_order(state, plan, budget, list(state.waiting))
+        return plan

@@ -1,0 +1,110 @@
+"""The contract between policy and mechanism.
+
+Each iteration a `Policy` looks at the requests and the executor's capacity and returns a `StepPlan`;
+an `Executor` (the real JAX engine or the cost-model simulator) carries it out and returns a `StepResult`.
+Policies never touch arrays; executors never decide who runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.tracker import RequestTracker
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What one iteration does, in the order the executor applies it.
+
+    1. `recompute_out`: drop device and host KV; the request returns to WAITING and recomputes later.
+    2. `swap_out`: make the host copy complete (evict the unsynced tail), then free device pages; -> PAUSED.
+    3. `swap_in`: load host pages back to the device; -> RUNNING.
+    4. `schedule`: request id -> number of new tokens to compute (1 = decode, more = a prefill chunk).
+    """
+
+    schedule: dict[str, int] = dataclasses.field(default_factory=dict)
+    swap_out: list[str] = dataclasses.field(default_factory=list)
+    recompute_out: list[str] = dataclasses.field(default_factory=list)
+    swap_in: list[str] = dataclasses.field(default_factory=list)
+    # Write-through priority (largest client buffer first: likeliest to be paused); filled by the engine core.
+    sync_order: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.schedule or self.swap_out or self.recompute_out or self.swap_in)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Tokens sampled this iteration (request id -> token id) and what the step cost."""
+
+    sampled: dict[str, int]
+    step_time_s: float
+    num_batch_tokens: int = 0
+    bytes_to_host: int = 0
+    bytes_to_device: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CostEstimates:
+    """Live cost figures a policy weighs (seconds); executors keep them current from measurements."""
+
+    decode_step_s: float  # one decode iteration at the current batch
+    prefill_per_token_s: float
+    swap_out_per_page_s: float
+    swap_in_per_page_s: float
+    pending_transfer_s: float  # queued write-through / swap work ahead of a new transfer
+    decode_capacity_tok_s: float  # Gamma: tokens/s the engine can sustain across the batch
+
+
+class Executor(Protocol):
+    page_size: int
+    num_device_pages: int  # usable (excludes the null page)
+    num_host_pages: int
+    max_num_seqs: int
+    max_batch_tokens: int
+    max_model_len: int
+
+    def now(self) -> float: ...
+
+    def free_device_pages(self) -> int: ...
+
+    def free_host_pages(self) -> int: ...
+
+    def estimates(self) -> CostEstimates: ...
+
+    def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult: ...
+
+    def release(self, request: Request) -> None: ...
+
+    def idle_until(self, t: float) -> None: ...
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+@dataclasses.dataclass
+class SchedulerState:
+    """What a policy sees at decision time."""
+
+    now: float
+    waiting: Sequence[Request]  # arrival order
+    running: Sequence[Request]  # admission order
+    paused: Sequence[Request]
+    tracker: RequestTracker
+    executor: Executor
+
+    def extra_pages_for(self, request: Request, num_new_tokens: int) -> int:
+        """Device pages `request` must gain to compute `num_new_tokens` more tokens."""
+        need = pages_for(request.num_computed + num_new_tokens, self.executor.page_size)
+        return max(0, need - len(request.device_pages))
+
+
+class Policy(Protocol):
+    name: str
+
+    def plan(self, state: SchedulerState) -> StepPlan: ...

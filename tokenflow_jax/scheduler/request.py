@@ -1,0 +1,64 @@
+"""A request's host-side state: tokens, status and where its KV lives. No arrays here."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from tokenflow_jax.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # no KV on device; starts (or restarts after recompute-preemption) with a prefill
+    RUNNING = "running"  # KV on device, scheduled every iteration
+    PAUSED = "paused"  # preempted by swap: KV only in the host tier, resumes by swap-in
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request. `num_computed` tokens of `prompt_ids + output_ids` have KV on the device.
+
+    A step computes `all_ids[num_computed : num_computed + n]`; when that reaches the last known token the
+    step samples the next one (so decode is the n = 1 case and recompute is a longer prefill).
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    rate: float
+    arrival: float
+    seed: int = 0
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed: int = 0
+    # Tokens whose KV the host tier holds (write-through progress); maintained by the executor.
+    num_host_synced: int = 0
+    device_pages: list[int] = dataclasses.field(default_factory=list)
+    host_pages: list[int] = dataclasses.field(default_factory=list)
+    preemptions_swap: int = 0
+    preemptions_recompute: int = 0
+    admitted_order: int = -1  # when it last entered RUNNING (baselines preempt the latest)
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_uncomputed > 1
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt_ids)
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        return (self.prompt_ids + self.output_ids)[start:stop]
+
+    @property
+    def remaining_output(self) -> int:
+        return self.sampling.max_tokens - len(self.output_ids)
