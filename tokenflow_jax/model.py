@@ -45,7 +45,8 @@ class AttentionMetadata:
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """Deterministic random weights (the `tiny` preset and dummy-weight benchmarks)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    keys = iter(jax.random.split(key, 8 * cfg.num_layers + 2))
+    # Per layer: 7 weight matrices + 3 attention biases (Qwen2); plus embed and lm_head.
+    keys = iter(jax.random.split(key, 10 * cfg.num_layers + 2))
 
     def dense(shape: tuple[int, ...], fan_in: int) -> jax.Array:
         return (jax.random.normal(next(keys), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
