@@ -186,5 +186,4 @@ class LLM:
         )
 
     def close(self) -> None:
-        if self.executor.host is not None:
-            self.executor.host.close()
+        self.executor.close()
