@@ -54,9 +54,7 @@ def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        family
-    ]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
     kwargs: dict[str, Any] = dict(
         vocab_size=HF_VOCAB_SIZE,
         hidden_size=64,

@@ -77,8 +77,7 @@ def greedy_generate(params: Params, cfg: ModelConfig, prompts: list[list[int]], 
     outputs = [[int(t)] for t in last]
     for step in range(1, n):
         chunks = [
-            SequenceChunk([out[-1]], len(p) + step - 1, t)
-            for p, out, t in zip(prompts, outputs, tables, strict=True)
+            SequenceChunk([out[-1]], len(p) + step - 1, t) for p, out, t in zip(prompts, outputs, tables, strict=True)
         ]
         logits, kv, _ = run_forward(params, cfg, chunks, kv, max_pages, decode=True)
         for out, tok in zip(outputs, logits.argmax(-1), strict=True):
