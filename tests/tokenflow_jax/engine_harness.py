@@ -1,0 +1,115 @@
+"""A small real engine and a scripted policy for engine tests: tests say who is preempted, resumed or aborted.
+
+`ScriptedPolicy` is a real Policy: each iteration it applies the test's queued actions, then schedules every
+running request and admits waiting ones in order (the fcfs admission helpers), like any policy would.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from tokenflow_jax.engine.core import EngineCore
+from tokenflow_jax.engine.executor import EngineExecutor
+from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.scheduler.fcfs import admit_in_order, budget_for
+from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.scheduler.request import Request, RequestStatus
+
+PAGE_SIZE = 4  # small pages: many page boundaries in short sequences
+ENGINE_KW = dict(
+    scheduler="fcfs", page_size=PAGE_SIZE, max_num_seqs=4, max_batch_tokens=32, max_model_len=64,
+    kv_pages=48, host_kv_pages=96, warmup=False,
+)  # fmt: skip
+MAX_TOKENS = 12
+
+
+@functools.lru_cache(maxsize=1)
+def small_llm() -> LLM:
+    return LLM("tiny", **ENGINE_KW)
+
+
+def prompt_pool(n: int = 6, seed: int = 7) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, 256, int(rng.integers(3, 20)))] for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=1)
+def reference_outputs() -> tuple[tuple[int, ...], ...]:
+    """Greedy outputs of the pool, each request alone and never preempted."""
+    llm = small_llm()
+    sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    return tuple(tuple(llm.generate([p], sp)[0].token_ids) for p in prompt_pool())
+
+
+class ScriptedPolicy:
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.swap_out: list[str] = []
+        self.recompute_out: list[str] = []
+        self.swap_in: list[str] = []
+        self.hold: set[str] = set()  # paused requests the script keeps paused
+
+    def plan(self, state: SchedulerState) -> StepPlan:
+        plan = StepPlan(swap_out=self.swap_out, recompute_out=self.recompute_out, swap_in=self.swap_in)
+        self.swap_out, self.recompute_out, self.swap_in = [], [], []
+        leaving = set(plan.swap_out) | set(plan.recompute_out)
+        budget = budget_for(state)
+        ex = state.executor
+        paused = {r.request_id: r for r in state.paused}
+        for rid in plan.swap_in:
+            budget.pages -= -(-paused[rid].num_computed // ex.page_size)
+        for req in state.running:
+            if req.request_id in leaving:
+                budget.pages += len(req.device_pages)
+        to_run = [r for r in state.running if r.request_id not in leaving]
+        to_run += [paused[rid] for rid in plan.swap_in]
+        for req in to_run:
+            n, pages = budget.chunk(state, req)
+            if n > 0 and pages <= budget.pages and budget.seqs > 0:
+                budget.take(plan, req, n, pages)
+        # Resumed requests that found no room this step stay RUNNING-bound via swap_in only if scheduled.
+        admit_in_order(state, plan, budget, list(state.waiting))
+        return plan
+
+
+def scripted_core(executor: EngineExecutor, eos: frozenset[int] = frozenset()) -> tuple[EngineCore, ScriptedPolicy]:
+    policy = ScriptedPolicy()
+    return EngineCore(executor, policy, eos_token_ids=eos), policy
+
+
+def add(core: EngineCore, rid: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> Request:
+    req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 20.0, core.executor.now())
+    core.add_request(req)
+    return req
+
+
+def check_page_ownership(core: EngineCore) -> None:
+    """Every used page on each tier is owned by exactly one live request; nothing leaks."""
+    ex = core.executor
+    for tier, alloc in (("device", ex.blocks.device), ("host", ex.blocks.host)):
+        owned = [p for r in core.requests.values() for p in getattr(r, f"{tier}_pages")]
+        assert len(owned) == len(set(owned)), f"{tier} page owned twice: {sorted(owned)}"
+        assert 0 not in owned, f"{tier} null page handed out"
+        assert len(owned) == alloc.num_used, f"{tier}: {alloc.num_used} used, {len(owned)} owned"
+        assert all(alloc.refcount(p) == 1 for p in owned)
+
+
+def check_host_copies(core: EngineCore) -> None:
+    """For every request on the device, host pages hold the same K/V for its synced prefix."""
+    ex = core.executor
+    ex.host.flush()
+    s = ex.page_size
+    for req in core.requests.values():
+        if req.status is not RequestStatus.RUNNING or not req.device_pages:
+            continue
+        n = min(req.num_host_synced, req.num_computed)
+        for t in range(n):
+            hp, dp = req.host_pages[t // s], req.device_pages[t // s]
+            host = ex.host.pages[:, :, :, hp, t % s]
+            device = np.stack([np.stack([np.asarray(k[:, dp, t % s]), np.asarray(v[:, dp, t % s])])
+                               for k, v in ex.runner.kv_cache])  # fmt: skip
+            np.testing.assert_array_equal(host, device, err_msg=f"{req.request_id} token {t}")

@@ -1,0 +1,193 @@
+"""The real engine on CPU: preemption by swap and by recompute is invisible in the outputs, pages never leak,
+host copies match the device, and nothing compiles after warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from tests.tokenflow_jax.engine_harness import (
+    ENGINE_KW,
+    MAX_TOKENS,
+    add,
+    check_host_copies,
+    check_page_ownership,
+    prompt_pool,
+    reference_outputs,
+    scripted_core,
+    small_llm,
+)
+from tokenflow_jax.engine.buckets import CompileDuringServing
+from tokenflow_jax.engine.runner import backend_compile_count
+from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.scheduler.request import RequestStatus
+
+
+def run_with_random_preemptions(mode: str, seed: int) -> tuple[dict[str, list[int]], int]:
+    """Run the pool with a preemption at random points; paused requests resume a few steps later."""
+    ex = small_llm().executor
+    core, policy = scripted_core(ex)
+    rng = np.random.default_rng(seed)
+    reqs = {f"{mode}-{i}": add(core, f"{mode}-{i}", p) for i, p in enumerate(prompt_pool())}
+    paused_for: dict[str, int] = {}
+    preemptions = 0
+    while core.has_work():
+        running = [r for r in core.running if r.num_computed > 0]
+        if running and rng.random() < 0.35:
+            victim = running[rng.integers(len(running))]
+            (policy.swap_out if mode == "swap" else policy.recompute_out).append(victim.request_id)
+            paused_for[victim.request_id] = int(rng.integers(1, 4))
+            preemptions += 1
+        for req in core.paused:
+            paused_for[req.request_id] -= 1
+            need = -(-req.num_computed // ex.page_size)
+            if paused_for[req.request_id] <= 0 and need <= ex.free_device_pages() - 4:
+                policy.swap_in.append(req.request_id)
+        core.step()
+        check_page_ownership(core)
+    return {rid: r.output_ids for rid, r in reqs.items()}, preemptions
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preempted_outputs_identical_to_uninterrupted(mode: str) -> None:
+    expected = reference_outputs()
+    total = 0
+    for seed in range(3):
+        outputs, preemptions = run_with_random_preemptions(mode, seed)
+        total += preemptions
+        for i, out in enumerate(outputs.values()):
+            assert tuple(out) == expected[i], f"{mode} seed {seed} request {i}"
+    ex = small_llm().executor
+    assert total >= 15, f"only {total} preemptions: the test did not exercise {mode}"
+    assert ex.blocks.device.num_used == 0 and ex.blocks.host.num_used == 0
+
+
+def test_swap_moves_real_bytes_and_frees_device_pages_at_once() -> None:
+    ex = small_llm().executor
+    core, policy = scripted_core(ex)
+    req = add(core, "swap-bytes", prompt_pool()[0])
+    while req.num_computed < 9:  # more than two pages of a 4-token page
+        core.step()
+    before, held = ex.blocks.device.num_used, len(req.device_pages)
+    assert held >= 3
+    policy.swap_out.append(req.request_id)
+    out0 = ex.bytes_to_host
+    core.step()
+    assert req.status is RequestStatus.PAUSED and req.device_pages == []
+    assert ex.blocks.device.num_used == before - held
+    assert ex.bytes_to_host > out0
+    ex.host.flush()
+    policy.swap_in.append(req.request_id)
+    in0 = ex.bytes_to_device
+    core.step()
+    assert ex.bytes_to_device - in0 == held * ex.host.page_bytes
+    while core.has_work():
+        core.step()
+    assert tuple(req.output_ids) == reference_outputs()[0]
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Random admit / preempt / resume / abort / finish sequences against the real engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ex = small_llm().executor
+        self.core, self.policy = scripted_core(self.ex)
+        self.expected = reference_outputs()
+        self.pool = prompt_pool()
+        self.index: dict[str, int] = {}
+        self.aborted: set[str] = set()
+        self.n = 0
+
+    def live(self, status: RequestStatus) -> list[str]:
+        return sorted(r.request_id for r in self.core.requests.values() if r.status is status)
+
+    @rule(i=st.integers(0, 5))
+    def admit(self, i: int) -> None:
+        rid = f"m{self.n}"
+        self.n += 1
+        self.index[rid] = i
+        add(self.core, rid, self.pool[i])
+
+    @rule(steps=st.integers(1, 4))
+    def step(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.core.has_work():
+                self.core.step()
+
+    @precondition(lambda self: self.live(RequestStatus.RUNNING))
+    @rule(data=st.data(), swap=st.booleans())
+    def preempt(self, data: st.DataObject, swap: bool) -> None:
+        rid = data.draw(st.sampled_from(self.live(RequestStatus.RUNNING)))
+        (self.policy.swap_out if swap else self.policy.recompute_out).append(rid)
+        self.core.step()
+
+    @precondition(lambda self: self.live(RequestStatus.PAUSED))
+    @rule(data=st.data())
+    def resume(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(self.live(RequestStatus.PAUSED)))
+        if -(-self.core.requests[rid].num_computed // self.ex.page_size) <= self.ex.free_device_pages():
+            self.policy.swap_in.append(rid)
+            self.core.step()
+
+    @precondition(lambda self: self.core.requests)
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.core.requests)))
+        self.aborted.add(rid)
+        self.core.abort(rid)
+
+    @invariant()
+    def pages_owned_once(self) -> None:
+        check_page_ownership(self.core)
+
+    @invariant()
+    def host_copies_match_device(self) -> None:
+        check_host_copies(self.core)
+
+    @invariant()
+    def outputs_follow_reference(self) -> None:
+        for rid, req in self.core.requests.items():
+            assert tuple(req.output_ids) == self.expected[self.index[rid]][: len(req.output_ids)], rid
+
+    def teardown(self) -> None:
+        reqs = dict(self.core.requests)
+        while self.core.has_work():
+            for r in self.core.paused:
+                self.policy.swap_in.append(r.request_id)
+            self.core.step()
+        for rid, req in reqs.items():
+            assert tuple(req.output_ids) == self.expected[self.index[rid]], rid
+            assert req.finish_reason == "length"
+        assert self.ex.blocks.device.num_used == 0 and self.ex.blocks.host.num_used == 0
+
+
+EngineMachine.TestCase.settings = settings(
+    max_examples=12, stateful_step_count=20, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)  # fmt: skip
+TestEngineMachine = EngineMachine.TestCase
+
+
+def test_zero_compilations_in_steady_state() -> None:
+    ex = small_llm().executor
+    ex.warmup(progress=False)
+    before = backend_compile_count()
+    for mode in ("swap", "recompute"):
+        run_with_random_preemptions(mode, seed=11)
+    sampled = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    small_llm().generate(["mixed workload", "of prompts", "a" * 40], sampled)
+    assert backend_compile_count() == before, "something compiled after warm-up"
+    with pytest.raises(CompileDuringServing):
+        ex.runner.buckets.token_bucket(ENGINE_KW["max_batch_tokens"] + 1)
+
+
+def test_engine_rejects_requests_beyond_the_model_length() -> None:
+    core, _ = scripted_core(small_llm().executor)
+    with pytest.raises(ValueError, match="exceeds the model length"):
+        add(core, "too-long", list(range(60)), max_tokens=MAX_TOKENS)
+    with pytest.raises(ValueError, match="at least one token"):
+        add(core, "empty", [])
