@@ -162,4 +162,3 @@ def load_hf_model(path: str | Path, dtype: Any = "float32") -> tuple[ModelConfig
             else:
                 params[tree_path[0]] = value
     return cfg, params
-

@@ -128,7 +128,7 @@ def hf_greedy() -> Callable[[Any, Sequence[int], int], list[int]]:
 
 
 @pytest.fixture
-def test_prompts() -> list[list[int]]:
+def byte_prompts() -> list[list[int]]:
     """Byte-token prompts of different lengths (1 to 23 tokens), each starting with BOS."""
     texts = ["Hi", "The quick brown fox", "", "naïve café — 日本語 ok"]
     return [[HF_BOS_ID, *t.encode("utf-8")][:23] for t in texts]

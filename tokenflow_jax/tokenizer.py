@@ -180,18 +180,14 @@ class IncrementalDetokenizer:
     text before it is emitted, `stopped` becomes True and nothing more is emitted. Call `flush` at the end.
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.stopped = False
         self.text = ""  # everything emitted so far
         self._pending = ""  # final text held back because a stop string may start in it
         self._byte_decoder = (
-            codecs.getincrementaldecoder("utf-8")(errors="replace")
-            if isinstance(tokenizer, ByteTokenizer)
-            else None
+            codecs.getincrementaldecoder("utf-8")(errors="replace") if isinstance(tokenizer, ByteTokenizer) else None
         )
         self._ids = [int(i) for i in prompt_ids[-_CONTEXT_TOKENS:]]
         self._prefix_offset = 0

@@ -93,29 +93,29 @@ def hf_logits(model, prompt: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_prefill_logits_match_hf(variant, hf_checkpoint, test_prompts):
+def test_prefill_logits_match_hf(variant, hf_checkpoint, byte_prompts):
     ckpt = hf_checkpoint(variant)
     cfg, params = load_hf_model(ckpt.path, "float32")
-    ours = prefill_logits(params, cfg, test_prompts)
-    expected = np.concatenate([hf_logits(ckpt.model, p) for p in test_prompts])
+    ours = prefill_logits(params, cfg, byte_prompts)
+    expected = np.concatenate([hf_logits(ckpt.model, p) for p in byte_prompts])
     assert ours.shape == expected.shape
     assert relative_error(ours, expected) < 1e-4
 
 
-def test_llama3_rope_scaling_is_exercised(hf_checkpoint, test_prompts):
+def test_llama3_rope_scaling_is_exercised(hf_checkpoint, byte_prompts):
     """Guard for the test above: without the llama3 scaling the logits would differ visibly."""
     cfg, params = load_hf_model(hf_checkpoint("llama3_rope").path)
     assert cfg.rope_scaling_dict["rope_type"] == "llama3"
-    unscaled = prefill_logits(params, dataclasses.replace(cfg, rope_scaling=None), test_prompts)
-    assert relative_error(unscaled, prefill_logits(params, cfg, test_prompts)) > 1e-2
+    unscaled = prefill_logits(params, dataclasses.replace(cfg, rope_scaling=None), byte_prompts)
+    assert relative_error(unscaled, prefill_logits(params, cfg, byte_prompts)) > 1e-2
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_tokens_match_hf_generate(variant, hf_checkpoint, hf_greedy, test_prompts):
+def test_greedy_tokens_match_hf_generate(variant, hf_checkpoint, hf_greedy, byte_prompts):
     ckpt = hf_checkpoint(variant)
     cfg, params = load_hf_model(ckpt.path)
-    ours = greedy_generate(params, cfg, test_prompts, 32)
-    for prompt, tokens in zip(test_prompts, ours, strict=True):
+    ours = greedy_generate(params, cfg, byte_prompts, 32)
+    for prompt, tokens in zip(byte_prompts, ours, strict=True):
         expected = hf_greedy(ckpt.model, prompt, 32)
         # HF stops after EOS; our loop runs on, so compare HF's (possibly shorter) output as a prefix.
         assert len(expected) == 32 or expected[-1] == cfg.eos_token_ids[0]
