@@ -41,7 +41,8 @@ class Buckets:
             seqs=powers_of_two(min(4, max_num_seqs), max_num_seqs),
             tokens=powers_of_two(min(32, max_batch_tokens), max_batch_tokens),
             pages=powers_of_two(min(8, max_pages_per_seq), max_pages_per_seq),
-            transfer_pages=powers_of_two(1, max(max_pages_per_seq, 1) * 2),
+            # Large transfers batch many pages into one copy (per-page copies are ~15x slower on a GPU).
+            transfer_pages=powers_of_two(1, max(2 * max_pages_per_seq, 512)),
         )
 
     def seq_bucket(self, n: int) -> int:

@@ -155,9 +155,7 @@ class PagedExecutor:
         self._flush_to_host()  # the host copy must be complete before it is read
         copy = self.blocks.swap_in(req)
         t0 = self.now()
-        for start in range(0, len(copy.src), self.max_transfer_pages):
-            end = start + self.max_transfer_pages
-            self._load_to_device(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
+        self._transfer_to_device(copy)
         if copy.src:
             self._h2d_per_page.update((self.now() - t0) / len(copy.src))
 
@@ -165,6 +163,11 @@ class PagedExecutor:
         for start in range(0, len(copy.src), self.max_transfer_pages):
             end = start + self.max_transfer_pages
             self._copy_to_host(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
+
+    def _transfer_to_device(self, copy: PageCopy) -> None:
+        for start in range(0, len(copy.src), self.max_transfer_pages):
+            end = start + self.max_transfer_pages
+            self._load_to_device(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
 
     def _write_through(self, order: list[Request]) -> None:
         """Sync completed pages to the host, budgeted to what one step's time can hide."""

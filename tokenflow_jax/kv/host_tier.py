@@ -7,6 +7,7 @@ behind the next step, while one issued from another thread overlaps it (../share
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -34,6 +35,9 @@ class HostKVTier:
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._queue: queue.Queue[tuple[jax.Array, list[int]] | None] = queue.Queue()
+        # The copy thread hands the GIL back and forth with the engine thread every step; the default 5 ms
+        # switch interval would add up to that much to a step (measured: 1.9x step time at batch 16 on CPU).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread = threading.Thread(target=self._copy_loop, name="kv-write-through", daemon=True)
         self._thread.start()
 

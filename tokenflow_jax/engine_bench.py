@@ -1,0 +1,175 @@
+"""Engine microbenchmarks: decode step time, swap bandwidth each way, write-through cost, offline tokens/s.
+
+    python -m tokenflow_jax.engine_bench [--model tiny|llama3-8b] [--batches 16,64] [--context 256]
+        [--swap-pages 64,512] [--dtype float32|bfloat16] [--out FILE.json]
+
+Decode steps run on the real runner with synthetic block tables (KV contents do not change the cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from tokenflow_jax.batching import SequenceChunk
+from tokenflow_jax.engine.executor import EngineExecutor
+from tokenflow_jax.kv.block_manager import PageCopy
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    fn()  # warm: compile and first-touch
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def decode_step_time(ex: EngineExecutor, batch: int, context: int, repeats: int, write_through: bool) -> float:
+    """Seconds per decode step at `batch` sequences of `context` tokens; optionally with page write-through."""
+    s = ex.page_size
+    pages_per_seq = -(-context // s)
+    pages = ex.blocks.device.allocate(batch * pages_per_seq)
+    host = ex.blocks.host.allocate(batch * pages_per_seq) if write_through else []
+    chunks = [SequenceChunk([1], context - 1, pages[i * pages_per_seq : (i + 1) * pages_per_seq]) for i in range(batch)]
+    rows = [(0.0, 0, 1.0, 0, 0)] * batch
+    cursor = [0]
+
+    def step() -> None:
+        tokens = ex.runner.run_step(chunks, rows)
+        if write_through:
+            # One completed page per sequence every page_size steps: copy batch/page_size pages per step.
+            n = max(1, batch // s)
+            i = cursor[0] % max(1, len(pages) - n)
+            cursor[0] += n
+            ex._transfer_to_host(PageCopy("bench", pages[i : i + n], host[i : i + n]))
+        np.asarray(tokens)
+
+    try:
+        return _median_time(step, repeats)
+    finally:
+        ex._flush_to_host()
+        ex.blocks.device.free(pages)
+        if host:
+            ex.blocks.host.free(host)
+
+
+def swap_bandwidth(ex: EngineExecutor, num_pages: int, repeats: int) -> tuple[float, float]:
+    """(device->host, host->device) GB/s for one batched transfer of `num_pages` pages."""
+    dev = ex.blocks.device.allocate(num_pages)
+    host = ex.blocks.host.allocate(num_pages)
+    gb = num_pages * ex.host.page_bytes / 1e9
+
+    def out() -> None:
+        ex._transfer_to_host(PageCopy("bench", dev, host))
+        ex._flush_to_host()
+
+    def back() -> None:
+        ex._transfer_to_device(PageCopy("bench", host, dev))
+        ex.runner.block_until_ready()
+
+    try:
+        return gb / _median_time(out, repeats), gb / _median_time(back, repeats)
+    finally:
+        ex.blocks.device.free(dev)
+        ex.blocks.host.free(host)
+
+
+def offline_tokens_per_s(model: str, dtype: str, num_prompts: int, max_tokens: int) -> dict[str, float]:
+    from tokenflow_jax import LLM, SamplingParams
+
+    llm = LLM(model, scheduler="fcfs", dtype=dtype, max_num_seqs=min(32, num_prompts), max_batch_tokens=256,
+              max_model_len=512, warmup=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(0, 256, 64)] for _ in range(num_prompts)]
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], sp)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    elapsed = time.perf_counter() - t0
+    llm.close()
+    return {"requests": num_prompts, "output_tokens": sum(len(o.token_ids) for o in outs),
+            "seconds": elapsed, "tokens_per_s": sum(len(o.token_ids) for o in outs) / elapsed}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from checkpoints import load_model
+
+    batches = [int(b) for b in args.batches.split(",")]
+    swap_pages = [int(p) for p in args.swap_pages.split(",")]
+    loaded = load_model(args.model, dtype=args.dtype)
+    pages_needed = max(batches) * -(-args.context // args.page_size) + 8
+    ex = EngineExecutor(
+        loaded.cfg, loaded.params, num_device_pages=max(pages_needed, max(swap_pages) + 8),
+        num_host_pages=max(pages_needed, max(swap_pages) + 8), page_size=args.page_size,
+        max_num_seqs=max(batches), max_batch_tokens=max(batches), max_model_len=args.context,
+        kv_dtype=args.dtype, attention_impl=args.attention or ("pallas" if jax.default_backend() == "gpu" else "reference"),
+    )  # fmt: skip
+    result: dict[str, Any] = {
+        "model": args.model, "dtype": args.dtype, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
+        "attention": ex.runner.attention_impl, "page_size": args.page_size, "context": args.context,
+        "decode": [], "swap": [],
+    }  # fmt: skip
+    for b in batches:
+        off = decode_step_time(ex, b, args.context, args.repeats, write_through=False)
+        on = decode_step_time(ex, b, args.context, args.repeats, write_through=True)
+        result["decode"].append({"batch": b, "step_ms": off * 1e3, "step_ms_write_through": on * 1e3,
+                                 "write_through_ratio": on / off, "tokens_per_s": b / off})  # fmt: skip
+    for n in swap_pages:
+        d2h, h2d = swap_bandwidth(ex, n, args.repeats)
+        result["swap"].append({"pages": n, "MiB": n * ex.host.page_bytes / 2**20, "d2h_GBps": d2h, "h2d_GBps": h2d})
+    ex.close()
+    if args.offline_requests:
+        result["offline"] = offline_tokens_per_s(args.model, args.dtype, args.offline_requests, args.offline_tokens)
+    return result
+
+
+def print_report(r: dict[str, Any]) -> None:
+    print(f"{r['model']} {r['dtype']} on {r['device']} ({r['backend']}), jax {r['jax']}, attention={r['attention']}")
+    print(f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'+write-through':>15} {'ratio':>6} {'tok/s':>9}")
+    for d in r["decode"]:
+        print(f"{d['batch']:>6} {r['context']:>6} {d['step_ms']:>9.2f} {d['step_ms_write_through']:>15.2f} "
+              f"{d['write_through_ratio']:>6.2f} {d['tokens_per_s']:>9.0f}")  # fmt: skip
+    print(f"{'pages':>6} {'MiB':>8} {'D2H GB/s':>9} {'H2D GB/s':>9}")
+    for s in r["swap"]:
+        print(f"{s['pages']:>6} {s['MiB']:>8.1f} {s['d2h_GBps']:>9.2f} {s['h2d_GBps']:>9.2f}")
+    if "offline" in r:
+        o = r["offline"]
+        print(f"offline: {o['requests']} requests, {o['output_tokens']} tokens in {o['seconds']:.2f} s "
+              f"= {o['tokens_per_s']:.0f} tok/s")  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.engine_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batches", default="16,64")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--swap-pages", default="64,512")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--attention", choices=["reference", "pallas", "pallas_interpret"])
+    p.add_argument("--offline-requests", type=int, default=32)
+    p.add_argument("--offline-tokens", type=int, default=64)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    result = run(args)
+    print_report(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
