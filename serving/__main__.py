@@ -1,0 +1,121 @@
+"""`python -m serving` / `tokenflow-serve`: the OpenAI-compatible streaming server on one model.
+
+    python -m serving --model tiny [--host 127.0.0.1] [--port 8000] [--scheduler tokenflow] [--api-key KEY]
+        [--max-queue N] [--default-rate R] [--kv-pages N] [--max-num-seqs N] [--max-model-len N] ...
+
+Prints `serving <model> on http://HOST:PORT` once it accepts requests (port 0 picks a free one). SIGINT or
+SIGTERM: stop accepting, abort in-flight requests, stop the engine thread, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from serving.config import ServerConfig
+
+if TYPE_CHECKING:
+    from tokenflow_jax.engine.llm import LLM
+
+USAGE_ERROR = 2
+logger = logging.getLogger("serving")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving", description="OpenAI-compatible streaming LLM server.")
+    p.add_argument("--model", default="tiny", help="preset name, HF model folder or orbax folder")
+    p.add_argument("--served-model-name", help="the model id clients use (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-key", default=os.environ.get("TOKENFLOW_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENFLOW_API_KEY)")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=256, help="unfinished requests before answering 503")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--default-rate", type=float, default=20.0, help="tokens/s a client reads unless it says")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--scheduler", default="tokenflow", help="tokenflow, fcfs, sglang or andes")
+    engine.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto")
+    engine.add_argument("--kv-pages", type=int, help="device KV pages (default: max-num-seqs full sequences)")
+    engine.add_argument("--host-kv-pages", type=int, help="host-tier KV pages (default: 2x device)")
+    engine.add_argument("--page-size", type=int, default=16)
+    engine.add_argument("--max-num-seqs", type=int, default=32)
+    engine.add_argument("--max-batch-tokens", type=int, default=256)
+    engine.add_argument("--max-model-len", type=int)
+    engine.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    engine.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    positive = {"--max-queue": args.max_queue, "--max-num-seqs": args.max_num_seqs,
+                "--max-batch-tokens": args.max_batch_tokens, "--page-size": args.page_size}  # fmt: skip
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not args.default_rate > 0:
+        raise ValueError(f"--default-rate must be positive, got {args.default_rate}")
+
+
+async def serve(llm: LLM, config: ServerConfig) -> None:
+    """Run until SIGINT/SIGTERM, then shut down cleanly."""
+    from serving.app import create_app, start_server, stop_server
+    from tokenflow_jax.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(llm)
+    await engine.start()
+    runner, port = await start_server(create_app(engine, config), config.host, config.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"serving {config.model_name} on http://{config.host}:{port}", flush=True)
+    await stop.wait()
+    logger.info("shutting down: %d requests in flight are aborted", engine.num_unfinished)
+    await stop_server(runner, engine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _check(args)
+        config = ServerConfig(
+            model_name=args.served_model_name or args.model,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+    from tokenflow_jax.engine.llm import LLM
+
+    try:
+        llm = LLM(args.model, scheduler=args.scheduler, kv_pages=args.kv_pages, host_kv_pages=args.host_kv_pages,
+                  preemption=args.preemption, seed=args.seed, dtype=args.dtype, page_size=args.page_size,
+                  max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                  max_model_len=args.max_model_len, default_rate=args.default_rate)  # fmt: skip
+    except ValueError as e:  # unknown model or scheduler, bad sizes
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        asyncio.run(serve(llm, config))
+    finally:
+        llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
