@@ -21,6 +21,7 @@ import numpy as np
 
 from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.engine.executor import EngineExecutor
+from tokenflow_jax.engine.llm import default_attention
 from tokenflow_jax.kv.block_manager import PageCopy
 
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         loaded.cfg, loaded.params, num_device_pages=max(pages_needed, max(swap_pages) + 8),
         num_host_pages=max(pages_needed, max(swap_pages) + 8), page_size=args.page_size,
         max_num_seqs=max(batches), max_batch_tokens=max(batches), max_model_len=args.context,
-        kv_dtype=args.dtype, attention_impl=args.attention or ("pallas" if jax.default_backend() == "gpu" else "reference"),
+        kv_dtype=args.dtype, attention_impl=args.attention or default_attention(),
     )  # fmt: skip
     result: dict[str, Any] = {
         "model": args.model, "dtype": args.dtype, "backend": jax.default_backend(),

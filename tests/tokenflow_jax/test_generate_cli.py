@@ -19,12 +19,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def require_engine() -> None:
-    pytest.importorskip("tokenflow_jax.engine.llm")
-
-
 def test_tiny_json_output():
-    require_engine()
     result = run_cli("--model", "tiny", "--prompt-ids", "1,2,3", "--max-tokens", "5", "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)  # exactly one JSON object on stdout
@@ -34,7 +29,6 @@ def test_tiny_json_output():
 
 
 def test_hf_folder_greedy_matches_transformers(hf_checkpoint, hf_greedy):
-    require_engine()
     ckpt = hf_checkpoint("llama")
     prompt = [256, *b"The quick brown fox"]
     expected = hf_greedy(ckpt.model, prompt, 32)
