@@ -1,0 +1,263 @@
+"""Streaming benchmark: one workload replayed under several schedulers on the same executor, side by side.
+
+    python -m tokenflow_jax.bench [--model tiny] [--workload burst|poisson|gamma|trace:PATH]
+        [--num-requests N] [--burst-size B] [--request-rate R] [--burstiness G]
+        [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC]
+        [--schedulers tokenflow,fcfs,sglang,andes] [--executor engine|sim] [--kv-pages N] [--seed S] [--out DIR]
+
+Writes DIR/results.json (per scheduler: its config and `metrics.summarize` dict), DIR/table.txt and plots
+(buffer occupancy per request, TTFT CDF, effective vs token throughput).
+
+Default setup (real engine, tiny model, CPU): a burst of 48 requests (prompt 64+-16, output 128+-32 tokens,
+each read at 20 tok/s). On 2 CPU cores the tiny model decodes a batch of 16 in ~6-7 ms, ~2,000 tok/s with
+the engine loop, so once a third of the burst holds the KV pool each running stream is generated ~6x faster
+than it is read, about the paper's RTX 4090 ratio; the whole burst (960 tok/s of reading) would fit the
+compute but not the memory. The device pool is sized so only ~1/3 of the burst's KV fits (`--kv-pages`
+default), which is what separates schedulers; the host tier holds the whole burst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenflow_jax.metrics import RequestRecord, summarize
+from tokenflow_jax.scheduler.interface import Executor, pages_for
+from tokenflow_jax.scheduler.registry import POLICIES, make_policy
+from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, make_workload, trace
+
+DEFAULT_SCHEDULERS = "tokenflow,fcfs,sglang,andes"
+# Baselines that only ever preempt by recompute run without write-through, like SGLang and vLLM (no host tier).
+RECOMPUTE_ONLY = frozenset({"fcfs", "sglang", "andes"})
+KV_FRACTION = 1 / 3  # default device pool: this share of the workload's total KV
+
+
+@dataclasses.dataclass
+class SchedulerRun:
+    """One scheduler's pass over the workload."""
+
+    name: str
+    records: list[RequestRecord]
+    summary: dict[str, Any]
+    start: float  # executor time at which the workload started (plots count from it)
+    wall_s: float
+
+
+# ---- workload and sizing
+def workload_specs(args: argparse.Namespace) -> list[RequestSpec]:
+    rates = RateMix.parse(args.rate_mix) if args.rate_mix else RateMix.single(args.rate)
+    prompt, output = LengthDist.parse(args.input_len), LengthDist.parse(args.output_len)
+    if args.workload.startswith("trace:"):
+        limit = args.max_model_len or 256
+        return trace(args.workload.removeprefix("trace:"), time_scale=args.time_scale,
+                     max_requests=args.num_requests, length_scale=args.length_scale, rates=rates,
+                     seed=args.seed, max_prompt_len=limit // 2, max_output_len=limit // 2)  # fmt: skip
+    specs = make_workload(args.workload, args.num_requests, request_rate=args.request_rate,
+                          burstiness=args.burstiness, prompt=prompt, output=output, rates=rates, seed=args.seed,
+                          length_scale=args.length_scale)  # fmt: skip
+    if args.workload == "burst" and args.burst_size:
+        # Several bursts of `burst_size`, `burst_interval` seconds apart.
+        specs = [dataclasses.replace(s, arrival=(i // args.burst_size) * args.burst_interval)
+                 for i, s in enumerate(specs)]  # fmt: skip
+    return specs
+
+
+def engine_limits(args: argparse.Namespace, specs: Sequence[RequestSpec]) -> dict[str, int]:
+    """Pool sizes and model length, from the flags or derived from the workload."""
+    longest = max(s.prompt_len + s.output_len for s in specs)
+    max_model_len = args.max_model_len or max(128, 1 << math.ceil(math.log2(longest)))
+    if longest > max_model_len:
+        raise SystemExit(f"a request needs {longest} tokens > --max-model-len {max_model_len}")
+    total = sum(pages_for(s.prompt_len + s.output_len, args.page_size) for s in specs)
+    one = pages_for(longest, args.page_size)
+    kv_pages = args.kv_pages or max(one, math.ceil(KV_FRACTION * total))
+    host = args.host_kv_pages if args.host_kv_pages is not None else total + kv_pages
+    return dict(kv_pages=kv_pages, host_kv_pages=host, max_model_len=max_model_len, page_size=args.page_size,
+                max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+
+
+def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Executor, frozenset[int]]:
+    """(executor, EOS token ids). `kv_pages` counts usable pages; the pools add the null page."""
+    pools = dict(page_size=limits["page_size"], max_num_seqs=limits["max_num_seqs"],
+                 max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
+    if args.executor == "sim":
+        try:
+            from tokenflow_jax.sim import SimExecutor
+        except ImportError as e:
+            raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
+        ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"] + 1,
+                         num_host_pages=limits["host_kv_pages"], **pools)  # fmt: skip
+        return ex, frozenset()
+    from tokenflow_jax.engine.llm import LLM
+
+    llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"] + 1, host_kv_pages=limits["host_kv_pages"],
+              seed=args.seed, warmup=True, progress=args.progress, **pools)  # fmt: skip
+    return llm.executor, frozenset(llm.tokenizer.eos_token_ids)
+
+
+def available_schedulers(names: Sequence[str]) -> list[str]:
+    """The names whose policy imports; the others are skipped with a note (some are written concurrently)."""
+    found = []
+    for name in names:
+        if name not in POLICIES:
+            raise SystemExit(f"unknown scheduler {name!r}; choose from {', '.join(POLICIES)}")
+        try:
+            make_policy(name)
+            found.append(name)
+        except ValueError as e:
+            print(f"note: skipping {name}: {e}")
+    return found
+
+
+# ---- running
+def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *, eos: frozenset[int] = frozenset(),
+                  preemption: str = "auto", config: dict[str, Any] | None = None, seed: int = 0,
+                  time_limit: float | None = None, progress: bool = True) -> SchedulerRun:  # fmt: skip
+    """Replay `specs` under policy `name` on an idle executor (a fresh EngineCore over it)."""
+    from tokenflow_jax.engine.core import EngineCore
+    from tokenflow_jax.replay import replay, spec_request
+
+    if hasattr(executor, "write_through_enabled"):
+        executor.write_through_enabled = name not in RECOMPUTE_ONLY and executor.num_host_pages > 0
+    core = EngineCore(executor, make_policy(name, **(config or {})), eos_token_ids=eos, preemption=preemption)
+    wall0 = time.perf_counter()
+    start = executor.now()
+    records = replay(core, specs, lambda spec, arrival: spec_request(spec, arrival, seed=seed),
+                     time_limit=time_limit, progress=progress, desc=name)  # fmt: skip
+    summary = summarize(records, swap_bytes_out=core.bytes_to_host, swap_bytes_in=core.bytes_to_device,
+                        scheduler_times_s=core.scheduler_times_s)  # fmt: skip
+    return SchedulerRun(name, records, summary, start, time.perf_counter() - wall0)
+
+
+def compare(
+    executor: Executor, names: Sequence[str], specs: Sequence[RequestSpec], **kwargs: Any
+) -> list[SchedulerRun]:
+    """`run_scheduler` for each name in turn over the same executor and workload."""
+    configs = kwargs.pop("configs", None) or {}
+    return [run_scheduler(executor, n, specs, config=configs.get(n), **kwargs) for n in names]
+
+
+# ---- reporting
+COLUMNS = [  # header, summary key, format
+    ("scheduler", None, "{}"),
+    ("done", "completed", "{:d}"),
+    ("dur s", "duration", "{:.2f}"),
+    ("tok/s", "output_throughput", "{:.1f}"),
+    ("eff tok/s", "effective_throughput", "{:.1f}"),
+    ("TTFT ms", "mean_ttft_ms", "{:.0f}"),
+    ("p99 TTFT ms", "p99_ttft_ms", "{:.0f}"),
+    ("ITL ms", "mean_itl_ms", "{:.1f}"),
+    ("rebuf s", "rebuffer_s", "{:.2f}"),
+    ("QoE", "qoe", "{:.3f}"),
+    ("pre swap", "preemptions_swap", "{:d}"),
+    ("pre recomp", "preemptions_recompute", "{:d}"),
+    ("swap MiB", "swap_bytes", "{:.1f}"),
+]
+RATIOS = [("eff/fcfs", "effective_throughput"), ("p99TTFT/fcfs", "p99_ttft_ms"), ("tok/fcfs", "output_throughput")]
+
+
+def format_table(runs: Sequence[SchedulerRun]) -> str:
+    """One row per scheduler; ratio columns are relative to fcfs when it ran."""
+    base = next((r.summary for r in runs if r.name == "fcfs"), None)
+    header = [c[0] for c in COLUMNS] + ([r[0] for r in RATIOS] if base else [])
+    rows = []
+    for run in runs:
+        s = run.summary
+        row = [run.name] + [fmt.format(s[key] / 2**20 if key == "swap_bytes" else s[key])
+                            for _, key, fmt in COLUMNS[1:]]  # fmt: skip
+        if base:
+            row += [f"{s[key] / base[key]:.2f}" if base[key] else "-" for _, key in RATIOS]
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]  # fmt: skip
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, runs: Sequence[SchedulerRun], config: dict[str, Any]) -> Path:
+    results = {run.name: {"config": {**config, "scheduler": run.name, "wall_s": run.wall_s}, "metrics": run.summary}
+               for run in runs}  # fmt: skip
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path
+
+
+# ---- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="preset or checkpoint folder (engine executor)")
+    p.add_argument("--workload", default="burst", help="burst, poisson, gamma or trace:PATH")
+    p.add_argument("--num-requests", type=int, default=48)
+    p.add_argument("--burst-size", type=int, default=None, help="requests per burst (default: all in one)")
+    p.add_argument("--burst-interval", type=float, default=10.0, help="seconds between bursts")
+    p.add_argument("--request-rate", type=float, default=4.0, help="requests/s (poisson, gamma)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, < 1 burstier")
+    p.add_argument("--input-len", default="64:16:96", help="prompt tokens MEAN[:STD[:MAX]]")
+    p.add_argument("--output-len", default="128:32:160", help="output tokens MEAN[:STD[:MAX]]")
+    p.add_argument("--length-scale", type=float, default=1.0, help="multiply every length (trace: Azure lengths)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="trace: replay this many times faster")
+    rates = p.add_mutually_exclusive_group()
+    rates.add_argument("--rate", type=float, default=20.0, help="tokens/s every reader consumes")
+    rates.add_argument("--rate-mix", default=None, help="RATE:WEIGHT,... e.g. 15:0.4,20:0.6")
+    p.add_argument("--schedulers", default=DEFAULT_SCHEDULERS, help="comma-separated policy names")
+    p.add_argument("--scheduler-config", default="{}",
+                   help='JSON {name: {option: value}}, e.g. {"andes": {"interval": 4}}')
+    p.add_argument("--executor", choices=("engine", "sim"), default="engine")
+    p.add_argument("--sim-profile", default="h100-llama3-8b", help="cost profile of the simulator")
+    p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (default: 1/3 of the workload)")
+    p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (default: the whole workload)")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-batch-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=None, help="default: longest request, next power of two")
+    p.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto")
+    p.add_argument("--time-limit", type=float, default=None, help="executor seconds per scheduler before aborting")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    specs = workload_specs(args)
+    if not specs:
+        raise SystemExit("the workload is empty")
+    names = available_schedulers([n.strip() for n in args.schedulers.split(",") if n.strip()])
+    limits = engine_limits(args, specs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**{k: v for k, v in vars(args).items() if k not in ("plots", "progress")}, **limits,
+              "num_specs": len(specs), "total_output_tokens": sum(s.output_len for s in specs)}  # fmt: skip
+    print(f"{len(specs)} requests ({args.workload}), schedulers {', '.join(names)}, executor {args.executor}, "
+          f"{limits['kv_pages']} device / {limits['host_kv_pages']} host KV pages of {args.page_size} tokens")
+    t0 = time.perf_counter()
+    executor, eos = build_executor(args, limits)
+    print(f"executor ready in {time.perf_counter() - t0:.1f} s")
+    runs = compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
+                   configs=json.loads(args.scheduler_config), time_limit=args.time_limit,
+                   progress=args.progress)  # fmt: skip
+    table = format_table(runs)
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    write_results(out, runs, config)
+    if args.plots:
+        from tokenflow_jax.bench_plots import save_plots
+
+        save_plots(runs, out)
+    print(f"wrote {out}/ in {time.perf_counter() - t0:.1f} s total")
+    return {run.name: run.summary for run in runs}
+
+
+if __name__ == "__main__":
+    main()

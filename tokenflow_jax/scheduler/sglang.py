@@ -1,0 +1,95 @@
+"""`sglang`: the SGLang-like baseline (prefill-first, retract-by-recompute).
+
+SGLang runs prefill batches separately from decode batches and prefers prefill: whenever a waiting request
+can be admitted, the iteration is a prefill-only step (continuing chunked prefills first, then new requests
+in arrival order); otherwise it is a decode step over every running request. Admission reserves memory for
+the running requests' future tokens (`max_tokens` left x `new_token_ratio`, SGLang's estimate, which decays
+while decoding goes well). When a decode step runs out of pages, the running request with the fewest output
+tokens (longest prompt on ties) is retracted by recompute and the ratio is raised so admission backs off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokenflow_jax.scheduler.fcfs import budget_for
+from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.scheduler.request import Request
+
+RETRACT_DECODE_STEPS = 20  # SGLang: tokens of headroom per retracted-from batch member when re-estimating
+
+
+@dataclasses.dataclass
+class SGLangPolicy:
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.001  # per decode step
+    name: str = dataclasses.field(default="sglang", init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1:
+            raise ValueError("need 0 <= min_new_token_ratio <= init_new_token_ratio <= 1")
+        self.new_token_ratio = self.init_new_token_ratio
+
+    def plan(self, state: SchedulerState) -> StepPlan:
+        return self._prefill_step(state) or self._decode_step(state)
+
+    # ---- prefill batch
+    def _reserved_tokens(self, req: Request) -> float:
+        return req.remaining_output * self.new_token_ratio
+
+    def _prefill_step(self, state: SchedulerState) -> StepPlan | None:
+        """A prefill-only plan, or None when nothing is left to prefill or no waiting request fits."""
+        plan = StepPlan()
+        budget = budget_for(state)
+        running = list(state.running)
+        chunked = [r for r in running if r.is_prefilling]
+        budget.seqs = state.executor.max_num_seqs - (len(running) - len(chunked))  # decoders keep their slots
+        # Tokens of memory left after every running request's expected growth (SGLang's rem_total_tokens).
+        page_size = state.executor.page_size
+        room = budget.pages * page_size - sum(self._reserved_tokens(r) for r in running)
+        for req in chunked:
+            n, pages = budget.chunk(state, req)
+            if n > 0 and pages <= budget.pages and budget.seqs > 0:
+                budget.take(plan, req, n, pages)
+                room -= pages * page_size
+        for req in state.waiting:
+            if budget.seqs <= 0 or budget.tokens <= 0:
+                break
+            n, pages = budget.chunk(state, req)
+            cost = req.num_uncomputed + self._reserved_tokens(req)
+            if n <= 0 or pages > budget.pages or (cost > room and (running or plan.schedule)):
+                break  # first come first served: nobody overtakes the head of the queue
+            budget.take(plan, req, n, pages)
+            room -= cost
+        return plan if plan.schedule else None
+
+    # ---- decode batch
+    def _decode_step(self, state: SchedulerState) -> StepPlan:
+        plan = StepPlan()
+        decoding = [r for r in state.running if not r.is_prefilling]
+        free = state.executor.free_device_pages()
+        need = {r.request_id: state.extra_pages_for(r, 1) for r in decoding}
+        if sum(need.values()) > free:
+            # Retract until the rest fit: fewest output tokens first (a stalled chunked prefill has none), then
+            # the longest prompt.
+            order = sorted(state.running, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
+            while sum(need.values()) > free and len(order) > 1:
+                victim = order.pop(0)
+                plan.recompute_out.append(victim.request_id)
+                free += len(victim.device_pages)
+                need.pop(victim.request_id, None)
+            self._raise_ratio(order)
+            decoding = [r for r in decoding if r.request_id in need]
+        else:
+            self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.new_token_ratio_decay)
+        for req in decoding[: state.executor.max_num_seqs]:
+            plan.schedule[req.request_id] = 1
+        return plan
+
+    def _raise_ratio(self, kept: list[Request]) -> None:
+        """SGLang's re-estimate after a retraction: what the kept requests decoded so far, plus headroom."""
+        decoded = sum(len(r.output_ids) for r in kept)
+        max_new = sum(r.sampling.max_tokens for r in kept)
+        estimate = (decoded + RETRACT_DECODE_STEPS * len(kept)) / max(max_new, 1)
+        self.new_token_ratio = min(1.0, max(self.new_token_ratio, estimate))
