@@ -1,0 +1,80 @@
+"""Apps with different configs on one in-process engine: API key (401), queue limit (503 + Retry-After),
+paced streams, and the per-app metrics registry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.serving.conftest import InProcessApps, assert_openai_error, http_request, wait_for_idle_pages
+
+PROMPT = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+
+
+def test_api_key_is_required_on_v1_only(apps: InProcessApps) -> None:
+    url = apps.serve(api_key="s3cret")
+    assert_openai_error(http_request(url, "POST", "/v1/completions", PROMPT), 401)
+    reply = http_request(url, "POST", "/v1/completions", PROMPT, headers={"Authorization": "Bearer wrong"})
+    assert assert_openai_error(reply, 401)["code"] == "invalid_api_key"
+    assert reply.headers["www-authenticate"] == "Bearer"
+    assert_openai_error(http_request(url, "GET", "/v1/models", headers={"Authorization": "s3cret"}), 401)
+    assert http_request(url, "GET", "/health").status == 200
+    assert http_request(url, "GET", "/metrics").status == 200
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0)
+    assert out.usage.completion_tokens == 4
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_full_queue_answers_503_with_retry_after(apps: InProcessApps) -> None:
+    url = apps.serve(max_queue=1, retry_after_s=2)
+
+    async def run() -> None:
+        long = {"prompt": "Hello", "max_tokens": 240, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions", json=long) as first:
+                await first.content.readuntil(b"\n\n")  # admitted and generating
+                async with session.post(f"{url}/v1/completions", json=PROMPT) as second:
+                    assert second.status == 503
+                    assert second.headers["Retry-After"] == "2"
+                    error = (await second.json())["error"]
+                    assert error["type"] == "server_error" and error["code"] == "server_overloaded"
+                first.close()
+
+    asyncio.run(run())
+    wait_for_idle_pages(url)
+    assert http_request(url, "POST", "/v1/completions", PROMPT).status == 200  # room again
+
+
+def test_pace_releases_tokens_at_the_stream_rate(apps: InProcessApps) -> None:
+    url = apps.serve()
+
+    async def arrival_times(pace: bool) -> list[float]:
+        body = {"prompt": "Hello", "max_tokens": 8, "stream": True, "stream_rate": 40, "pace": pace}
+        times = []
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions", json=body) as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data: {"):
+                        times.append(time.monotonic())
+        return times
+
+    paced = asyncio.run(arrival_times(True))
+    assert len(paced) == 8
+    assert paced[-1] - paced[0] >= 7 / 40 * 0.95  # one token every 1/40 s
+    unpaced = asyncio.run(arrival_times(False))
+    assert unpaced[-1] - unpaced[0] < paced[-1] - paced[0]
+
+
+def test_each_app_has_its_own_metrics_registry(apps: InProcessApps) -> None:
+    a, b = apps.serve(), apps.serve()
+    http_request(a, "POST", "/v1/completions", PROMPT)
+    text_b = http_request(b, "GET", "/metrics").body.decode()
+    assert 'tokenflow_http_responses_total{route="/v1/completions",status="200"}' not in text_b
+    text_a = http_request(a, "GET", "/metrics").body.decode()
+    assert 'tokenflow_http_responses_total{route="/v1/completions",status="200"} 1.0' in text_a
