@@ -41,6 +41,8 @@ class TokenFlowConfig:
     critical_buffer_s: float = 0.5  # a streaming request with less buffer than this signals stress
     resume_margin_s: float = 0.25  # resume a paused stream this long (plus its load time) before it runs dry
     local_search_iters: int = 4  # adjacent swaps tried after the greedy fill
+    stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
+    io_fraction: float = 0.5  # swap-ins a decision plans: at most this share of an interval in load time
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
 
     def __post_init__(self) -> None:
@@ -52,29 +54,24 @@ class TokenFlowConfig:
             raise ValueError(f"adaptation_rate (lambda) must be in [0, 1], got {self.adaptation_rate!r}")
         if not 0.0 < self.capacity_hysteresis <= 1.0:
             raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
-        if self.gamma < 0 or self.critical_buffer_s < 0 or self.resume_margin_s < 0 or self.local_search_iters < 0:
-            raise ValueError("gamma, critical_buffer_s, resume_margin_s and local_search_iters must be >= 0")
+        nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
+                       "io_fraction")  # fmt: skip
+        for name in nonnegative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Candidate:
     """One request as buffer balancing sees it at a decision."""
 
     req: Request
     buffer_tokens: int
     pages: int  # device pages it needs to run its next step
-    locked: bool  # running, and its buffer cannot cover a pause: it keeps its place
-
-    @property
-    def on_device(self) -> bool:
-        return self.req.status is RequestStatus.RUNNING
-
-    def urgency(self, gamma: float) -> tuple:
-        """Sort key: gamma phi(b) = gamma exp(-b seconds) descending, then value, then rate; ties keep what is
-        on device, then arrival order (gamma = 0 sorts by value alone)."""
-        r = self.req
-        phi = gamma * math.exp(-self.buffer_tokens / r.rate)
-        return (-phi, -token_value(self.buffer_tokens, r.sampling.max_tokens), -r.rate, not self.on_device, r.arrival)
+    locked: bool = False  # running, and its buffer cannot cover a pause: it keeps its place
+    load_s: float = 0.0  # paused: time to load its pages back
+    due: bool = False  # paused, and its reader runs dry unless it is loaded now
+    key: tuple = ()  # urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival
 
 
 def token_value(buffer_tokens: int, output_len: int) -> float:
@@ -95,6 +92,7 @@ class TokenFlowPolicy:
         self.decisions = 0
         self._desired: list[str] = []  # the last decision's running set, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
+        self._used = (0, 0)  # (pages, sequences) the decision has handed out so far
         self._last_decision = -math.inf
         self._known: set[str] = set()
         self._critical = False  # a running stream was below the critical buffer at the last check
@@ -158,32 +156,55 @@ class TokenFlowPolicy:
 
     # ---- the decision
     def rebalance(self, state: SchedulerState, est: CostEstimates) -> list[Request]:
-        """Choose the desired running set (kept, most urgent first); return the running requests to preempt."""
-        ex = state.executor
-        self.decisions += 1
-        self._last_decision = state.now
-        host_free = ex.free_host_pages()
-        cands = []
-        for req in (*state.running, *state.paused, *state.waiting):
-            buffer_tokens = state.tracker[req.request_id].buffer_tokens(state.now)
-            locked = req.status is RequestStatus.RUNNING and (
-                buffer_tokens < self.pause_threshold_tokens(req, est, ex.page_size, host_free))
-            cands.append(Candidate(req, buffer_tokens, pages_for(req.num_tokens, ex.page_size), locked))
-        self._adapt_working_set(state, cands)
-        self._update_overload(state, est)
-        gamma = self.config.gamma
-        order = sorted(cands, key=lambda c: c.urgency(gamma))
-        chosen = self._greedy_fill(state, order)
-        self._local_search(state, order, chosen)
-        self._desired = [c.req.request_id for c, keep in zip(order, chosen, strict=True) if keep]
-        return [c.req for c, keep in zip(order, chosen, strict=True) if c.on_device and not keep]
+        """Choose the desired running set (kept, most urgent first); return the running requests to preempt.
 
-    def _adapt_working_set(self, state: SchedulerState, cands: list[Candidate]) -> None:
+        Running requests sort as if their buffer were `stickiness_s` smaller, so that near-equal buffers do not
+        trade places every decision, and swap-ins are capped at `io_fraction` of an interval of load time
+        (streams about to run dry come back regardless).
+        """
+        ex, now, tracker, cfg = state.executor, state.now, state.tracker, self.config
+        self.decisions += 1
+        self._last_decision = now
+        host_free, page_size = ex.free_host_pages(), ex.page_size
+        self._adapt_working_set(state)
+        self._update_overload(state, est)
+        contenders: list[Candidate] = []  # compete by urgency; may displace unlocked running requests
+        newcomers: dict[int, Candidate] = {}  # held back by schedulability: free room only, in arrival order
+        spare_rate = self._spare_rate
+        for req in (*state.running, *state.paused, *state.waiting):
+            dry_in = max(0.0, (tracker[req.request_id].last_read_time or now) - now)
+            # Unread tokens are read 1/r apart up to the last one, so the buffer follows from its read time.
+            c = Candidate(req, math.ceil(dry_in * req.rate - 1e-9), pages_for(req.num_tokens, page_size))
+            status, sort_buffer_s = req.status, dry_in
+            if status is RequestStatus.RUNNING:
+                c.locked = c.buffer_tokens < self.pause_threshold_tokens(req, est, page_size, host_free)
+                sort_buffer_s = max(0.0, dry_in - cfg.stickiness_s)
+            elif status is RequestStatus.PAUSED:
+                c.load_s = c.pages * est.swap_in_per_page_s
+                c.due = dry_in <= c.load_s + self.resume_lead_s(est)
+            elif not req.output_ids:
+                if self.overloaded or req.rate > spare_rate:
+                    newcomers[id(req)] = c  # may displace others only while everyone stays schedulable
+                    continue
+                spare_rate -= req.rate
+            value = token_value(c.buffer_tokens, req.sampling.max_tokens)
+            phi = cfg.gamma * math.exp(-sort_buffer_s)
+            c.key = (-phi, -value, -req.rate, status is not RequestStatus.RUNNING, req.arrival)
+            contenders.append(c)
+        contenders.sort(key=lambda c: c.key)
+        chosen = self._greedy_fill(state, contenders, io_budget_s=cfg.io_fraction * cfg.reschedule_interval)
+        self._local_search(state, contenders, chosen)
+        self._desired = [c.req.request_id for c, keep in zip(contenders, chosen, strict=True) if keep]
+        self._fill_free_room(state, newcomers)
+        return [c.req for c, keep in zip(contenders, chosen, strict=True)
+                if not keep and c.req.status is RequestStatus.RUNNING]  # fmt: skip
+
+    def _adapt_working_set(self, state: SchedulerState) -> None:
         """W_static = floor(M / beta) with beta the expected pages per live request, pulled toward the running
         count with rate lambda."""
-        page_size = state.executor.page_size
-        expected = sum(pages_for(len(c.req.prompt_ids) + c.req.sampling.max_tokens, page_size) for c in cands)
-        beta = max(1.0, expected / max(1, len(cands)))
+        live = (*state.running, *state.paused, *state.waiting)
+        expected = sum(len(r.prompt_ids) + r.sampling.max_tokens for r in live) / state.executor.page_size
+        beta = max(1.0, expected / max(1, len(live)))
         static = math.floor(state.executor.num_device_pages / beta)
         lam = self.config.adaptation_rate
         self.working_set = max(1.0, (1 - lam) * static + lam * len(state.running))
@@ -201,56 +222,59 @@ class TokenFlowPolicy:
             self.overloaded = False
         self._spare_rate = capacity - demand
 
-    def _is_blocked_newcomer(self, req: Request) -> bool:
-        return self.overloaded and req.status is RequestStatus.WAITING and not req.output_ids
+    def _slot_limit(self, state: SchedulerState) -> int:
+        return min(state.executor.max_num_seqs, max(1, math.ceil(self.working_set or 1)))
 
-    def _greedy_fill(self, state: SchedulerState, order: list[Candidate]) -> list[bool]:
+    def _greedy_fill(self, state: SchedulerState, order: list[Candidate], io_budget_s: float) -> list[bool]:
         """Most urgent first into sequence slots (at most W) and device pages; gate-locked streams stay."""
-        ex = state.executor
-        limit = min(ex.max_num_seqs, max(1, math.ceil(self.working_set or ex.max_num_seqs)))
+        limit, capacity = self._slot_limit(state), state.executor.num_device_pages
         chosen = [c.locked for c in order]
         pages, count = sum(c.pages for c in order if c.locked), sum(chosen)
-        spare_rate = self._spare_rate
         for i, c in enumerate(order):
-            if c.locked or count >= limit or pages + c.pages > ex.num_device_pages:
+            if c.locked or count >= limit or pages + c.pages > capacity:
                 continue
-            newcomer = c.req.status is RequestStatus.WAITING and not c.req.output_ids
-            if newcomer and (self.overloaded or c.req.rate > spare_rate):
-                continue  # may displace others only while the working set stays schedulable
-            spare_rate -= c.req.rate if newcomer else 0.0
+            if c.load_s and not c.due:
+                if c.load_s > io_budget_s:
+                    continue  # the load engine is spoken for this interval
+                io_budget_s -= c.load_s
             chosen[i], pages, count = True, pages + c.pages, count + 1
-        index = {id(c.req): i for i, c in enumerate(order)}
-        for req in state.waiting:  # fcfs: newcomers take whatever room is left, in arrival order
-            i = index[id(req)]
-            if chosen[i]:
-                continue
-            if count >= limit or pages + order[i].pages > ex.num_device_pages:
-                break
-            chosen[i], pages, count = True, pages + order[i].pages, count + 1
+        self._used = pages, count
         return chosen
+
+    def _fill_free_room(self, state: SchedulerState, newcomers: dict[int, Candidate]) -> None:
+        """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs)."""
+        limit, capacity = self._slot_limit(state), state.executor.num_device_pages
+        pages, count = self._used
+        for req in state.waiting:
+            c = newcomers.get(id(req))
+            if c is None:
+                continue
+            if count >= limit or pages + c.pages > capacity:
+                break
+            pages, count = pages + c.pages, count + 1
+            self._desired.append(req.request_id)
 
     def _local_search(self, state: SchedulerState, order: list[Candidate], chosen: list[bool]) -> None:
         """Adjacent swaps across the boundary, kept when the pages they free let one more request run."""
-        budget = state.executor.num_device_pages
-        used = sum(c.pages for c, keep in zip(order, chosen, strict=True) if keep)
+        capacity = state.executor.num_device_pages
+        pages, count = self._used
         for _ in range(self.config.local_search_iters):
             improved = False
             for i in range(len(order) - 1):
                 a, b = order[i], order[i + 1]
                 if not chosen[i] or chosen[i + 1] or a.locked or b.pages >= a.pages:
                     continue
-                if self._is_blocked_newcomer(b.req):
-                    continue
-                room = budget - (used - a.pages + b.pages)
-                extra = next((j for j in range(i + 2, len(order)) if not chosen[j] and order[j].pages <= room
-                              and not self._is_blocked_newcomer(order[j].req)), None)  # fmt: skip
+                room = capacity - (pages - a.pages + b.pages)
+                extra = next((j for j in range(i + 2, len(order)) if not chosen[j] and order[j].pages <= room), None)
                 if extra is not None:
                     chosen[i], chosen[i + 1], chosen[extra] = False, True, True
-                    used += b.pages - a.pages + order[extra].pages
+                    pages += b.pages - a.pages + order[extra].pages
+                    count += 1
                     improved = True
                     break
             if not improved:
-                return
+                break
+        self._used = pages, count
 
     # ---- the iteration's plan
     def plan(self, state: SchedulerState) -> StepPlan:
@@ -268,40 +292,54 @@ class TokenFlowPolicy:
 
     def _schedule(self, state: SchedulerState, est: CostEstimates, victims: list[Request],
                   entrants: list[Request], *, fcfs: bool) -> StepPlan:
-        """Every running request steps (lowest buffer first); entrants follow in urgency order."""
+        """Every running request steps; entrants follow in urgency order; newcomers too in fcfs mode."""
         plan = StepPlan()
         budget = budget_for(state)
         host_free = [state.executor.free_host_pages()]
         for req in victims:
             self._preempt(state, plan, budget, req, est, host_free)
-        gone = set(plan.swap_out)
-        tracker, now = state.tracker, state.now
-        # Running out of pages preempts from the end of this list: the largest buffers.
-        running = sorted((r for r in state.running if r.request_id not in gone and r.request_id
-                          not in plan.recompute_out), key=lambda r: tracker[r.request_id].buffer_tokens(now) / r.rate)
-        i = 0
-        while i < len(running):
-            req = running[i]
+        gone = set(plan.swap_out) | set(plan.recompute_out)
+        running = [r for r in state.running if r.request_id not in gone]
+        taken: dict[str, int] = {}  # pages each scheduled request takes this step
+        for req in running:
+            if req.request_id in gone:
+                continue
             n, pages = budget.chunk(state, req)
-            i += 1
             if n <= 0 or budget.seqs <= 0:
                 continue
-            while pages > budget.pages and len(running) > i:
-                self._preempt(state, plan, budget, running.pop(), est, host_free)
-            if pages > budget.pages:
-                self._preempt(state, plan, budget, req, est, host_free)
-                continue
-            budget.take(plan, req, n, pages)
+            while pages > budget.pages:  # out of pages mid-decode: the largest buffer goes
+                victim = self._largest_buffer(state, [r for r in running if r.request_id not in gone])
+                if victim.request_id in plan.schedule:  # already stepped this iteration: undo that
+                    budget.tokens += plan.schedule.pop(victim.request_id)
+                    budget.seqs += 1
+                    budget.pages += taken.pop(victim.request_id)
+                self._preempt(state, plan, budget, victim, est, host_free)
+                gone.add(victim.request_id)
+                if victim is req:
+                    break
+            if req.request_id not in gone:
+                budget.take(plan, req, n, pages)
+                taken[req.request_id] = pages
+        load_budget_s = est.decode_step_s  # loads that one step of compute hides; the rest wait a step
         for req in entrants:
             n, pages = budget.chunk(state, req)
             if budget.seqs <= 0 or n <= 0 or pages > budget.pages:
                 continue
             if req.status is RequestStatus.PAUSED:
+                load_s = pages_for(req.num_computed, state.executor.page_size) * est.swap_in_per_page_s
+                if plan.swap_in and load_s > load_budget_s:
+                    continue
+                load_budget_s -= load_s
                 plan.swap_in.append(req.request_id)
             budget.take(plan, req, n, pages)
         if fcfs:
             admit_in_order(state, plan, budget, list(state.waiting))
         return plan
+
+    @staticmethod
+    def _largest_buffer(state: SchedulerState, running: list[Request]) -> Request:
+        return max(running, key=lambda r: (state.tracker[r.request_id].buffer_tokens(state.now) / r.rate,
+                                           r.admitted_order))  # fmt: skip
 
     def _preempt(self, state: SchedulerState, plan: StepPlan, budget: TokenBudget, req: Request,
                  est: CostEstimates, host_free: list[int]) -> None:
