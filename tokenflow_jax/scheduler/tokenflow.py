@@ -68,10 +68,14 @@ class Candidate:
     req: Request
     buffer_tokens: int
     pages: int  # device pages it needs to run its next step
-    locked: bool = False  # running, and its buffer cannot cover a pause: it keeps its place
+    locked: bool | None = None  # running, and its buffer cannot cover a pause (None: not evaluated yet)
     load_s: float = 0.0  # paused: time to load its pages back
     due: bool = False  # paused, and its reader runs dry unless it is loaded now
     key: tuple = ()  # urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival
+
+    @property
+    def on_device(self) -> bool:
+        return self.req.status is RequestStatus.RUNNING
 
 
 def token_value(buffer_tokens: int, output_len: int) -> float:
@@ -165,39 +169,51 @@ class TokenFlowPolicy:
         ex, now, tracker, cfg = state.executor, state.now, state.tracker, self.config
         self.decisions += 1
         self._last_decision = now
-        host_free, page_size = ex.free_host_pages(), ex.page_size
+        page_size, gamma, stickiness = ex.page_size, cfg.gamma, cfg.stickiness_s
         self._adapt_working_set(state)
         self._update_overload(state, est)
-        contenders: list[Candidate] = []  # compete by urgency; may displace unlocked running requests
+        lead, load_per_page = self.resume_lead_s(est), est.swap_in_per_page_s
+        contenders: list[Candidate] = []  # compete by urgency; may displace running requests
         newcomers: dict[int, Candidate] = {}  # held back by schedulability: free room only, in arrival order
         spare_rate = self._spare_rate
+        running = RequestStatus.RUNNING
         for req in (*state.running, *state.paused, *state.waiting):
-            dry_in = max(0.0, (tracker[req.request_id].last_read_time or now) - now)
+            last_read = tracker[req.request_id].last_read_time
+            dry_in = last_read - now if last_read is not None and last_read > now else 0.0
             # Unread tokens are read 1/r apart up to the last one, so the buffer follows from its read time.
-            c = Candidate(req, math.ceil(dry_in * req.rate - 1e-9), pages_for(req.num_tokens, page_size))
-            status, sort_buffer_s = req.status, dry_in
-            if status is RequestStatus.RUNNING:
-                c.locked = c.buffer_tokens < self.pause_threshold_tokens(req, est, page_size, host_free)
-                sort_buffer_s = max(0.0, dry_in - cfg.stickiness_s)
+            rate, status = req.rate, req.status
+            c = Candidate(req, math.ceil(dry_in * rate - 1e-9), -(-req.num_tokens // page_size))
+            sort_buffer_s = dry_in
+            if status is running:
+                sort_buffer_s = dry_in - stickiness if dry_in > stickiness else 0.0
             elif status is RequestStatus.PAUSED:
-                c.load_s = c.pages * est.swap_in_per_page_s
-                c.due = dry_in <= c.load_s + self.resume_lead_s(est)
+                c.load_s = c.pages * load_per_page
+                c.due = dry_in <= c.load_s + lead
             elif not req.output_ids:
-                if self.overloaded or req.rate > spare_rate:
+                if self.overloaded or rate > spare_rate:
                     newcomers[id(req)] = c  # may displace others only while everyone stays schedulable
                     continue
-                spare_rate -= req.rate
-            value = token_value(c.buffer_tokens, req.sampling.max_tokens)
-            phi = cfg.gamma * math.exp(-sort_buffer_s)
-            c.key = (-phi, -value, -req.rate, status is not RequestStatus.RUNNING, req.arrival)
+                spare_rate -= rate
+            # gamma phi(b) descending (b ascending for gamma > 0), then value, then rate; then keep what runs.
+            phi = gamma * math.exp(-sort_buffer_s)
+            c.key = (-phi, -token_value(c.buffer_tokens, req.sampling.max_tokens), -rate, status is not running,
+                     req.arrival)  # fmt: skip
             contenders.append(c)
         contenders.sort(key=lambda c: c.key)
-        chosen = self._greedy_fill(state, contenders, io_budget_s=cfg.io_fraction * cfg.reschedule_interval)
-        self._local_search(state, contenders, chosen)
+        gate = (est, ex.free_host_pages())
+        chosen = self._greedy_fill(state, contenders, cfg.io_fraction * cfg.reschedule_interval, gate)
+        self._local_search(state, contenders, chosen, gate)
         self._desired = [c.req.request_id for c, keep in zip(contenders, chosen, strict=True) if keep]
         self._fill_free_room(state, newcomers)
-        return [c.req for c, keep in zip(contenders, chosen, strict=True)
-                if not keep and c.req.status is RequestStatus.RUNNING]  # fmt: skip
+        return [c.req for c, keep in zip(contenders, chosen, strict=True) if not keep and c.req.status is running]
+
+    def _is_locked(self, state: SchedulerState, c: Candidate, gate: tuple[CostEstimates, int]) -> bool:
+        """Running and unable to cover a pause (evaluated only for those the fill would leave out)."""
+        if c.locked is None:
+            est, host_free = gate
+            c.locked = c.on_device and c.buffer_tokens < self.pause_threshold_tokens(
+                c.req, est, state.executor.page_size, host_free)
+        return c.locked
 
     def _adapt_working_set(self, state: SchedulerState) -> None:
         """W_static = floor(M / beta) with beta the expected pages per live request, pulled toward the running
@@ -225,19 +241,30 @@ class TokenFlowPolicy:
     def _slot_limit(self, state: SchedulerState) -> int:
         return min(state.executor.max_num_seqs, max(1, math.ceil(self.working_set or 1)))
 
-    def _greedy_fill(self, state: SchedulerState, order: list[Candidate], io_budget_s: float) -> list[bool]:
-        """Most urgent first into sequence slots (at most W) and device pages; gate-locked streams stay."""
+    def _greedy_fill(self, state: SchedulerState, order: list[Candidate], io_budget_s: float,
+                     gate: tuple[CostEstimates, int]) -> list[bool]:
+        """Most urgent first into sequence slots (at most W) and device pages; then every running request the
+        fill left out but whose buffer cannot cover a pause takes its place back from the least urgent."""
         limit, capacity = self._slot_limit(state), state.executor.num_device_pages
-        chosen = [c.locked for c in order]
-        pages, count = sum(c.pages for c in order if c.locked), sum(chosen)
+        chosen = [False] * len(order)
+        pages = count = 0
         for i, c in enumerate(order):
-            if c.locked or count >= limit or pages + c.pages > capacity:
+            if count >= limit or pages + c.pages > capacity:
                 continue
             if c.load_s and not c.due:
                 if c.load_s > io_budget_s:
                     continue  # the load engine is spoken for this interval
                 io_budget_s -= c.load_s
             chosen[i], pages, count = True, pages + c.pages, count + 1
+        last = len(order) - 1
+        for i, c in enumerate(order):
+            if chosen[i] or not c.on_device or not self._is_locked(state, c, gate):
+                continue
+            chosen[i], pages, count = True, pages + c.pages, count + 1
+            while (pages > capacity or count > limit) and last > i:
+                if chosen[last] and not order[last].on_device:
+                    chosen[last], pages, count = False, pages - order[last].pages, count - 1
+                last -= 1
         self._used = pages, count
         return chosen
 
@@ -254,7 +281,8 @@ class TokenFlowPolicy:
             pages, count = pages + c.pages, count + 1
             self._desired.append(req.request_id)
 
-    def _local_search(self, state: SchedulerState, order: list[Candidate], chosen: list[bool]) -> None:
+    def _local_search(self, state: SchedulerState, order: list[Candidate], chosen: list[bool],
+                      gate: tuple[CostEstimates, int]) -> None:
         """Adjacent swaps across the boundary, kept when the pages they free let one more request run."""
         capacity = state.executor.num_device_pages
         pages, count = self._used
@@ -262,7 +290,7 @@ class TokenFlowPolicy:
             improved = False
             for i in range(len(order) - 1):
                 a, b = order[i], order[i + 1]
-                if not chosen[i] or chosen[i + 1] or a.locked or b.pages >= a.pages:
+                if not chosen[i] or chosen[i + 1] or b.pages >= a.pages or self._is_locked(state, a, gate):
                     continue
                 room = capacity - (pages - a.pages + b.pages)
                 extra = next((j for j in range(i + 2, len(order)) if not chosen[j] and order[j].pages <= room), None)
