@@ -83,7 +83,7 @@ def engine_limits(args: argparse.Namespace, specs: Sequence[RequestSpec]) -> dic
 
 
 def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Executor, frozenset[int]]:
-    """(executor, EOS token ids). `kv_pages` counts usable pages; the pools add the null page."""
+    """(executor, EOS token ids). `kv_pages` counts usable device pages (the engine's pool adds the null page)."""
     pools = dict(page_size=limits["page_size"], max_num_seqs=limits["max_num_seqs"],
                  max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
     if args.executor == "sim":
@@ -91,8 +91,8 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
             from tokenflow_jax.sim import SimExecutor
         except ImportError as e:
             raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
-        ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"] + 1,
-                         num_host_pages=limits["host_kv_pages"], **pools)  # fmt: skip
+        ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"], num_host_pages=limits["host_kv_pages"],
+                         **pools)  # fmt: skip (the simulator adds the null page itself)
         return ex, frozenset()
     from tokenflow_jax.engine.llm import LLM
 

@@ -1,0 +1,106 @@
+"""The bench end to end at CI size: every scheduler finishes the workload, results.json and the plots are sane."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tokenflow_jax import bench
+from tokenflow_jax.bench_plots import buffer_curve
+from tokenflow_jax.metrics import RequestRecord, summarize
+
+os.environ.setdefault("TOKENFLOW_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokenflow_jax_test_xla"))
+
+N = 8
+# Same engine shapes as the baseline and replay tests (8 usable KV pages + the null page): compilations are reused.
+CI_ARGS = ["--num-requests", str(N), "--input-len", "24:4:32", "--output-len", "24:4:32", "--rate", "40",
+           "--max-num-seqs", "4", "--max-batch-tokens", "32", "--max-model-len", "128", "--kv-pages", "8",
+           "--host-kv-pages", "18", "--no-progress"]  # fmt: skip
+
+
+def expected_schedulers() -> list[str]:
+    names = ["fcfs", "sglang", "andes"]
+    try:
+        import tokenflow_jax.scheduler.tokenflow  # noqa: F401
+
+        names.insert(0, "tokenflow")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    summaries = bench.main([*CI_ARGS, "--schedulers", ",".join(expected_schedulers()), "--out", str(out)])
+    return out, summaries
+
+
+def test_every_scheduler_completes_the_workload(engine_run: tuple[Path, dict]) -> None:
+    out, summaries = engine_run
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == list(summaries) == expected_schedulers()
+    for name, entry in results.items():
+        cfg, m = entry["config"], entry["metrics"]
+        assert cfg["scheduler"] == name and cfg["kv_pages"] == 8 and cfg["wall_s"] > 0
+        assert m["completed"] == N and m["failed"] == 0
+        assert m["total_output_tokens"] == cfg["total_output_tokens"]  # every request ran to its length
+        assert len(m["ttfts"]) == N and all(t >= 0 for t in m["ttfts"])
+        assert 0 < m["effective_throughput"] <= m["output_throughput"]
+        assert 0 <= m["qoe"] <= 1 and m["mean_ttft_ms"] <= m["p99_ttft_ms"] + 1e-9
+    # A third of the workload's KV fits: fcfs must have preempted (by recompute, it never swaps).
+    assert results["fcfs"]["metrics"]["preemptions_recompute"] > 0
+    assert results["fcfs"]["metrics"]["preemptions_swap"] == 0
+
+
+def test_table_and_plots_are_written(engine_run: tuple[Path, dict]) -> None:
+    out, _ = engine_run
+    table = (out / "table.txt").read_text().splitlines()
+    assert len(table) == 2 + len(expected_schedulers()) and "eff/fcfs" in table[0]
+    fcfs_row = next(line for line in table if line.startswith("| fcfs"))
+    assert [c.strip() for c in fcfs_row.strip(" |").split("|")][-3:] == ["1.00"] * 3
+    for name in ("buffers.png", "ttft_cdf.png", "throughput.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+def test_simulator_executor() -> None:
+    pytest.importorskip("tokenflow_jax.sim")
+    summaries = bench.main([*CI_ARGS, "--executor", "sim", "--schedulers", "fcfs,sglang", "--no-plots",
+                            "--out", tempfile.mkdtemp()])  # fmt: skip
+    assert all(s["completed"] == N for s in summaries.values())
+
+
+def test_defaults_size_the_pool_to_a_third_of_the_workload() -> None:
+    args = bench.build_parser().parse_args([])
+    specs = bench.workload_specs(args)
+    assert len(specs) == 48 and all(s.arrival == 0 for s in specs)
+    limits = bench.engine_limits(args, specs)
+    total = sum(-(-(s.prompt_len + s.output_len) // 16) for s in specs)
+    assert limits["kv_pages"] == -(-total // 3) and limits["host_kv_pages"] >= total
+    assert limits["max_model_len"] == 256
+
+
+def test_repeated_bursts() -> None:
+    args = bench.build_parser().parse_args(["--num-requests", "6", "--burst-size", "2", "--burst-interval", "3"])
+    assert [s.arrival for s in bench.workload_specs(args)] == [0, 0, 3, 3, 6, 6]
+
+
+def test_buffer_curve_counts_generated_minus_read() -> None:
+    # rate 1 tok/s: tokens at 0, 0, 0 are read at 0, 1, 2; the buffer holds 2, then 1, then 0.
+    t, unread = buffer_curve([0.0, 0.0, 0.0], 1.0)
+    assert t.tolist() == [0.0, 1.0, 2.0] and unread.tolist() == [2, 1, 0]
+
+
+def test_table_ratios_are_relative_to_fcfs() -> None:
+    def run(name: str, gap: float) -> bench.SchedulerRun:
+        record = RequestRecord(name, 0.0, 10.0, 4, [1.0, 1.0 + gap, 1.0 + 2 * gap])
+        return bench.SchedulerRun(name, [record], summarize([record]), 0.0, 1.0)
+
+    table = bench.format_table([run("fcfs", 0.1), run("sglang", 0.05)])
+    cells = [c.strip() for c in table.splitlines()[-1].strip(" |").split("|")]
+    assert cells[0] == "sglang" and cells[-3:] == ["1.09", "1.00", "1.09"]  # 3 tokens in 1.1 s vs 1.2 s
