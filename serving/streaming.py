@@ -50,13 +50,13 @@ async def stream_events(
 ) -> web.StreamResponse:
     """Send the stream as SSE chunks ending in `data: [DONE]`. A client that goes away aborts the request."""
     response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(http_request)
     loop = asyncio.get_running_loop()
     clock = ReleaseClock(pace_rate) if pace_rate else None
     opening = shape.opening_chunk()
     out = bytearray(sse_event(opening) if opening else b"")
     delta = first
     try:
+        await response.prepare(http_request)
         while True:
             # Unpaced, everything already produced goes out in one write.
             batch = [delta] if clock else [delta, *stream.ready()]

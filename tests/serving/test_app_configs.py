@@ -78,3 +78,34 @@ def test_each_app_has_its_own_metrics_registry(apps: InProcessApps) -> None:
     assert 'tokenflow_http_responses_total{route="/v1/completions",status="200"}' not in text_b
     text_a = http_request(a, "GET", "/metrics").body.decode()
     assert 'tokenflow_http_responses_total{route="/v1/completions",status="200"} 1.0' in text_a
+
+
+def test_a_client_that_stops_reading_does_not_slow_others(apps: InProcessApps) -> None:
+    url = apps.serve()
+
+    async def run() -> float:
+        stalled = {"prompt": "z" * 40, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        quick = {"prompt": "Hello", "max_tokens": 8, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/completions", json=stalled) as slow:
+                await slow.content.readuntil(b"\n\n")  # then never reads again while the others run
+                t0 = time.monotonic()
+                for resp in await asyncio.gather(
+                    *(session.post(f"{url}/v1/completions", json=quick) for _ in range(8))
+                ):
+                    assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
+                elapsed = time.monotonic() - t0
+                slow.close()
+        return elapsed
+
+    assert asyncio.run(run()) < 5.0
+    wait_for_idle_pages(url)
+
+
+def test_loadtest_script_runs_against_a_server(apps: InProcessApps, capsys: pytest.CaptureFixture[str]) -> None:
+    from serving import loadtest
+
+    url = apps.serve()
+    assert loadtest.main(["--url", url, "--num-requests", "12", "--concurrency", "4", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "requests: 12 completed, 0 errors" in out and "TTFT p50" in out
