@@ -9,13 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: works without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tokenflow_jax.metrics import read_times  # noqa: E402
+from tokenflow_jax.metrics import read_times
 
 if TYPE_CHECKING:
     from tokenflow_jax.bench import SchedulerRun
@@ -30,7 +28,7 @@ def buffer_curve(token_times: Sequence[float], rate: float) -> tuple[np.ndarray,
     return events, unread
 
 
-def plot_buffers(runs: Sequence[SchedulerRun], ax_row: Sequence[plt.Axes]) -> None:
+def plot_buffers(runs: Sequence[SchedulerRun], ax_row: Sequence[Axes]) -> None:
     for run, ax in zip(runs, ax_row, strict=True):
         for record in run.records:
             if record.completed:
@@ -41,7 +39,7 @@ def plot_buffers(runs: Sequence[SchedulerRun], ax_row: Sequence[plt.Axes]) -> No
     ax_row[0].set_ylabel("client buffer (unread tokens)")
 
 
-def plot_ttft_cdf(runs: Sequence[SchedulerRun], ax: plt.Axes) -> None:
+def plot_ttft_cdf(runs: Sequence[SchedulerRun], ax: Axes) -> None:
     for run in runs:
         ttfts = np.sort(run.summary["ttfts"])
         if ttfts.size:
@@ -53,7 +51,7 @@ def plot_ttft_cdf(runs: Sequence[SchedulerRun], ax: plt.Axes) -> None:
     ax.legend()
 
 
-def plot_throughput(runs: Sequence[SchedulerRun], ax: plt.Axes) -> None:
+def plot_throughput(runs: Sequence[SchedulerRun], ax: Axes) -> None:
     x = np.arange(len(runs))
     ax.bar(x - 0.2, [r.summary["output_throughput"] for r in runs], 0.4, label="token throughput")
     ax.bar(x + 0.2, [r.summary["effective_throughput"] for r in runs], 0.4, label="effective throughput")
@@ -66,15 +64,14 @@ def save_plots(runs: Sequence[SchedulerRun], out: str | Path) -> list[Path]:
     """buffers.png, ttft_cdf.png and throughput.png in `out`; returns their paths."""
     out = Path(out)
     paths = [out / "buffers.png", out / "ttft_cdf.png", out / "throughput.png"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.6), sharey=True, squeeze=False)
-    plot_buffers(runs, axes[0])
+    # Figure objects without pyplot: no backend or display involved, nothing left open.
+    fig = Figure(figsize=(4.5 * len(runs), 3.6))
+    plot_buffers(runs, fig.subplots(1, len(runs), sharey=True, squeeze=False)[0])
     fig.tight_layout()
     fig.savefig(paths[0], dpi=110)
-    plt.close(fig)
     for path, draw in zip(paths[1:], (plot_ttft_cdf, plot_throughput), strict=True):
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        draw(runs, ax)
+        fig = Figure(figsize=(5.5, 3.8))
+        draw(runs, fig.subplots())
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
     return paths

@@ -62,7 +62,7 @@ def replay(
     seconds after the start) the run stops there: live requests are aborted and keep the tokens they got;
     requests not yet submitted are returned as failed records (no tokens).
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     make_request = make_request or spec_request
     ex = core.executor
