@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tokenflow_jax import LLM, SamplingParams
-from tokenflow_jax.engine.async_engine import AsyncEngine, EngineStopped, StreamDelta
+from tokenflow_jax.engine.async_engine import AsyncEngine, EngineError, EngineStopped, StreamDelta
 
 PROMPTS = ["Hello", "The quick brown fox", "abc", "naïve café — 日本語 ok", "x" * 40]
 
@@ -157,3 +157,24 @@ def test_shutdown_aborts_in_flight_and_refuses_new_requests(llm: LLM) -> None:
             engine.submit("Hello", SamplingParams())
 
     asyncio.run(main())
+
+
+def test_a_failing_step_fails_its_requests_but_not_the_engine(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = llm.core.step
+    failures = [RuntimeError("device fell over")]
+
+    def flaky_step():
+        if failures:
+            raise failures.pop()
+        return step()
+
+    monkeypatch.setattr(llm.core, "step", flaky_step)
+
+    async def body(engine: AsyncEngine) -> None:
+        with pytest.raises(EngineError, match="device fell over"):
+            await collect(engine.submit("Hello", SamplingParams(max_tokens=4)))
+        assert llm.executor.blocks.device.num_used == 0 and not llm.core.requests
+        tokens, _, last = await collect(engine.submit("Hello", SamplingParams(max_tokens=4)))
+        assert len(tokens) == 4 and last.finish_reason == "length"
+
+    run_with_engine(llm, body)

@@ -208,8 +208,8 @@ class AsyncEngine:
         if request.request_id in self._streams:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         stream = RequestStream(self, request)
-        self._streams[request.request_id] = stream
         self._post(_Add(request))
+        self._streams[request.request_id] = stream  # deliveries run on this loop, after this call returns
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -231,6 +231,10 @@ class AsyncEngine:
 
     def _post(self, command: _Add | _Abort) -> None:
         with self._wake:
+            if self._stopping:
+                if isinstance(command, _Add):
+                    raise EngineStopped("the engine is shutting down")
+                return
             self._inbox.append(command)
             self._wake.notify()
 
@@ -252,6 +256,20 @@ class AsyncEngine:
 
     # ---- engine thread
     def _run(self) -> None:
+        try:
+            self._serve_forever()
+        except BaseException as e:  # a bug: no stream may be left waiting on a dead thread
+            logger.exception("engine thread died")
+            with self._wake:
+                self._stopping = True
+                commands, self._inbox = self._inbox, []
+            outbox: _Outbox = [(c.request.request_id, EngineError(f"engine thread died: {e}"))
+                               for c in commands if isinstance(c, _Add)]  # fmt: skip
+            records: list[RequestRecord] = []
+            self._fail_all(EngineError(f"engine thread died: {e}"), outbox, records)
+            self._publish(outbox, records)
+
+    def _serve_forever(self) -> None:
         while True:
             with self._wake:
                 while not (self._inbox or self._stopping or self.core.has_work()):
@@ -271,13 +289,12 @@ class AsyncEngine:
             if self.core.has_work():
                 try:
                     events = self.core.step()
+                    for event in events:
+                        self._on_token(event, outbox, records)
+                    sampled = bool(events)
                 except Exception as e:
                     logger.exception("engine step failed; failing every in-flight request")
                     self._fail_all(EngineError(f"engine step failed: {e}"), outbox, records)
-                    events = []
-                for event in events:
-                    self._on_token(event, outbox, records)
-                sampled = bool(events)
             self._publish(outbox, records)
             if not sampled and self.core.has_work():
                 with self._wake:
@@ -291,14 +308,16 @@ class AsyncEngine:
             return
         request = command.request
         try:
+            detokenizer = IncrementalDetokenizer(self.llm.tokenizer, request.sampling.stop, request.prompt_ids)
             self.core.add_request(request)
-        except ValueError as e:
+        except ValueError as e:  # the caller's mistake (too long for the model, duplicate id)
             outbox.append((request.request_id, e))
             return
-        self._live[request.request_id] = _LiveRequest(
-            IncrementalDetokenizer(self.llm.tokenizer, request.sampling.stop, request.prompt_ids),
-            prompt_tokens=len(request.prompt_ids),
-        )
+        except Exception as e:
+            logger.exception("could not add %s", request.request_id)
+            outbox.append((request.request_id, EngineError(f"could not add the request: {e}")))
+            return
+        self._live[request.request_id] = _LiveRequest(detokenizer, prompt_tokens=len(request.prompt_ids))
 
     def _on_token(self, event: TokenEvent, outbox: _Outbox, records: list[RequestRecord]) -> None:
         live = self._live.get(event.request_id)
@@ -334,7 +353,7 @@ class AsyncEngine:
         self._retire(request_id, records)
 
     def _fail_all(self, error: BaseException, outbox: _Outbox, records: list[RequestRecord]) -> None:
-        for request_id in list(self._live):
+        for request_id in set(self._live) | set(self.core.requests):
             try:
                 self.core.finish(request_id, "abort")
             except Exception:
