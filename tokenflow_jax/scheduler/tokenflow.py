@@ -9,14 +9,18 @@ resume deadlines:
    is the KV pages a live request is expected to need (prompt + output);
 2. buffer balancing: candidates (running, paused, waiting) sorted by phi(b) = exp(-b seconds) descending, then
    value (the token weight the next token would earn), then rate; device pages and sequence slots are filled
-   greedily, then a few adjacent swaps are tried that let more requests run;
-3. admission gate: a running request may be paused only if its buffer covers the round trip,
-   b_j >= mu r_j (t_evict + t_load + t_schedule); the requests left out are those with the largest buffers;
+   greedily, then a few adjacent swaps are tried that let more requests run. Running requests sort as if
+   their buffer were `stickiness_s` smaller (no churn between near-equal buffers) and a decision plans at most
+   `io_fraction` of an interval of loads;
+3. admission gate: a running request may be paused for a newcomer only if its buffer covers the round trip,
+   b_j >= mu r_j (t_evict + t_load + t_schedule); for a paused stream due back, mu = 1. Those left out are
+   the largest buffers;
 4. schedulability: newcomers displace nobody while the working set's rates exceed the decode capacity Gamma
    (fcfs-like memory-aware admission only, until demand falls below `capacity_hysteresis` Gamma).
 
-A paused stream is resumed once its reader would run dry within its load time plus a margin. Each preemption
-picks swap (host copy, reload later) or recompute, whichever the live cost estimates say is cheaper.
+A paused stream is due back once its reader would run dry within its load time plus a margin; it then sorts
+as urgent as a newcomer. Loads are spread so one step's compute hides them. Each preemption picks swap (host
+copy, reload later) or recompute, whichever the live cost estimates say is cheaper.
 """
 
 from __future__ import annotations
@@ -124,14 +128,16 @@ class TokenFlowPolicy:
         """How long before a paused reader runs dry (beyond its load time) the stream must be back."""
         return max(self.config.resume_margin_s, 2 * est.decode_step_s)
 
-    def pause_threshold_tokens(self, req: Request, est: CostEstimates, page_size: int, host_free: int) -> float:
-        """Admission gate: a running request may pause only with b_j >= mu r_j (t_evict + t_load + t_schedule)."""
+    def pause_threshold_tokens(self, req: Request, est: CostEstimates, page_size: int, host_free: int,
+                               mu: float | None = None) -> float:
+        """Admission gate: a running request may pause for a newcomer only with
+        b_j >= mu r_j (t_evict + t_load + t_schedule) tokens (mu = 1 for a paused stream due back)."""
         if self.should_swap(req, est, page_size, host_free):
             round_trip = self.swap_cost_s(req, est, page_size)
         else:
             round_trip = self.recompute_cost_s(req, est)
         t_schedule = est.pending_transfer_s + self.resume_lead_s(est)
-        return self.config.mu * req.rate * (round_trip + t_schedule)
+        return (self.config.mu if mu is None else mu) * req.rate * (round_trip + t_schedule)
 
     # ---- when to decide
     def is_stressed(self, state: SchedulerState) -> bool:
@@ -189,6 +195,7 @@ class TokenFlowPolicy:
             elif status is RequestStatus.PAUSED:
                 c.load_s = c.pages * load_per_page
                 c.due = dry_in <= c.load_s + lead
+                sort_buffer_s = 0.0 if c.due else dry_in  # due back now: as urgent as a newcomer
             elif not req.output_ids:
                 if self.overloaded or rate > spare_rate:
                     newcomers[id(req)] = c  # may displace others only while everyone stays schedulable
@@ -207,12 +214,16 @@ class TokenFlowPolicy:
         self._fill_free_room(state, newcomers)
         return [c.req for c, keep in zip(contenders, chosen, strict=True) if not keep and c.req.status is running]
 
-    def _is_locked(self, state: SchedulerState, c: Candidate, gate: tuple[CostEstimates, int]) -> bool:
+    def _is_locked(self, state: SchedulerState, c: Candidate, gate: tuple[CostEstimates, int],
+                   mu: float | None = None) -> bool:
         """Running and unable to cover a pause (evaluated only for those the fill would leave out)."""
-        if c.locked is None:
+        if mu is not None or c.locked is None:
             est, host_free = gate
-            c.locked = c.on_device and c.buffer_tokens < self.pause_threshold_tokens(
-                c.req, est, state.executor.page_size, host_free)
+            threshold = self.pause_threshold_tokens(c.req, est, state.executor.page_size, host_free, mu)
+            locked = c.on_device and c.buffer_tokens < threshold
+            if mu is not None:
+                return locked
+            c.locked = locked
         return c.locked
 
     def _adapt_working_set(self, state: SchedulerState) -> None:
@@ -256,15 +267,24 @@ class TokenFlowPolicy:
                     continue  # the load engine is spoken for this interval
                 io_budget_s -= c.load_s
             chosen[i], pages, count = True, pages + c.pages, count + 1
-        last = len(order) - 1
+        # A left-out running request that cannot cover a pause comes back, pushing out the least urgent
+        # newcomers and comfortable paused streams; a paused stream due back may still displace it if its
+        # buffer covers the bare round trip (mu = 1), else that stream yields too.
         for i, c in enumerate(order):
             if chosen[i] or not c.on_device or not self._is_locked(state, c, gate):
                 continue
-            chosen[i], pages, count = True, pages + c.pages, count + 1
-            while (pages > capacity or count > limit) and last > i:
-                if chosen[last] and not order[last].on_device:
-                    chosen[last], pages, count = False, pages - order[last].pages, count - 1
-                last -= 1
+            for may_drop_due in (False, True):
+                if may_drop_due and not self._is_locked(state, c, gate, mu=1.0):
+                    break
+                last = len(order) - 1
+                while (pages + c.pages > capacity or count >= limit) and last >= 0:
+                    d = order[last]
+                    if chosen[last] and not d.on_device and d.due == may_drop_due:
+                        chosen[last], pages, count = False, pages - d.pages, count - 1
+                    last -= 1
+                if pages + c.pages <= capacity and count < limit:
+                    chosen[i], pages, count = True, pages + c.pages, count + 1
+                    break
         self._used = pages, count
         return chosen
 

@@ -1,0 +1,124 @@
+"""SimExecutor: cost profiles, virtual clock, transfer timelines and page accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenflow_jax import workloads
+from tokenflow_jax.config import PRESETS
+from tokenflow_jax.engine.core import EngineCore
+from tokenflow_jax.replay import replay
+from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.scheduler.interface import StepPlan
+from tokenflow_jax.scheduler.registry import make_policy
+from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.sim import SimExecutor
+from tokenflow_jax.sim_profiles import (
+    BUILTIN_PROFILES,
+    H100_NAIVE_DECODE,
+    H100_PREFILL,
+    builtin_profile,
+    load_profile,
+    profile_from_engine_measurements,
+)
+
+
+def test_h100_profile_reproduces_the_reference_timings():
+    p = builtin_profile("h100-llama3-8b")
+    for batch, ctx, seconds in H100_NAIVE_DECODE:
+        assert p.step_time(batch, batch * ctx) == pytest.approx(seconds, rel=0.05)
+    for n, seconds in H100_PREFILL[1:]:  # 128 tokens is weight-bound noise below the model's floor
+        assert p.step_time(n, n, n, n * n / 2) == pytest.approx(seconds, rel=0.12)
+    assert p.page_bytes(16) == 2 * 1024 * 1024  # Llama-3-8B bf16: 128 KiB per token
+
+
+def test_builtin_profiles_scale_with_hardware_and_model():
+    h100, h200 = builtin_profile("h100-llama3-8b"), builtin_profile("h200-llama3-8b")
+    qwen, rtx = builtin_profile("h100-qwen2.5-32b"), builtin_profile("rtx4090-llama3-8b")
+    assert h200.step_time(64, 64 * 1024) == pytest.approx(h100.step_time(64, 64 * 1024) / 1.43, rel=0.05)
+    assert h200.device_pages(16) > h100.device_pages(16) > rtx.device_pages(16) > 0
+    assert qwen.step_base_s == pytest.approx(4 * h100.step_base_s, rel=0.1)  # ~4x the weight bytes
+    assert qwen.kv_bytes_per_token == 2 * h100.kv_bytes_per_token
+    assert builtin_profile("h200-llama3-8b-roofline").step_base_s < h200.step_base_s
+    assert {p for p in BUILTIN_PROFILES} <= {builtin_profile(p).name for p in BUILTIN_PROFILES}
+    with pytest.raises(ValueError, match="unknown profile"):
+        builtin_profile("tpu-llama3-8b")
+    with pytest.raises(ValueError, match="no room"):
+        builtin_profile("rtx4090-qwen2.5-32b")
+
+
+def test_profile_json_round_trip_and_engine_fit(tmp_path):
+    cfg = PRESETS["llama3-8b"]
+    fitted = profile_from_engine_measurements(
+        "measured", cfg, decode=[(b, c, 0.01 + 1e-5 * b + 1e-7 * b * c) for b, c in [(1, 512), (8, 1024), (32, 2048)]],
+        prefill=[(256, 0.02), (1024, 0.05)], d2h=[(8, 0.001), (64, 0.004)], h2d=[(8, 0.001), (64, 0.005)],
+        page_bytes=2 << 20, device_kv_bytes=8e9, host_kv_bytes=32e9,
+    )  # fmt: skip
+    assert fitted.step_base_s == pytest.approx(0.01) and fitted.step_per_context_token_s == pytest.approx(1e-7)
+    path = tmp_path / "profile.json"
+    fitted.save(path)
+    assert load_profile(path) == fitted
+    assert SimExecutor(path).num_device_pages == fitted.device_pages(16)
+    path.write_text('{"name": "x"}')
+    with pytest.raises(ValueError, match="expected fields"):
+        load_profile(path)
+
+
+def _request(rid: str, prompt: int = 40, output: int = 8) -> Request:
+    return Request(rid, [1] * prompt, SamplingParams(max_tokens=output, ignore_eos=True), rate=20.0, arrival=0.0)
+
+
+def _sample(result, reqs) -> None:
+    for rid, token in result.sampled.items():  # what EngineCore does with sampled tokens
+        reqs[rid].output_ids.append(token)
+
+
+def test_compute_advances_the_clock_by_the_cost_model():
+    ex = SimExecutor("h100-llama3-8b", num_device_pages=64, num_host_pages=64)
+    reqs = {"a": _request("a"), "b": _request("b")}
+    _sample(ex.execute(StepPlan(schedule={"a": 40, "b": 40}), reqs), reqs)
+    prefill = ex.profile.step_time(80, 80, 80, 2 * 40 * 20)
+    assert ex.now() == pytest.approx(prefill)
+    result = ex.execute(StepPlan(schedule={"a": 1, "b": 1}), reqs)
+    assert result.step_time_s == pytest.approx(ex.profile.step_time(2, 82))
+    assert result.sampled == {"a": 1, "b": 1}
+    ex.idle_until(0.0)  # never backwards
+    assert ex.now() == pytest.approx(prefill + result.step_time_s)
+    ex.idle_until(100.0)
+    assert ex.now() == 100.0
+
+
+def test_write_through_overlaps_compute_and_swap_out_waits_for_its_backlog():
+    ex = SimExecutor("h100-llama3-8b", num_device_pages=64, num_host_pages=64)
+    reqs = {"a": _request("a", prompt=320)}
+    _sample(ex.execute(StepPlan(schedule={"a": 320}), reqs), reqs)  # 20 full pages queue for the copy engine
+    t = ex.now()
+    assert ex.estimates().pending_transfer_s > 0 and ex.copy_free_at > t
+    assert ex.bytes_to_host == 20 * ex.page_bytes
+    ex.execute(StepPlan(swap_out=["a"]), reqs)
+    assert ex.now() == pytest.approx(max(t, ex.copy_free_at)) and ex.free_device_pages() == 64
+    ex.execute(StepPlan(swap_in=["a"], schedule={"a": 1}), reqs)
+    assert ex.bytes_to_device == 20 * ex.page_bytes  # the 320 computed tokens fill 20 pages
+    assert ex.now() >= ex.load_free_at  # the step that runs a loaded request waits for its pages
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "tokenflow"])
+def test_replay_under_memory_pressure_leaks_no_pages_and_keeps_time_monotonic(policy):
+    # 24 requests of ~ 200 tokens into 96 device pages (~ 8 requests' worth): preemptions are forced.
+    ex = SimExecutor("h100-llama3-8b-roofline", num_device_pages=96, num_host_pages=256, max_num_seqs=16)
+    core = EngineCore(ex, make_policy(policy))
+    times = []
+    step = core.step
+
+    def timed_step():
+        times.append(ex.now())
+        return step()
+
+    core.step = timed_step
+    specs = workloads.poisson(24, 20.0, prompt="96:16", output="96:16", rates="20", seed=3)
+    records = replay(core, specs, progress=False)
+    assert len(records) == 24 and all(r.output_len == s.output_len for r, s in zip(records, specs, strict=True))
+    assert times == sorted(times)
+    assert ex.free_device_pages() == ex.num_device_pages and ex.free_host_pages() == ex.num_host_pages
+    if policy == "tokenflow":
+        assert sum(r.preemptions_swap + r.preemptions_recompute for r in records) > 0
