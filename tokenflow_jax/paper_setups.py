@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +121,6 @@ def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int 
     }  # fmt: skip
 
 
-def _run_packed(args: tuple) -> dict[str, Any]:
-    return run_one(*args)
-
-
 def max_rebuffer_increase(run: dict[str, Any], baseline: dict[str, Any]) -> float:
     """Largest per-request rebuffer increase over the baseline, as a share of that request's playback time
     (L / r): 0.10 means some reader stalls 10% of its stream longer than under fcfs."""
@@ -221,10 +217,15 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 200) -> dict[str,
 
 def run_sweep(plan: Sequence[tuple[PaperSetup, str]], kernels: str, jobs: int, policies: Sequence[str]) -> list[dict]:
     tasks = [(setup, rates, policy, kernels) for setup, rates in plan for policy in policies]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            return list(pool.map(_run_packed, tasks))
-    return [_run_packed(t) for t in tasks]
+    results = []
+    with ProcessPoolExecutor(max(1, jobs)) as pool:
+        futures = [pool.submit(run_one, *task) for task in tasks]
+        for future in as_completed(futures):
+            r = future.result()
+            results.append(r)
+            print(f"[{len(results)}/{len(tasks)}] {r['setup']} {r['rates']} {r['policy']}: {r['wall_s']:.0f} s wall, "
+                  f"{r['sim_s']:.0f} s simulated", file=sys.stderr)  # fmt: skip
+    return results
 
 
 def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, str]], kernels: str) -> str:

@@ -157,12 +157,12 @@ class TokenFlowPolicy:
         changed, self._known = live != self._known, live  # an arrival or a finish
         if changed or state.now >= self._last_decision + self.config.reschedule_interval:
             return True
-        lead, page_size = self.resume_lead_s(est), state.executor.page_size
+        lead, page_size, desired = self.resume_lead_s(est), state.executor.page_size, set(self._desired)
         return any(
             state.tracker[r.request_id].time_until_dry(state.now)
             <= pages_for(r.num_computed, page_size) * est.swap_in_per_page_s + lead
-            for r in state.paused
-        )  # a paused reader is about to run dry
+            for r in state.paused if r.request_id not in desired
+        )  # a paused reader is about to run dry and no decision has called it back yet
 
     # ---- the decision
     def rebalance(self, state: SchedulerState, est: CostEstimates) -> list[Request]:
