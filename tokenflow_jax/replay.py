@@ -75,7 +75,8 @@ def replay(
         now = ex.now()
         if deadline is not None and now >= deadline:
             break
-        while next_spec < len(pending) and now - t0 >= pending[next_spec].arrival:
+        # `now >= t0 + arrival`, not `now - t0 >= arrival`: idle_until(t0 + arrival) must make it true exactly.
+        while next_spec < len(pending) and now >= t0 + pending[next_spec].arrival:
             spec = pending[next_spec]
             core.add_request(make_request(spec, t0 + spec.arrival))
             next_spec += 1

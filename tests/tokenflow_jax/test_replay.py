@@ -71,6 +71,15 @@ def test_requests_enter_at_their_arrival_and_idle_time_is_skipped() -> None:
     assert 105.0 < late.token_times[0] <= 105.0 + 2 * STEP_S
 
 
+def test_arrivals_are_reached_despite_rounding() -> None:
+    # (1.0 + 0.2) - 1.0 < 0.2 in floating point: a replayer comparing `now - t0 >= arrival` idles forever.
+    ex = VirtualClockExecutor()
+    ex.clock = 1.0
+    assert (1.0 + 0.2) - 1.0 < 0.2
+    records = replay(EngineCore(ex, FCFSPolicy()), [spec("a", 0.2, output_len=2)], progress=False)
+    assert records[0].output_len == 2 and records[0].arrival == 1.0 + 0.2
+
+
 def test_time_limit_aborts_live_requests_and_reports_unsent_ones_as_failed() -> None:
     ex = VirtualClockExecutor()
     specs = [spec("short", 0.0, output_len=5), spec("long", 0.0, output_len=500), spec("never", 9.0)]
