@@ -222,11 +222,12 @@ def prompts() -> list[list[int]]:
     return [[int(t) for t in rng.integers(0, 256, int(rng.integers(16, 33)))] for _ in range(NUM_PROMPTS)]
 
 
-def serve(llm, policy: str, config: dict) -> tuple[list[list[int]], int]:
+def serve(llm, policy: str, config: dict, preemption: str = "auto") -> tuple[list[list[int]], int]:
     """Greedy outputs of the prompt pool under `policy` on the shared engine, and the preemptions it made."""
     from tokenflow_jax.engine.core import EngineCore
 
-    core = EngineCore(llm.executor, make_policy(policy, **config), eos_token_ids=llm.tokenizer.eos_token_ids)
+    core = EngineCore(llm.executor, make_policy(policy, **config), eos_token_ids=llm.tokenizer.eos_token_ids,
+                      preemption=preemption)  # fmt: skip
     sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     reqs = [llm.make_request(p, sp, rate=200.0) for p in prompts()]
     for r in reqs:
@@ -237,6 +238,7 @@ def serve(llm, policy: str, config: dict) -> tuple[list[list[int]], int]:
         steps += 1
         assert steps < 2000, f"{policy} does not finish"
     assert llm.executor.free_device_pages() == llm.executor.num_device_pages  # nothing leaked
+    assert llm.executor.free_host_pages() == llm.executor.num_host_pages
     preemptions = sum(rec.preemptions_recompute + rec.preemptions_swap for rec in core.records.values())
     return [list(r.output_ids) for r in reqs], preemptions
 
@@ -263,3 +265,11 @@ def test_policy_outputs_match_requests_served_alone(llm, alone, policy: str, con
     assert outputs == alone
     if preempts:
         assert preemptions > 0
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "sglang", "andes"])
+def test_baselines_resume_requests_swapped_out_under_swap_preemption(llm, alone, policy: str) -> None:
+    config = {"init_new_token_ratio": 0.0, "min_new_token_ratio": 0.0} if policy == "sglang" else {}
+    outputs, preemptions = serve(llm, policy, config, preemption="swap")
+    assert preemptions > 0
+    assert outputs == alone

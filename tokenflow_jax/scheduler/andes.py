@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokenflow_jax.metrics import DEFAULT_TTFT_EXPECTED_S
-from tokenflow_jax.scheduler.fcfs import admit_in_order, budget_for
+from tokenflow_jax.scheduler.fcfs import admission_queue, admit_in_order, budget_for
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan, pages_for
 from tokenflow_jax.scheduler.request import Request, RequestStatus
 
@@ -63,7 +63,7 @@ class AndesPolicy:
             if capped and len(chosen) < ex.max_num_seqs and size <= capacity:
                 chosen.append(req)
                 capacity -= size
-        candidates = [r for r in state.running if r not in chosen] + list(state.waiting)
+        candidates = [r for r in state.running if r not in chosen] + admission_queue(state)
         # Ties (e.g. all buffers comfortable) keep running requests and arrival order: no needless churn.
         candidates.sort(key=lambda r: (-self.gain(state, r) / max(self.pages(state, r), 1),
                                        r.status is not RequestStatus.RUNNING, r.arrival))  # fmt: skip
@@ -86,9 +86,9 @@ class AndesPolicy:
                 if req.request_id not in keep:
                     plan.recompute_out.append(req.request_id)
                     budget.pages += len(req.device_pages)
-            admit = [r for r in chosen if r.status is RequestStatus.WAITING]
+            admit = [r for r in chosen if r.status is not RequestStatus.RUNNING]
         else:
-            admit = sorted(state.waiting, key=lambda r: -self.gain(state, r) / max(self.pages(state, r), 1))
+            admit = sorted(admission_queue(state), key=lambda r: -self.gain(state, r) / max(self.pages(state, r), 1))
         gone = set(plan.recompute_out)
         for req in state.running:
             if req.request_id in gone:

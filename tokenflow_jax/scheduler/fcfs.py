@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
-from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.scheduler.request import Request, RequestStatus
 
 
 @dataclasses.dataclass
@@ -27,6 +27,8 @@ class TokenBudget:
         return n, state.extra_pages_for(req, n) if n > 0 else 0
 
     def take(self, plan: StepPlan, req: Request, n: int, pages: int) -> None:
+        if req.status is RequestStatus.PAUSED:  # its KV comes back from the host tier first
+            plan.swap_in.append(req.request_id)
         plan.schedule[req.request_id] = n
         self.tokens -= n
         self.seqs -= 1
@@ -36,6 +38,12 @@ class TokenBudget:
 def budget_for(state: SchedulerState) -> TokenBudget:
     ex = state.executor
     return TokenBudget(ex.max_batch_tokens, ex.max_num_seqs, ex.free_device_pages())
+
+
+def admission_queue(state: SchedulerState) -> list[Request]:
+    """Paused (swapped-out) and waiting requests in arrival order: baselines resume the former like they admit
+    the latter, so a policy run with `preemption="swap"` never strands a request in the host tier."""
+    return sorted([*state.paused, *state.waiting], key=lambda r: (r.arrival, r.request_id))
 
 
 def admit_in_order(state: SchedulerState, plan: StepPlan, budget: TokenBudget, candidates: list[Request]) -> None:
@@ -79,5 +87,5 @@ class FCFSPolicy:
             budget.take(plan, req, n, pages)
             i += 1
         if not preempted:
-            admit_in_order(state, plan, budget, list(state.waiting))
+            admit_in_order(state, plan, budget, admission_queue(state))
         return plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tokenflow_jax.scheduler.fcfs import budget_for
+from tokenflow_jax.scheduler.fcfs import admission_queue, budget_for
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 from tokenflow_jax.scheduler.request import Request
 
@@ -53,7 +53,7 @@ class SGLangPolicy:
             if n > 0 and pages <= budget.pages and budget.seqs > 0:
                 budget.take(plan, req, n, pages)
                 room -= pages * page_size
-        for req in state.waiting:
+        for req in admission_queue(state):
             if budget.seqs <= 0 or budget.tokens <= 0:
                 break
             n, pages = budget.chunk(state, req)
