@@ -125,7 +125,10 @@ class EngineCore:
             "swap_in": (RequestStatus.PAUSED,),
         }
         for field, allowed in expect.items():
-            for rid in getattr(plan, field):
+            ids = getattr(plan, field)
+            if len(set(ids)) != len(ids):
+                raise RuntimeError(f"policy {self.policy.name}: duplicate ids in {field}: {ids}")
+            for rid in ids:
                 req = self.requests.get(rid)
                 if req is None or req.status not in allowed:
                     raise RuntimeError(f"policy {self.policy.name}: {field} of {rid} in state "

@@ -27,7 +27,7 @@ class TokenBudget:
         return n, state.extra_pages_for(req, n) if n > 0 else 0
 
     def take(self, plan: StepPlan, req: Request, n: int, pages: int) -> None:
-        if req.status is RequestStatus.PAUSED:  # its KV comes back from the host tier first
+        if req.status is RequestStatus.PAUSED and req.request_id not in plan.swap_in:  # KV comes back first
             plan.swap_in.append(req.request_id)
         plan.schedule[req.request_id] = n
         self.tokens -= n
