@@ -257,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--only", default="", help="keep setups whose name contains this text")
+    p.add_argument("--rates", nargs="*", help="keep only these rate mixes, e.g. 20 '15:0.4,20:0.6'")
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
     p.add_argument("--json", type=Path, help="also write every run's summary to this file")
     p.add_argument("--decision-bench", action="store_true", help="time one tokenflow decision at 256 requests")
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         text = json.dumps(decision_benchmark(), indent=2)
         print(text)
         return text
-    plan = [(s, r) for s, r in default_plan(args.full) if args.only in s.name]
+    plan = [(s, r) for s, r in default_plan(args.full) if args.only in s.name and (not args.rates or r in args.rates)]
     policies = available_policies(args.policies.split(","))
     t0 = time.perf_counter()
     results = run_sweep(plan, args.kernels, args.jobs, policies)

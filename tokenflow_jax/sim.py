@@ -60,7 +60,8 @@ class SimExecutor(PagedExecutor):
         self._h2d_page_s = self.profile.h2d_latency_s / 64 + self.page_bytes / self.profile.h2d_bytes_per_s
         self._d2h_per_page.value = self._d2h_page_s
         self._h2d_per_page.value = self._h2d_page_s
-        self._decode_step.value = self.profile.step_time(1, 1024)
+        # Until a pure decode step is measured, assume a full batch at 1k context: Gamma starts conservative.
+        self._decode_step.value = self.profile.step_time(max_num_seqs, max_num_seqs * 1024)
         self._prefill_per_token.value = self.profile.step_time(512, 512, 512, 512 * 512 / 2) / 512
 
     # ---- time

@@ -250,7 +250,9 @@ class TokenFlowPolicy:
         self._spare_rate = capacity - demand
 
     def _slot_limit(self, state: SchedulerState) -> int:
-        return min(state.executor.max_num_seqs, max(1, math.ceil(self.working_set or 1)))
+        """W bounds growth by preemptive admission; it never pauses what already runs."""
+        working_set = max(math.ceil(self.working_set or 1), len(state.running))
+        return min(state.executor.max_num_seqs, working_set)
 
     def _greedy_fill(self, state: SchedulerState, order: list[Candidate], io_budget_s: float,
                      gate: tuple[CostEstimates, int]) -> list[bool]:
@@ -289,8 +291,9 @@ class TokenFlowPolicy:
         return chosen
 
     def _fill_free_room(self, state: SchedulerState, newcomers: dict[int, Candidate]) -> None:
-        """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs)."""
-        limit, capacity = self._slot_limit(state), state.executor.num_device_pages
+        """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs: as memory
+        allows now, beyond W)."""
+        limit, capacity = state.executor.max_num_seqs, state.executor.num_device_pages
         pages, count = self._used
         for req in state.waiting:
             c = newcomers.get(id(req))
