@@ -295,6 +295,10 @@ class TokenFlowPolicy:
         allows now, beyond W)."""
         limit, capacity = state.executor.max_num_seqs, state.executor.num_device_pages
         pages, count = self._used
+        desired = set(self._desired)
+        for req in state.paused:  # the working set's paused streams will need their room back
+            if req.request_id not in desired:
+                pages, count = pages + pages_for(req.num_tokens, state.executor.page_size), count + 1
         for req in state.waiting:
             c = newcomers.get(id(req))
             if c is None:
