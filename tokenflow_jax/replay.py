@@ -98,7 +98,7 @@ def replay(
                                f"with {len(core.requests)} requests live")  # fmt: skip
         ex.idle_until(now + IDLE_TICK_S if next_arrival is None else min(next_arrival, now + IDLE_TICK_S))
     bar.close()
-    for rid in list(core.requests):
+    for rid in core.live_ids():
         core.abort(rid)
     records = dict(core.records)
     for spec in pending[next_spec:]:

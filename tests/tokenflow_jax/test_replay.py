@@ -35,7 +35,7 @@ class VirtualClockExecutor(PagedExecutor):
     def idle_until(self, t: float) -> None:
         self.clock = max(self.clock, t)
 
-    def _compute(self, chunks: list, rows: list) -> Any:
+    def _compute(self, chunks: list, rows: list, request_ids: list) -> Any:
         self.clock += STEP_S
         return len(chunks)
 

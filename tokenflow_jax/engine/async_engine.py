@@ -353,12 +353,13 @@ class AsyncEngine:
         self._retire(request_id, records)
 
     def _fail_all(self, error: BaseException, outbox: _Outbox, records: list[RequestRecord]) -> None:
-        for request_id in set(self._live) | set(self.core.requests):
+        for request_id in set(self._live) | set(self.core.live_ids()):
             try:
                 self.core.finish(request_id, "abort")
             except Exception:
                 logger.exception("could not release %s", request_id)
                 self.core.requests.pop(request_id, None)
+                self.core.draining.pop(request_id, None)
             outbox.append((request_id, error))
             self._retire(request_id, records)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from tokenflow_jax.metrics import RequestRecord
 from tokenflow_jax.scheduler.interface import Executor, Policy, SchedulerState, StepPlan
-from tokenflow_jax.scheduler.request import Request, RequestStatus
+from tokenflow_jax.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 from tokenflow_jax.tracker import RequestTracker
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")
@@ -44,6 +44,8 @@ class EngineCore:
         self.preemption = preemption
         self.eos_token_ids = frozenset(eos_token_ids)
         self.requests: dict[str, Request] = {}
+        # Requests whose last token is sampled but not read yet: nothing left to compute, pages already freed.
+        self.draining: dict[str, Request] = {}
         self.tracker = RequestTracker()
         self.records: dict[str, RequestRecord] = {}
         self.scheduler_times_s: list[float] = []
@@ -68,11 +70,18 @@ class EngineCore:
         return self._with_status(RequestStatus.PAUSED)
 
     def has_work(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self.draining)
+
+    def live_ids(self) -> list[str]:
+        """Requests not finished yet, including those whose last token is still on its way to the host."""
+        return [*self.requests, *self.draining]
+
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self.requests or request_id in self.draining
 
     # ---- requests
     def add_request(self, req: Request) -> None:
-        if req.request_id in self.requests or req.request_id in self.records:
+        if self.is_live(req.request_id) or req.request_id in self.records:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         if not req.prompt_ids:
             raise ValueError("prompt must contain at least one token")
@@ -88,10 +97,11 @@ class EngineCore:
 
     def finish(self, request_id: str, reason: str) -> None:
         """End a request (stop string, abort, length or EOS) and free its pages on both tiers."""
-        req = self.requests.pop(request_id, None)
+        req = self.requests.pop(request_id, None) or self.draining.pop(request_id, None)
         if req is None:
             return
         self.executor.release(req)
+        req.output_ids = [t for t in req.output_ids if t != PENDING_TOKEN]  # a token never read is not output
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         buf = self.tracker.get(request_id)
@@ -178,15 +188,29 @@ class EngineCore:
         now = self.executor.now()
         events = []
         for rid, token in result.sampled.items():
-            req = self.requests[rid]
-            req.output_ids.append(token)
+            req = self.requests.get(rid) or self.draining.get(rid)
+            if req is None:
+                continue  # finished or aborted while its token was in flight
+            if PENDING_TOKEN in req.output_ids:
+                req.output_ids[req.output_ids.index(PENDING_TOKEN)] = token
+            else:
+                req.output_ids.append(token)
             self.tracker.on_token(rid, now)
             reason = None
             if token in self.eos_token_ids and not req.sampling.ignore_eos:
                 reason = "stop"
-            elif len(req.output_ids) >= req.sampling.max_tokens:
+            elif len(req.output_ids) - req.output_ids.count(PENDING_TOKEN) >= req.sampling.max_tokens:
                 reason = "length"
             events.append(TokenEvent(rid, token, now, reason is not None, reason))
             if reason is not None:
                 self.finish(rid, reason)
+        for rid in result.pending:
+            req = self.requests.get(rid)
+            if req is None:
+                continue  # its previous token ended it
+            req.output_ids.append(PENDING_TOKEN)
+            if len(req.output_ids) >= req.sampling.max_tokens:
+                # Its last token is sampled: nothing more to compute, so the pages go now.
+                self.executor.release(req)
+                self.draining[rid] = self.requests.pop(rid)
         return events

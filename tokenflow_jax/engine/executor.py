@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -14,9 +15,21 @@ from tokenflow_jax.kv.block_manager import KVBlockManager, PageCopy
 from tokenflow_jax.kv.host_tier import HostKVTier
 from tokenflow_jax.model import Params
 from tokenflow_jax.scheduler.interface import CostEstimates, StepPlan, StepResult
-from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.scheduler.request import PENDING_TOKEN, Request
 
 SamplingRow = tuple[float, int, float, int, int]  # temperature, top_k, top_p, seed, step
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlightStep:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+
+    handle: Any
+    request_ids: list[str]  # one row each, in batch order
+    completing: list[bool]  # whether the row samples a token (False: a prefill chunk mid-prompt)
+    decode: bool
+    num_tokens: int
+    dispatched_at: float
 
 
 class MovingAverage:
@@ -62,6 +75,11 @@ class PagedExecutor:
         self._prefill_per_token = MovingAverage(0.001)
         self._d2h_per_page = MovingAverage(1e-5)
         self._h2d_per_page = MovingAverage(1e-5)
+        self._in_flight: InFlightStep | None = None
+        self._last_resolved_at = -float("inf")
+
+    # Read sampled tokens one step late: the next step is dispatched before the host waits for this one's.
+    pipelined = False
 
     # ---- data movement and time: the subclass's part
     def now(self) -> float:
@@ -70,8 +88,9 @@ class PagedExecutor:
     def idle_until(self, t: float) -> None:
         raise NotImplementedError
 
-    def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow]) -> Any:
-        """Dispatch one model step; return a handle `_sampled_tokens` turns into host token ids."""
+    def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str]) -> Any:
+        """Dispatch one model step; return a handle `_sampled_tokens` turns into host token ids. A chunk's last
+        token may be PENDING_TOKEN: sampled by the in-flight step for the same request, not read yet."""
         raise NotImplementedError
 
     def _sampled_tokens(self, handle: Any) -> list[int]:
@@ -108,6 +127,9 @@ class PagedExecutor:
         )
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
+        """Apply the plan and dispatch its step. Pipelined executors return the previous step's tokens (read
+        while this one computes) and list this step's sampling requests as `pending`; others return this step's.
+        """
         t0 = self.now()
         to_host0, to_device0 = self.bytes_to_host, self.bytes_to_device
         for rid in plan.recompute_out:
@@ -116,19 +138,34 @@ class PagedExecutor:
             self.swap_out(requests[rid])
         for rid in plan.swap_in:
             self.swap_in(requests[rid])
-        sampled: dict[str, int] = {}
-        num_tokens = sum(plan.schedule.values())
-        t_compute = self.now()
-        if plan.schedule:
-            sampled = self._run(plan, requests)
-            elapsed = self.now() - t_compute
-            if all(n == 1 for n in plan.schedule.values()):
-                self._decode_step.update(elapsed)
+        previous = self._in_flight  # still visible to `_compute`: it feeds this step's pending tokens
+        current = self._dispatch(plan, requests) if plan.schedule else None
+        self._in_flight = None
+        sampled = self._resolve(previous) if previous else {}
+        pending: list[str] = []
+        if current is not None:
+            if self.pipelined:
+                self._in_flight = current
+                pending = [rid for rid, completes in zip(current.request_ids, current.completing, strict=True)
+                           if completes]  # fmt: skip
             else:
-                self._prefill_per_token.update(elapsed / num_tokens)
-        return StepResult(
-            sampled, self.now() - t0, num_tokens, self.bytes_to_host - to_host0, self.bytes_to_device - to_device0
-        )
+                sampled.update(self._resolve(current))
+        num_tokens = sum(plan.schedule.values())
+        return StepResult(sampled, self.now() - t0, num_tokens, self.bytes_to_host - to_host0,
+                          self.bytes_to_device - to_device0, pending)  # fmt: skip
+
+    def _resolve(self, step: InFlightStep) -> dict[str, int]:
+        """Read a dispatched step's sampled tokens (waits for it) and fold its duration into the estimates."""
+        tokens = self._sampled_tokens(step.handle)
+        end = self.now()
+        # Back to back, a step's duration is the gap between reads; after an idle gap, from its dispatch.
+        elapsed = end - max(step.dispatched_at, self._last_resolved_at)
+        self._last_resolved_at = end
+        if step.decode:
+            self._decode_step.update(elapsed)
+        else:
+            self._prefill_per_token.update(elapsed / step.num_tokens)
+        return {rid: tokens[i] for i, rid in enumerate(step.request_ids) if step.completing[i]}
 
     def release(self, req: Request) -> None:
         # Queued write-through copies into freed host pages are FIFO-ordered before any later owner's copies.
@@ -178,7 +215,7 @@ class PagedExecutor:
         if src:
             self._transfer_to_host(PageCopy("write-through", src, [p for c in copies for p in c.dst]))
 
-    def _run(self, plan: StepPlan, requests: dict[str, Request]) -> dict[str, int]:
+    def _dispatch(self, plan: StepPlan, requests: dict[str, Request]) -> InFlightStep:
         chunks, rows, completing = [], [], []
         for rid, n in plan.schedule.items():
             req = requests[rid]
@@ -190,14 +227,16 @@ class PagedExecutor:
             s = req.sampling
             rows.append((s.temperature, s.top_k, s.top_p, req.seed, len(req.output_ids)))
             completing.append(start + n == req.num_tokens)
-        handle = self._compute(chunks, rows)
+        dispatched_at = self.now()
+        handle = self._compute(chunks, rows, list(plan.schedule))
         for rid, n in plan.schedule.items():
             requests[rid].num_computed += n
         if self.write_through_enabled:
             order = [requests[rid] for rid in (plan.sync_order or plan.schedule)]
             self._write_through([r for r in order if r.device_pages])
-        tokens = self._sampled_tokens(handle)
-        return {rid: tokens[i] for i, rid in enumerate(plan.schedule) if completing[i]}
+        num_tokens = sum(plan.schedule.values())
+        return InFlightStep(handle, list(plan.schedule), completing, num_tokens == len(chunks), num_tokens,
+                            dispatched_at)  # fmt: skip
 
 
 class EngineExecutor(PagedExecutor):
@@ -217,6 +256,7 @@ class EngineExecutor(PagedExecutor):
         kv_dtype: Any = "float32",
         attention_impl: str = "reference",
         write_through: bool = True,
+        pipelined: bool = True,
     ) -> None:
         self.runner = ModelRunner(
             cfg, params, num_pages=num_device_pages, page_size=page_size, max_num_seqs=max_num_seqs,
@@ -229,6 +269,7 @@ class EngineExecutor(PagedExecutor):
             write_through=write_through, max_transfer_pages=self.runner.buckets.transfer_pages[-1],
         )  # fmt: skip
         self.host = HostKVTier(cfg, max(num_host_pages, 2), page_size, kv_dtype) if num_host_pages else None
+        self.pipelined = pipelined
 
     def now(self) -> float:
         return time.monotonic()
@@ -241,8 +282,16 @@ class EngineExecutor(PagedExecutor):
     def warmup(self, progress: bool = True) -> int:
         return self.runner.warmup(progress)
 
-    def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow]) -> Any:
-        return self.runner.run_step(chunks, rows)
+    def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str]) -> Any:
+        pending = [i for i, c in enumerate(chunks) if c.token_ids[-1] == PENDING_TOKEN]
+        if not pending:
+            return self.runner.run_step(chunks, rows)
+        previous = self._in_flight
+        assert previous is not None, "a pending token without a step in flight"
+        row_of = {rid: i for i, rid in enumerate(previous.request_ids)}
+        # The token is still on the device: the step reads it from the previous step's output.
+        feeds = {i: row_of[request_ids[i]] for i in pending}
+        return self.runner.run_step(chunks, rows, previous=(previous.handle, feeds))
 
     def _sampled_tokens(self, handle: Any) -> list[int]:
         return [int(t) for t in np.asarray(handle)]  # the one host sync per step

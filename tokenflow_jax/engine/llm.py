@@ -159,7 +159,7 @@ class LLM:
         texts = {r.request_id: [] for r in reqs}
         for r in reqs:
             self.core.add_request(r)
-        while any(r.request_id in self.core.requests for r in reqs):
+        while any(self.core.is_live(r.request_id) for r in reqs):
             for ev in self.core.step():
                 self._on_token(ev, detoks[ev.request_id], texts[ev.request_id])
         return [self._output(r, "".join(texts[r.request_id])) for r in reqs]

@@ -30,14 +30,20 @@ def _step(
     cfg: ModelConfig,
     decode: bool,
     attention_impl: str,
+    max_num_seqs: int,
 ) -> tuple[jax.Array, KVCache]:
+    # Tokens the previous step sampled but the host has not read yet come straight from its output.
+    feed = batch["feed_rows"]
+    tokens_in = jnp.where(feed >= 0, batch["previous_tokens"][jnp.maximum(feed, 0)], batch["tokens"])
+    batch = dict(batch, tokens=tokens_in)
     meta = AttentionMetadata(batch["slot_mapping"], batch["cu_q_lens"], batch["kv_lens"], batch["block_tables"])
     logits, kv_cache = forward(
         params, cfg, batch["tokens"], batch["positions"], kv_cache, meta, batch["logits_indices"],
         decode=decode, attention_impl=attention_impl,
     )  # fmt: skip
     tokens = sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"], batch["steps"])
-    return tokens, kv_cache
+    # A fixed width, so any step can feed from any other.
+    return jnp.zeros(max_num_seqs, jnp.int32).at[: tokens.shape[0]].set(tokens), kv_cache
 
 
 def _gather_pages(kv_cache: KVCache, page_ids: jax.Array) -> jax.Array:
@@ -100,7 +106,8 @@ class ModelRunner:
         )
         self._executables: dict[tuple, Any] = {}
         self._serving = False
-        step = functools.partial(_step, cfg=cfg, attention_impl=attention_impl)
+        step = functools.partial(_step, cfg=cfg, attention_impl=attention_impl, max_num_seqs=max_num_seqs)
+        self._no_previous = np.zeros(max_num_seqs, np.int32)
         self._jit_decode = jax.jit(functools.partial(step, decode=True), donate_argnums=(1,))
         self._jit_mixed = jax.jit(functools.partial(step, decode=False), donate_argnums=(1,))
         self._jit_gather = jax.jit(_gather_pages)
@@ -116,8 +123,12 @@ class ModelRunner:
             self._executables[key] = exe
         return exe
 
-    def _batch_arrays(self, b: RaggedBatch, sampling: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _batch_arrays(
+        self, b: RaggedBatch, sampling: dict[str, np.ndarray], previous: Any = None, feed_rows: Any = None
+    ) -> dict[str, Any]:
         return {
+            "previous_tokens": self._no_previous if previous is None else previous,
+            "feed_rows": np.full(len(b.tokens), -1, np.int32) if feed_rows is None else feed_rows,
             "tokens": b.tokens, "positions": b.positions, "slot_mapping": b.slot_mapping,
             "cu_q_lens": b.cu_q_lens, "kv_lens": b.kv_lens, "block_tables": b.block_tables,
             "logits_indices": b.logits_indices, **sampling,
@@ -170,10 +181,16 @@ class ModelRunner:
 
     # ---- steps
     def run_step(
-        self, chunks: Sequence[SequenceChunk], sampling_rows: Sequence[tuple[float, int, float, int, int]]
+        self,
+        chunks: Sequence[SequenceChunk],
+        sampling_rows: Sequence[tuple[float, int, float, int, int]],
+        previous: tuple[jax.Array, dict[int, int]] | None = None,
     ) -> jax.Array:
-        """Compute `chunks` (one per sequence) and sample one token per sequence. Returns a device array [B]
-        (only the first len(chunks) rows are meaningful); the caller decides when to read it."""
+        """Compute `chunks` (one per sequence) and sample one token per sequence. Returns a device array
+        [max_num_seqs] (row i belongs to chunk i); the caller decides when to read it.
+
+        `previous = (tokens, {chunk: row})`: chunk's last token is row `row` of an earlier step's output, still
+        on the device (its host copy is a placeholder)."""
         decode = all(len(c.token_ids) == 1 for c in chunks)
         width = self.buckets.page_bucket(max(len(c.pages) for c in chunks))
         num_tokens = sum(len(c.token_ids) for c in chunks)
@@ -189,7 +206,13 @@ class ModelRunner:
                 chunks, self.page_size, pad_tokens=n, pad_seqs=self.max_num_seqs, pad_pages=width
             )
             num_seqs = self.max_num_seqs
-        batch = self._batch_arrays(b, self._sampling_arrays(sampling_rows, num_seqs))
+        feed_rows, previous_tokens = None, None
+        if previous is not None:
+            previous_tokens, feeds = previous
+            feed_rows = np.full(len(b.tokens), -1, np.int32)
+            for i, row in feeds.items():
+                feed_rows[b.logits_indices[i]] = row  # the chunk's last token
+        batch = self._batch_arrays(b, self._sampling_arrays(sampling_rows, num_seqs), previous_tokens, feed_rows)
         exe = self._executable(("step", decode, n, width), self._jit_decode if decode else self._jit_mixed,
                                self.params, self.kv_cache, batch)  # fmt: skip
         tokens, self.kv_cache = exe(self.params, self.kv_cache, batch)

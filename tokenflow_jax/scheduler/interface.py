@@ -39,13 +39,18 @@ class StepPlan:
 
 @dataclasses.dataclass
 class StepResult:
-    """Tokens sampled this iteration (request id -> token id) and what the step cost."""
+    """Tokens the host read this iteration (request id -> token id) and what the step cost.
+
+    A pipelined executor reads a step's tokens during the next iteration: `pending` lists the requests whose
+    token this iteration sampled but has not read yet (each gets a placeholder until it is read).
+    """
 
     sampled: dict[str, int]
     step_time_s: float
     num_batch_tokens: int = 0
     bytes_to_host: int = 0
     bytes_to_device: int = 0
+    pending: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

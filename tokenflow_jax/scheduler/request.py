@@ -7,6 +7,9 @@ import enum
 
 from tokenflow_jax.sampling import SamplingParams
 
+# Stands in `output_ids` for a token the device sampled and the host has not read yet (one step at most).
+PENDING_TOKEN = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # no KV on device; starts (or restarts after recompute-preemption) with a prefill
