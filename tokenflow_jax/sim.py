@@ -79,7 +79,11 @@ class SimExecutor(PagedExecutor):
         est = super().estimates()
         # Loads queue too: a new swap waits for both engines' backlogs.
         load_backlog = max(0.0, self.load_free_at - self.clock)
-        return dataclasses.replace(est, pending_transfer_s=est.pending_transfer_s + load_backlog)
+        prof = self.profile
+        # The simulator knows its own cost model exactly: decode step = base + per token + per context token.
+        model = (prof.step_base_s, prof.step_per_token_s, prof.step_per_context_token_s)
+        return dataclasses.replace(est, pending_transfer_s=est.pending_transfer_s + load_backlog,
+                                   decode_step_model=model)  # fmt: skip
 
     # ---- compute
     def step_time(self, chunks: list[SequenceChunk]) -> float:

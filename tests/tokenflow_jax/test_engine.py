@@ -194,3 +194,16 @@ def test_engine_rejects_requests_beyond_the_model_length() -> None:
         add(core, "too-long", list(range(60)), max_tokens=MAX_TOKENS)
     with pytest.raises(ValueError, match="at least one token"):
         add(core, "empty", [])
+
+
+def test_decode_step_model_recovers_a_linear_cost_and_refuses_to_extrapolate_from_alike_steps() -> None:
+    from tokenflow_jax.engine.executor import DecodeStepModel
+
+    rng = np.random.default_rng(0)
+    model = DecodeStepModel(window=256, refit_every=16)
+    for _ in range(64):
+        seqs, context = int(rng.integers(1, 64)), int(rng.integers(100, 50_000))
+        model.add(seqs, context, 0.004 + 2e-5 * seqs + 3e-7 * context + rng.normal(0, 1e-6))
+    base, per_seq, per_context = model.coefficients
+    np.testing.assert_allclose([base, per_seq, per_context], [0.004, 2e-5, 3e-7], rtol=0.05)
+    assert DecodeStepModel.fit([(8, 1000, 0.01)] * 40) is None

@@ -56,6 +56,8 @@ class World:
                               self.tracker, self.ex)  # fmt: skip
 
     def estimates(self, **changes: float) -> None:
+        if "decode_capacity_tok_s" in changes:  # Gamma for a full batch, whatever the context: a flat step
+            changes["decode_step_model"] = (self.ex.max_num_seqs / changes["decode_capacity_tok_s"], 0.0, 0.0)
         est = dataclasses.replace(self.ex.estimates(), **changes)
         self.ex.estimates = lambda: est  # type: ignore[method-assign]
 
@@ -164,6 +166,23 @@ def test_schedulability_fallback_when_rates_exceed_capacity():
     policy._last_decision = -1e9
     plan = policy.plan(w.state())
     assert not policy.overloaded and plan.swap_out == ["b"] and "new" in plan.schedule
+
+
+def test_schedulability_projects_capacity_to_the_context_outputs_will_reach():
+    # 2 x 20 tok/s: a 25 ms step now (short contexts) would sustain 80 tok/s, but each stream will hold
+    # ~32 + 512/2 tokens on average; at 0.2 ms per context token that step is ~140 ms: 14 tok/s, overloaded.
+    w = World(max_num_seqs=2)
+    w.add("a", RequestStatus.RUNNING, buffer_s=5.0)
+    w.add("b", RequestStatus.RUNNING, buffer_s=9.0)
+    w.add("new", RequestStatus.WAITING, arrival=5.0)
+    w.estimates(decode_step_s=0.025, decode_step_model=(0.025, 0.0, 0.0002))
+    policy = TokenFlowPolicy()
+    plan = policy.plan(w.state())
+    assert policy.overloaded and not preempted(plan) and "new" not in plan.schedule
+    w.estimates(decode_step_s=0.025, decode_step_model=(0.025, 0.0, 0.0))  # contexts would not slow it down
+    policy._last_decision = -1e9
+    policy.plan(w.state())
+    assert not policy.overloaded
 
 
 def test_fallback_still_admits_into_free_room():

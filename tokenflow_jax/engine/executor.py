@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any
@@ -30,6 +31,34 @@ class InFlightStep:
     decode: bool
     num_tokens: int
     dispatched_at: float
+    context_tokens: int = 0  # tokens the step's sequences hold after it
+
+
+class DecodeStepModel:
+    """Least-squares fit of decode step time to (sequences, context tokens) over recent steps, so a policy can
+    predict the step, and so the decode capacity Gamma, at contexts the batch has not reached yet."""
+
+    def __init__(self, window: int = 512, refit_every: int = 32) -> None:
+        self.samples: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=window)
+        self.refit_every = refit_every
+        self.coefficients: tuple[float, float, float] | None = None
+        self._since_fit = 0
+
+    def add(self, num_seqs: int, context_tokens: int, seconds: float) -> None:
+        self.samples.append((num_seqs, context_tokens, seconds))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every and len(self.samples) >= 2 * self.refit_every:
+            self._since_fit = 0
+            self.coefficients = self.fit(list(self.samples))
+
+    @staticmethod
+    def fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:
+        x = np.array([[1.0, b, c] for b, c, _ in samples])
+        y = np.array([t for _, _, t in samples])
+        if np.linalg.matrix_rank(x) < 3:
+            return None  # all steps alike so far: nothing to extrapolate from
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        return float(max(coef[0], 0.0)), float(max(coef[1], 0.0)), float(max(coef[2], 0.0))
 
 
 class MovingAverage:
@@ -75,6 +104,7 @@ class PagedExecutor:
         self._prefill_per_token = MovingAverage(0.001)
         self._d2h_per_page = MovingAverage(1e-5)
         self._h2d_per_page = MovingAverage(1e-5)
+        self.decode_model = DecodeStepModel()
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
 
@@ -124,6 +154,7 @@ class PagedExecutor:
             swap_in_per_page_s=self._h2d_per_page.value,
             pending_transfer_s=self._pending_to_host_pages() * self._d2h_per_page.value,
             decode_capacity_tok_s=self.max_num_seqs / max(step, 1e-6),
+            decode_step_model=self.decode_model.coefficients,
         )
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
@@ -163,6 +194,7 @@ class PagedExecutor:
         self._last_resolved_at = end
         if step.decode:
             self._decode_step.update(elapsed)
+            self.decode_model.add(step.num_tokens, step.context_tokens, elapsed)
         else:
             self._prefill_per_token.update(elapsed / step.num_tokens)
         return {rid: tokens[i] for i, rid in enumerate(step.request_ids) if step.completing[i]}
@@ -235,8 +267,9 @@ class PagedExecutor:
             order = [requests[rid] for rid in (plan.sync_order or plan.schedule)]
             self._write_through([r for r in order if r.device_pages])
         num_tokens = sum(plan.schedule.values())
+        context = sum(c.start + len(c.token_ids) for c in chunks)
         return InFlightStep(handle, list(plan.schedule), completing, num_tokens == len(chunks), num_tokens,
-                            dispatched_at)  # fmt: skip
+                            dispatched_at, context)  # fmt: skip
 
 
 class EngineExecutor(PagedExecutor):

@@ -63,6 +63,16 @@ class CostEstimates:
     swap_in_per_page_s: float
     pending_transfer_s: float  # queued write-through / swap work ahead of a new transfer
     decode_capacity_tok_s: float  # Gamma: tokens/s the engine can sustain across the batch
+    # Decode step model fitted to measured steps: seconds = base + per_seq * seqs + per_context_token * context.
+    # None until enough steps are measured; then `decode_step_at` falls back to the last step's time.
+    decode_step_model: tuple[float, float, float] | None = None
+
+    def decode_step_at(self, num_seqs: int, context_tokens: int) -> float:
+        """Predicted decode step time for `num_seqs` sequences holding `context_tokens` tokens in all."""
+        if self.decode_step_model is None:
+            return self.decode_step_s
+        base, per_seq, per_context = self.decode_step_model
+        return base + per_seq * num_seqs + per_context * context_tokens
 
 
 class Executor(Protocol):

@@ -48,6 +48,9 @@ class TokenFlowConfig:
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
     io_fraction: float = 0.5  # swap-ins a decision plans: at most this share of an interval in load time
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
+    # Gamma at the context and batch the working set will reach (True), or as measured now (False: optimistic
+    # right after a burst, when contexts are short; kept to reproduce earlier figures).
+    project_capacity: bool = True
 
     def __post_init__(self) -> None:
         if not self.reschedule_interval > 0:
@@ -236,13 +239,30 @@ class TokenFlowPolicy:
         lam = self.config.adaptation_rate
         self.working_set = max(1.0, (1 - lam) * static + lam * len(state.running))
 
+    @staticmethod
+    def projected_capacity(state: SchedulerState, est: CostEstimates, working_set: list[Request]) -> float:
+        """Gamma for the working set: tokens/s a decode batch of it sustains at the context it will hold on
+        average over the rest of its generation (prompt + half-way between now and max_tokens), not at the
+        short contexts right after a burst (the step grows as outputs do), with as many of it in the batch
+        as sequence slots and device memory allow at that context."""
+        ex = state.executor
+        mean_context = sum(len(r.prompt_ids) + (len(r.output_ids) + r.sampling.max_tokens) / 2
+                           for r in working_set) / len(working_set)  # fmt: skip
+        fits = max(1, int(ex.num_device_pages // pages_for(math.ceil(mean_context), ex.page_size)))
+        seqs = min(len(working_set), ex.max_num_seqs, fits)
+        return seqs / max(est.decode_step_at(seqs, int(mean_context * seqs)), 1e-9)
+
     def _update_overload(self, state: SchedulerState, est: CostEstimates) -> None:
-        """Schedulability: the working set's rates against Gamma, the decode capacity at the current batch."""
+        """Schedulability: the working set's rates against Gamma at its projected context."""
         if not state.running:
             self.overloaded, self._spare_rate = False, math.inf
             return
-        demand = sum(r.rate for r in (*state.running, *state.paused))
-        capacity = est.decode_capacity_tok_s * len(state.running) / state.executor.max_num_seqs
+        working_set = [*state.running, *state.paused]
+        demand = sum(r.rate for r in working_set)
+        if self.config.project_capacity:
+            capacity = self.projected_capacity(state, est, working_set)
+        else:  # Gamma as measured now, at the running batch and its current contexts
+            capacity = est.decode_capacity_tok_s * len(state.running) / state.executor.max_num_seqs
         if demand > capacity:
             self.overloaded = True
         elif demand < self.config.capacity_hysteresis * capacity:
