@@ -120,7 +120,13 @@ def test_decode_custom_scale() -> None:
 def lowers_to_triton(fn, *args) -> bool:
     """Run the Pallas -> Triton lowering for CUDA without a GPU (export never compiles the kernel)."""
     triton_call = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[triton_call])(*args)
+    try:
+        exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[triton_call])(*args)
+    except RuntimeError as e:
+        if "No supported GPU devices found" not in str(e):
+            raise
+        # jax >= 0.11 reads the compute capability from a real (or abstract) GPU before lowering.
+        pytest.skip(f"this jax ({jax.__version__}) cannot lower Pallas to Triton without a GPU")
     return "__gpu$xla.gpu.triton" in exported.mlir_module()
 
 
