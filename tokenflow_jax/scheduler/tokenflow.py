@@ -383,7 +383,10 @@ class TokenFlowPolicy:
             if n <= 0 or budget.seqs <= 0:
                 continue
             while pages > budget.pages:  # out of pages mid-decode: the largest buffer goes
-                victim = self._largest_buffer(state, [r for r in running if r.request_id not in gone])
+                staying = [r for r in running if r.request_id not in gone]
+                # Unschedulable: nobody can be kept fed, so do as fcfs does (the latest admitted yields) rather
+                # than rotate the largest buffer out and back in, which only adds transfers.
+                victim = staying[-1] if self.overloaded else self._largest_buffer(state, staying)
                 if victim.request_id in plan.schedule:  # already stepped this iteration: undo that
                     budget.tokens += plan.schedule.pop(victim.request_id)
                     budget.seqs += 1
