@@ -88,10 +88,6 @@ class KVBlockManager:
             return PageCopy(req.request_id, [], [])
         return PageCopy(req.request_id, req.device_pages[first:last], req.host_pages[first:last])
 
-    def can_evict(self, req: Request) -> bool:
-        needed = pages_for(req.num_computed, self.page_size) - len(req.host_pages)
-        return needed <= 0 or (self.host is not None and self.host.num_free >= needed)
-
     def swap_in(self, req: Request) -> PageCopy:
         """Allocate device pages for a paused request's computed tokens; the copy loads them from the host."""
         if req.num_host_synced < req.num_computed:
