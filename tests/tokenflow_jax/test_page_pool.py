@@ -1,0 +1,36 @@
+"""Page allocator: the null page is never handed out, reference counts keep shared pages alive."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenflow_jax.kv.page_pool import OutOfPages, PageAllocator
+
+
+def test_allocate_never_hands_out_the_null_page_and_runs_out_cleanly() -> None:
+    pool = PageAllocator(5)
+    pages = pool.allocate(4)
+    assert sorted(pages) == [1, 2, 3, 4] and pool.num_free == 0 and pool.num_used == 4
+    with pytest.raises(OutOfPages):
+        pool.allocate(1)
+    assert pool.num_used == 4  # a refused allocation takes nothing
+
+
+def test_a_retained_page_is_freed_only_by_its_last_owner() -> None:
+    pool = PageAllocator(4)
+    (page,) = pool.allocate(1)
+    pool.retain([page])
+    assert pool.refcount(page) == 2
+    pool.free([page])
+    assert pool.num_free == 2 and pool.refcount(page) == 1
+    pool.free([page])
+    assert pool.num_free == 3
+    with pytest.raises(ValueError, match="double free"):
+        pool.free([page])
+    with pytest.raises(ValueError, match="retain of free page"):
+        pool.retain([page])
+
+
+def test_pool_needs_room_beyond_the_null_page() -> None:
+    with pytest.raises(ValueError, match="at least 2 pages"):
+        PageAllocator(1)
