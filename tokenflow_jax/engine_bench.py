@@ -64,6 +64,16 @@ def decode_step_time(ex: EngineExecutor, batch: int, context: int, repeats: int,
             ex.blocks.host.free(host)
 
 
+def prefill_time(ex: EngineExecutor, num_tokens: int, repeats: int) -> float:
+    """Seconds to prefill one sequence of `num_tokens` tokens from scratch."""
+    pages = ex.blocks.device.allocate(-(-num_tokens // ex.page_size))
+    chunks = [SequenceChunk([1] * num_tokens, 0, pages)]
+    try:
+        return _median_time(lambda: np.asarray(ex.runner.run_step(chunks, [(0.0, 0, 1.0, 0, 0)])), repeats)
+    finally:
+        ex.blocks.device.free(pages)
+
+
 def swap_bandwidth(ex: EngineExecutor, num_pages: int, repeats: int) -> tuple[float, float]:
     """(device->host, host->device) GB/s for one batched transfer of `num_pages` pages."""
     dev = ex.blocks.device.allocate(num_pages)
@@ -136,10 +146,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in swap_pages:
         d2h, h2d = swap_bandwidth(ex, n, args.repeats)
         result["swap"].append({"pages": n, "MiB": n * ex.host.page_bytes / 2**20, "d2h_GBps": d2h, "h2d_GBps": h2d})
+    if args.profile_out:
+        result["profile"] = write_sim_profile(ex, loaded.cfg, args, result)
     ex.close()
     if args.offline_requests:
         result["offline"] = offline_tokens_per_s(args.model, args.dtype, args.offline_requests, args.offline_tokens)
     return result
+
+
+def write_sim_profile(ex: EngineExecutor, cfg: Any, args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """Fit the simulator's cost model to this engine: decode steps at two contexts per batch, one-sequence
+    prefills, and the swaps above; save it where `--sim-profile PATH` (bench) can load it."""
+    from tokenflow_jax.sim_profiles import profile_from_engine_measurements
+
+    decode = [(d["batch"], d["batch"] * args.context, d["step_ms"] / 1e3) for d in result["decode"]]
+    half = max(ex.page_size, args.context // 2)
+    decode += [(b, b * half, decode_step_time(ex, b, half, args.repeats, write_through=False))
+               for b in (int(x) for x in args.batches.split(","))]  # fmt: skip
+    sizes = sorted({min(n, ex.max_batch_tokens, args.context) for n in (32, 128, 512)})
+    prefill = [(n, prefill_time(ex, n, args.repeats)) for n in sizes]
+    page_bytes = ex.host.page_bytes
+    d2h = [(s["pages"], s["pages"] * page_bytes / (s["d2h_GBps"] * 1e9)) for s in result["swap"]]
+    h2d = [(s["pages"], s["pages"] * page_bytes / (s["h2d_GBps"] * 1e9)) for s in result["swap"]]
+    name = f"{result['device'].replace(' ', '_').lower()}-{args.model}"
+    profile = profile_from_engine_measurements(
+        name, cfg, decode=decode, prefill=prefill, d2h=d2h, h2d=h2d, page_bytes=page_bytes,
+        device_kv_bytes=ex.num_device_pages * page_bytes, host_kv_bytes=ex.num_host_pages * page_bytes,
+        kv_dtype_bytes=page_bytes // (cfg.kv_bytes_per_token * ex.page_size),
+    )  # fmt: skip
+    profile.save(args.profile_out)
+    return args.profile_out
 
 
 def print_report(r: dict[str, Any]) -> None:
@@ -171,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--offline-requests", type=int, default=32)
     p.add_argument("--offline-tokens", type=int, default=128)
     p.add_argument("--out")
+    p.add_argument("--profile-out", help="also fit and write a simulator cost profile (JSON) for --sim-profile")
     args = p.parse_args(argv)
     result = run(args)
     print_report(result)
