@@ -12,13 +12,20 @@ and every query is O(log n) (a bisect over the sorted generation and read times)
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import numbers
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 
 class VirtualBuffer:
     """The virtual client buffer of one request: generated tokens minus tokens the reader has read."""
+
+    __slots__ = ("rate", "arrival", "_period", "_token_times", "_read_times", "last_read", "rebuffer_s",
+                 "stall_count")  # fmt: skip
 
     def __init__(self, rate: float, arrival: float) -> None:
         if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
@@ -30,6 +37,7 @@ class VirtualBuffer:
         self._period = 1.0 / rate
         self._token_times: list[float] = []
         self._read_times: list[float] = []
+        self.last_read = -math.inf  # read time of the newest token (-inf before the first): read per decision
         self.rebuffer_s = 0.0  # total seconds the reader waited mid-stream
         self.stall_count = 0  # tokens the reader had to wait for
 
@@ -51,6 +59,7 @@ class VirtualBuffer:
             read = t
         self._token_times.append(float(t))
         self._read_times.append(read)
+        self.last_read = read
 
     @property
     def num_generated(self) -> int:
@@ -100,25 +109,82 @@ class VirtualBuffer:
         return max(0.0, self._read_times[generated - 1] - now)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrackedColumns:
+    """Per-request figures of many tracked requests as arrays (one row per requested id, in that order)."""
+
+    rate: np.ndarray
+    arrival: np.ndarray
+    prompt_len: np.ndarray
+    max_tokens: np.ndarray  # L_i, the playback length
+    num_generated: np.ndarray
+    last_read: np.ndarray  # read time of the newest token, -inf before the first
+
+
 class RequestTracker:
-    """Virtual buffers of all live requests, keyed by request id (iterates over ids, like a dict)."""
+    """Virtual buffers of all live requests, keyed by request id (iterates over ids, like a dict).
+
+    Besides one `VirtualBuffer` per request it keeps each request's figures in a row of flat columns, so that a
+    scheduler weighing hundreds of requests per decision reads them as arrays (`columns`) instead of touching
+    one Python object per request.
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[str, VirtualBuffer] = {}
+        self._rows: dict[str, int] = {}
+        self._free_rows: list[int] = []
+        # array.array: a store per token costs what a list store does, and numpy reads it without a copy.
+        self._rate, self._arrival, self._last_read = array("d"), array("d"), array("d")
+        self._prompt_len, self._max_tokens, self._num_generated = array("q"), array("q"), array("q")
 
-    def add(self, rid: str, rate: float, arrival: float) -> VirtualBuffer:
+    def add(self, rid: str, rate: float, arrival: float, *, prompt_len: int, max_tokens: int) -> VirtualBuffer:
+        """Track a request: its reader's rate and arrival, and the sizes a scheduler weighs (prompt tokens, and
+        max_tokens: the playback length L the token weights scale with)."""
         if rid in self._buffers:
             raise ValueError(f"request {rid!r} is already tracked")
+        if not (prompt_len >= 0 and max_tokens >= 1):
+            raise ValueError(f"need prompt_len >= 0 and max_tokens >= 1, got {prompt_len!r} and {max_tokens!r}")
         buffer = VirtualBuffer(rate, arrival)
         self._buffers[rid] = buffer
+        if not self._free_rows:
+            self._grow()
+        row = self._rows[rid] = self._free_rows.pop()
+        self._rate[row], self._arrival[row], self._last_read[row] = buffer.rate, buffer.arrival, -math.inf
+        self._prompt_len[row], self._max_tokens[row], self._num_generated[row] = prompt_len, max_tokens, 0
         return buffer
 
+    def _grow(self) -> None:
+        old = len(self._rate)
+        extra = max(64, old)
+        zeros = bytes(8 * extra)
+        # New arrays rather than in-place growth: a numpy view still alive elsewhere would forbid resizing.
+        self._rate, self._arrival, self._last_read = (array("d", a) + array("d", zeros)
+                                                      for a in (self._rate, self._arrival, self._last_read))
+        self._prompt_len, self._max_tokens, self._num_generated = (
+            array("q", a) + array("q", zeros) for a in (self._prompt_len, self._max_tokens, self._num_generated))
+        self._free_rows += range(old + extra - 1, old - 1, -1)  # lowest row first
+
     def on_token(self, rid: str, t: float) -> None:
-        self._buffers[rid].on_token(t)
+        buffer = self._buffers[rid]
+        buffer.on_token(t)
+        row = self._rows[rid]
+        self._num_generated[row] += 1
+        self._last_read[row] = buffer.last_read
 
     def remove(self, rid: str) -> VirtualBuffer:
         """Stop tracking a request and return its buffer (for final metrics)."""
-        return self._buffers.pop(rid)
+        buffer = self._buffers.pop(rid)
+        self._free_rows.append(self._rows.pop(rid))
+        return buffer
+
+    def columns(self, rids: Sequence[str]) -> TrackedColumns:
+        """The figures of `rids` (each tracked) as arrays, row i for rids[i]."""
+        rows = np.fromiter(map(self._rows.__getitem__, rids), dtype=np.int64, count=len(rids))
+        f8, i8 = np.float64, np.int64
+        return TrackedColumns(*(np.frombuffer(a, dtype=f8)[rows] for a in (self._rate, self._arrival)),
+                              *(np.frombuffer(a, dtype=i8)[rows] for a in (self._prompt_len, self._max_tokens,
+                                                                           self._num_generated)),
+                              np.frombuffer(self._last_read, dtype=f8)[rows])  # fmt: skip
 
     def get(self, rid: str) -> VirtualBuffer | None:
         return self._buffers.get(rid)

@@ -76,7 +76,7 @@ def state_of(reqs: list[Request], free: int, *, now: float = 0.0, tracker: Reque
     if tracker is None:
         tracker = RequestTracker()
         for r in reqs:
-            tracker.add(r.request_id, r.rate, r.arrival)
+            tracker.add(r.request_id, r.rate, r.arrival, prompt_len=len(r.prompt_ids), max_tokens=r.sampling.max_tokens)
     waiting = sorted((r for r in reqs if r.status is RequestStatus.WAITING), key=lambda r: r.arrival)
     running = sorted((r for r in reqs if r.status is RequestStatus.RUNNING), key=lambda r: r.admitted_order)
     return SchedulerState(now, waiting, running, [], tracker, ExecutorLimits(free, **limits))
@@ -149,7 +149,7 @@ def test_sglang_retraction_ties_go_to_the_longest_prompt() -> None:
 def tracker_with_tokens(reqs: list[Request], token_times: dict[str, list[float]]) -> RequestTracker:
     tracker = RequestTracker()
     for r in reqs:
-        tracker.add(r.request_id, r.rate, r.arrival)
+        tracker.add(r.request_id, r.rate, r.arrival, prompt_len=len(r.prompt_ids), max_tokens=r.sampling.max_tokens)
         for t in token_times.get(r.request_id, []):
             tracker.on_token(r.request_id, t)
     return tracker

@@ -30,7 +30,7 @@ class World:
             generated: int | None = None, prompt: int = 32, arrival: float = 0.0) -> Request:
         req = Request(rid, [1] * prompt, SamplingParams(max_tokens=512, ignore_eos=True), rate=rate, arrival=arrival)
         req.status = status
-        self.tracker.add(rid, rate, arrival)
+        self.tracker.add(rid, rate, arrival, prompt_len=len(req.prompt_ids), max_tokens=req.sampling.max_tokens)
         if status is not RequestStatus.WAITING:
             generated = generated or int(buffer_s * rate) + 2  # enough tokens to hold that buffer
             # `generated` tokens, the last read at NOW + buffer_s: the reader has that much left to read.

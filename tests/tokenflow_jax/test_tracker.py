@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,10 +51,10 @@ def test_out_of_order_tokens_are_rejected():
 
 def test_request_tracker():
     tracker = RequestTracker()
-    tracker.add("a", 10.0, 0.0)
-    tracker.add("b", 20.0, 0.5)
+    tracker.add("a", 10.0, 0.0, prompt_len=3, max_tokens=40)
+    tracker.add("b", 20.0, 0.5, prompt_len=5, max_tokens=80)
     with pytest.raises(ValueError, match="already tracked"):
-        tracker.add("a", 1.0, 0.0)
+        tracker.add("a", 1.0, 0.0, prompt_len=3, max_tokens=40)
     tracker.on_token("a", 1.0)
     tracker.on_token("a", 1.0)
     assert len(tracker) == 2 and "a" in tracker and list(tracker) == ["a", "b"]
@@ -64,6 +65,31 @@ def test_request_tracker():
     assert removed.num_generated == 2 and "a" not in tracker
     with pytest.raises(KeyError):
         tracker.on_token("a", 2.0)
+
+
+
+def test_tracker_columns_follow_the_buffers_through_growth_and_row_reuse():
+    tracker, sizes = RequestTracker(), {}
+    rng = np.random.default_rng(0)
+    for i in range(150):  # past the first two growths of the columns
+        rid = f"r{i}"
+        sizes[rid] = (int(rng.integers(0, 900)), int(rng.integers(1, 2000)))
+        tracker.add(rid, float(rng.uniform(1, 40)), float(i), prompt_len=sizes[rid][0], max_tokens=sizes[rid][1])
+        for t in np.sort(rng.uniform(i, i + 5, size=int(rng.integers(0, 4)))):
+            tracker.on_token(rid, float(t))
+        if i % 3 == 0 and f"r{i // 2}" in tracker:  # finished: its row is reused by a later request
+            tracker.remove(f"r{i // 2}")
+    rids = list(tracker)[::-1]
+    cols = tracker.columns(rids)
+    for k, rid in enumerate(rids):
+        buf = tracker[rid]
+        assert (cols.rate[k], cols.arrival[k]) == (buf.rate, buf.arrival)
+        assert (cols.prompt_len[k], cols.max_tokens[k]) == sizes[rid]
+        assert cols.num_generated[k] == buf.num_generated
+        assert cols.last_read[k] == (-np.inf if buf.last_read_time is None else buf.last_read_time)
+    with pytest.raises(ValueError, match="max_tokens >= 1"):
+        tracker.add("bad", 1.0, 0.0, prompt_len=3, max_tokens=0)
+    assert "bad" not in tracker
 
 
 @st.composite

@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
 from tokenflow_jax.scheduler.fcfs import TokenBudget, admit_in_order, budget_for
-from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState, StepPlan, pages_for
+from tokenflow_jax.scheduler.interface import CostEstimates, Executor, SchedulerState, StepPlan, pages_for
 from tokenflow_jax.scheduler.request import Request, RequestStatus
 
 
@@ -69,28 +71,71 @@ class TokenFlowConfig:
 
 
 @dataclasses.dataclass(slots=True)
-class Candidate:
-    """One request as buffer balancing sees it at a decision."""
+class Snapshot:
+    """The live requests at a decision as arrays, in one order: running, then paused, then waiting.
 
-    req: Request
-    buffer_tokens: int
-    pages: int  # device pages it needs to run its next step
-    locked: bool | None = None  # running, and its buffer cannot cover a pause (None: not evaluated yet)
-    load_s: float = 0.0  # paused: time to load its pages back
-    due: bool = False  # paused, and its reader runs dry unless it is loaded now
-    key: tuple = ()  # urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival
+    A decision weighs every live request; the tracker's columns and numpy keep it at a fraction of a
+    millisecond with hundreds of requests, where a Python object per request cost ~2 us each.
+    """
+
+    reqs: list[Request]
+    rids: np.ndarray  # request ids (objects), to pick many at once
+    num_running: int
+    num_paused: int
+    rate: np.ndarray
+    arrival: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray  # tokens generated and read by the host
+    max_tokens: np.ndarray
+    dry_in: np.ndarray  # seconds until the reader has read every token generated so far (0 when dry)
+
+    @classmethod
+    def take(cls, state: SchedulerState) -> Snapshot:
+        reqs = [*state.running, *state.paused, *state.waiting]
+        rids = [r.request_id for r in reqs]
+        c = state.tracker.columns(rids)
+        return cls(reqs, np.array(rids, dtype=object), len(state.running), len(state.paused), c.rate, c.arrival,
+                   c.prompt_len, c.num_generated, c.max_tokens, np.maximum(c.last_read - state.now, 0.0))  # fmt: skip
 
     @property
-    def on_device(self) -> bool:
-        return self.req.status is RequestStatus.RUNNING
+    def paused(self) -> slice:
+        return slice(self.num_running, self.num_running + self.num_paused)
+
+    @property
+    def holding_kv(self) -> slice:
+        """Running and paused: the working set."""
+        return slice(0, self.num_running + self.num_paused)
+
+    def buffer_tokens(self) -> np.ndarray:
+        # Unread tokens are read 1/r apart up to the last one, so the buffer follows from its read time.
+        return np.ceil(self.dry_in * self.rate - 1e-9).astype(np.int64)
+
+    def pages(self, page_size: int) -> np.ndarray:
+        """Device pages each holds or needs for its context (a token sampled but not read yet aside)."""
+        return -(-(self.prompt_len + self.output_len) // page_size)
+
+
+def token_values(buffer_tokens: np.ndarray, output_len: np.ndarray) -> np.ndarray:
+    """Weight the next token would earn (DESIGN.md section 2): 1 below tau1, 0 above tau2, linear between."""
+    tau1, tau2 = TAU1_FRACTION * output_len, TAU2_FRACTION * output_len
+    return np.clip((tau2 - buffer_tokens) / (tau2 - tau1), 0.0, 1.0)  # the ramp is >= 1 at tau1, <= 0 at tau2
 
 
 def token_value(buffer_tokens: int, output_len: int) -> float:
-    """Weight the next token would earn (DESIGN.md section 2): 1 below tau1, 0 above tau2, linear between."""
-    tau1, tau2 = TAU1_FRACTION * output_len, TAU2_FRACTION * output_len
-    if buffer_tokens <= tau1:
-        return 1.0
-    return 0.0 if buffer_tokens >= tau2 else (tau2 - buffer_tokens) / (tau2 - tau1)
+    return float(token_values(np.array([buffer_tokens]), np.array([output_len]))[0])
+
+
+@dataclasses.dataclass
+class Ranking:
+    """Contenders most urgent first (`order`: snapshot indices) and what the fill needs per position."""
+
+    order: np.ndarray
+    pages: np.ndarray  # per position
+    load_s: np.ndarray  # per position: a paused stream not due back spends this much of the I/O budget
+    on_device: np.ndarray  # per position
+    due: np.ndarray  # per snapshot index: paused, and its reader runs dry unless it is loaded now
+    buffer_tokens: np.ndarray  # per snapshot index
+    _locked: dict[int, bool] = dataclasses.field(default_factory=dict)
 
 
 class TokenFlowPolicy:
@@ -103,7 +148,6 @@ class TokenFlowPolicy:
         self.decisions = 0
         self._desired: list[str] = []  # the last decision's running set, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
-        self._used = (0, 0)  # (pages, sequences) the decision has handed out so far
         self._last_decision = -math.inf
         self._known: set[str] = set()
         self._critical = False  # a running stream was below the critical buffer at the last check
@@ -175,94 +219,105 @@ class TokenFlowPolicy:
         trade places every decision, and swap-ins are capped at `io_fraction` of an interval of load time
         (streams about to run dry come back regardless).
         """
-        ex, now, tracker, cfg = state.executor, state.now, state.tracker, self.config
+        ex, cfg = state.executor, self.config
         self.decisions += 1
-        self._last_decision = now
-        page_size, gamma, stickiness = ex.page_size, cfg.gamma, cfg.stickiness_s
-        self._adapt_working_set(state)
-        self._update_overload(state, est)
-        lead, load_per_page = self.resume_lead_s(est), est.swap_in_per_page_s
-        contenders: list[Candidate] = []  # compete by urgency; may displace running requests
-        newcomers: dict[int, Candidate] = {}  # held back by schedulability: free room only, in arrival order
-        spare_rate = self._spare_rate
-        running = RequestStatus.RUNNING
-        for req in (*state.running, *state.paused, *state.waiting):
-            last_read = tracker[req.request_id].last_read_time
-            dry_in = last_read - now if last_read is not None and last_read > now else 0.0
-            # Unread tokens are read 1/r apart up to the last one, so the buffer follows from its read time.
-            rate, status = req.rate, req.status
-            c = Candidate(req, math.ceil(dry_in * rate - 1e-9), -(-req.num_tokens // page_size))
-            sort_buffer_s = dry_in
-            if status is running:
-                sort_buffer_s = dry_in - stickiness if dry_in > stickiness else 0.0
-            elif status is RequestStatus.PAUSED:
-                c.load_s = c.pages * load_per_page
-                c.due = dry_in <= c.load_s + lead
-                sort_buffer_s = 0.0 if c.due else dry_in  # due back now: as urgent as a newcomer
-            elif not req.output_ids:
-                if self.overloaded or rate > spare_rate:
-                    newcomers[id(req)] = c  # may displace others only while everyone stays schedulable
-                    continue
-                spare_rate -= rate
-            # gamma phi(b) descending (b ascending for gamma > 0), then value, then rate; then keep what runs.
-            phi = gamma * math.exp(-sort_buffer_s)
-            c.key = (-phi, -token_value(c.buffer_tokens, req.sampling.max_tokens), -rate, status is not running,
-                     req.arrival)  # fmt: skip
-            contenders.append(c)
-        contenders.sort(key=lambda c: c.key)
+        self._last_decision = state.now
+        snap = Snapshot.take(state)
+        self._adapt_working_set(snap, ex.page_size, ex.num_device_pages)
+        self._update_overload(snap, ex, est)
+        ranking, newcomers = self._rank(snap, est, ex.page_size)
         gate = (est, ex.free_host_pages())
-        chosen = self._greedy_fill(state, contenders, cfg.io_fraction * cfg.reschedule_interval, gate)
-        self._local_search(state, contenders, chosen, gate)
-        self._desired = [c.req.request_id for c, keep in zip(contenders, chosen, strict=True) if keep]
-        self._fill_free_room(state, newcomers)
-        return [c.req for c, keep in zip(contenders, chosen, strict=True) if not keep and c.req.status is running]
+        chosen, used = self._greedy_fill(state, snap, ranking, cfg.io_fraction * cfg.reschedule_interval, gate)
+        used = self._local_search(state, snap, ranking, chosen, used, gate)
+        order = ranking.order
+        self._desired = snap.rids[order[chosen]].tolist()
+        self._fill_free_room(snap, ranking, chosen, newcomers, used, ex)
+        left_out = order[~chosen]
+        return [snap.reqs[i] for i in left_out[left_out < snap.num_running].tolist()]
 
-    def _is_locked(self, state: SchedulerState, c: Candidate, gate: tuple[CostEstimates, int],
-                   mu: float | None = None) -> bool:
-        """Running and unable to cover a pause (evaluated only for those the fill would leave out)."""
-        if mu is not None or c.locked is None:
-            est, host_free = gate
-            threshold = self.pause_threshold_tokens(c.req, est, state.executor.page_size, host_free, mu)
-            locked = c.on_device and c.buffer_tokens < threshold
-            if mu is not None:
-                return locked
-            c.locked = locked
-        return c.locked
+    def _rank(self, snap: Snapshot, est: CostEstimates, page_size: int) -> tuple[Ranking, list[int]]:
+        """Contenders by urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival.
+        Newcomers held back by schedulability are returned apart (snapshot indices, arrival order)."""
+        cfg, nr, paused = self.config, snap.num_running, snap.paused
+        n, dry_in = len(snap.reqs), snap.dry_in
+        pages = snap.pages(page_size)
+        sort_buffer = dry_in.copy()
+        np.maximum(dry_in[:nr] - cfg.stickiness_s, 0.0, out=sort_buffer[:nr])
+        load_s = np.zeros(n)
+        load_s[paused] = pages[paused] * est.swap_in_per_page_s
+        due = np.zeros(n, dtype=bool)
+        due[paused] = dry_in[paused] <= load_s[paused] + self.resume_lead_s(est)
+        sort_buffer[due] = 0.0  # due back: as urgent as a newcomer
+        load_s[due] = 0.0  # and loads regardless of the I/O budget
+        # Newcomers may displace others only while everyone stays schedulable (rates within Gamma).
+        first_waiting = nr + snap.num_paused
+        newcomers = (np.flatnonzero(snap.output_len[first_waiting:] == 0) + first_waiting).tolist()
+        if newcomers and not self.overloaded:
+            fresh, newcomers, spare_rate, rates = newcomers, [], self._spare_rate, snap.rate.tolist()
+            for i in fresh:
+                if rates[i] > spare_rate:
+                    newcomers.append(i)
+                else:
+                    spare_rate -= rates[i]
+        buffer_tokens = snap.buffer_tokens()
+        value = token_values(buffer_tokens, snap.max_tokens)
+        # phi(b) = exp(-b) is decreasing, so the buffer itself orders by gamma phi descending (without exp's
+        # rounding ties); gamma = 0 leaves value alone.
+        urgency = sort_buffer if cfg.gamma > 0 else np.zeros(n)
+        order = np.lexsort((snap.arrival, np.arange(n) >= nr, -snap.rate, -value, urgency))
+        if newcomers:
+            contender = np.ones(n, dtype=bool)
+            contender[newcomers] = False
+            order = order[contender[order]]
+        return Ranking(order, pages[order], load_s[order], order < nr, due, buffer_tokens), newcomers
 
-    def _adapt_working_set(self, state: SchedulerState) -> None:
+    def _is_locked(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, k: int,
+                   gate: tuple[CostEstimates, int], mu: float | None = None) -> bool:
+        """Position k is running and its buffer cannot cover a pause (evaluated only where the fill asks)."""
+        if not ranking.on_device[k]:
+            return False
+        if mu is None and k in ranking._locked:
+            return ranking._locked[k]
+        est, host_free = gate
+        i = int(ranking.order[k])
+        threshold = self.pause_threshold_tokens(snap.reqs[i], est, state.executor.page_size, host_free, mu)
+        locked = bool(ranking.buffer_tokens[i] < threshold)
+        if mu is None:
+            ranking._locked[k] = locked
+        return locked
+
+    def _adapt_working_set(self, snap: Snapshot, page_size: int, num_device_pages: int) -> None:
         """W_static = floor(M / beta) with beta the expected pages per live request, pulled toward the running
         count with rate lambda."""
-        live = (*state.running, *state.paused, *state.waiting)
-        expected = sum(len(r.prompt_ids) + r.sampling.max_tokens for r in live) / state.executor.page_size
-        beta = max(1.0, expected / max(1, len(live)))
-        static = math.floor(state.executor.num_device_pages / beta)
+        expected = int((snap.prompt_len + snap.max_tokens).sum()) / page_size
+        beta = max(1.0, expected / max(1, len(snap.reqs)))
+        static = math.floor(num_device_pages / beta)
         lam = self.config.adaptation_rate
-        self.working_set = max(1.0, (1 - lam) * static + lam * len(state.running))
+        self.working_set = max(1.0, (1 - lam) * static + lam * snap.num_running)
 
     @staticmethod
-    def projected_capacity(state: SchedulerState, est: CostEstimates, working_set: list[Request]) -> float:
+    def projected_capacity(ex: Executor, est: CostEstimates, expected_context: np.ndarray) -> float:
         """Gamma for the working set: tokens/s a decode batch of it sustains at the context it will hold on
-        average over the rest of its generation (prompt + half-way between now and max_tokens), not at the
-        short contexts right after a burst (the step grows as outputs do), with as many of it in the batch
-        as sequence slots and device memory allow at that context."""
-        ex = state.executor
-        mean_context = sum(len(r.prompt_ids) + (len(r.output_ids) + r.sampling.max_tokens) / 2
-                           for r in working_set) / len(working_set)  # fmt: skip
+        average over the rest of its generation (`expected_context`: prompt + half-way between now and
+        max_tokens), not at the short contexts right after a burst (the step grows as outputs do), with as many
+        of it in the batch as sequence slots and device memory allow at that context."""
+        mean_context = float(expected_context.mean())
         fits = max(1, int(ex.num_device_pages // pages_for(math.ceil(mean_context), ex.page_size)))
-        seqs = min(len(working_set), ex.max_num_seqs, fits)
+        seqs = min(expected_context.size, ex.max_num_seqs, fits)
         return seqs / max(est.decode_step_at(seqs, int(mean_context * seqs)), 1e-9)
 
-    def _update_overload(self, state: SchedulerState, est: CostEstimates) -> None:
+    def _update_overload(self, snap: Snapshot, ex: Executor, est: CostEstimates) -> None:
         """Schedulability: the working set's rates against Gamma at its projected context."""
-        if not state.running:
+        if not snap.num_running:
             self.overloaded, self._spare_rate = False, math.inf
             return
-        working_set = [*state.running, *state.paused]
-        demand = sum(r.rate for r in working_set)
+        ws = snap.holding_kv
+        demand = float(snap.rate[ws].sum())
         if self.config.project_capacity:
-            capacity = self.projected_capacity(state, est, working_set)
+            expected_context = snap.prompt_len[ws] + (snap.output_len[ws] + snap.max_tokens[ws]) / 2
+            capacity = self.projected_capacity(ex, est, expected_context)
         else:  # Gamma as measured now, at the running batch and its current contexts
-            capacity = est.decode_capacity_tok_s * len(state.running) / state.executor.max_num_seqs
+            capacity = est.decode_capacity_tok_s * snap.num_running / ex.max_num_seqs
         if demand > capacity:
             self.overloaded = True
         elif demand < self.config.capacity_hysteresis * capacity:
@@ -274,82 +329,90 @@ class TokenFlowPolicy:
         working_set = max(math.ceil(self.working_set or 1), len(state.running))
         return min(state.executor.max_num_seqs, working_set)
 
-    def _greedy_fill(self, state: SchedulerState, order: list[Candidate], io_budget_s: float,
-                     gate: tuple[CostEstimates, int]) -> list[bool]:
+    def _greedy_fill(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, io_budget_s: float,
+                     gate: tuple[CostEstimates, int]) -> tuple[np.ndarray, int]:
         """Most urgent first into sequence slots (at most W) and device pages; then every running request the
-        fill left out but whose buffer cannot cover a pause takes its place back from the least urgent."""
+        fill left out but whose buffer cannot cover a pause takes its place back from the least urgent.
+        Returns the chosen mask over positions and the pages it holds."""
         limit, capacity = self._slot_limit(state), state.executor.num_device_pages
-        chosen = [False] * len(order)
-        pages = count = 0
-        for i, c in enumerate(order):
-            if count >= limit or pages + c.pages > capacity:
+        pages, load_s = ranking.pages, ranking.load_s
+        # The longest prefix that fits at once (slots, pages, I/O budget) is taken as a whole.
+        cum_pages, cum_load = np.cumsum(pages), np.cumsum(load_s)
+        fits = (cum_pages <= capacity) & (cum_load <= io_budget_s) & (np.arange(pages.size) < limit)
+        prefix = pages.size if fits.all() else int(np.argmin(fits))
+        chosen = np.zeros(pages.size, dtype=bool)
+        chosen[:prefix] = True
+        used = count = 0
+        if prefix:
+            used, count, io_budget_s = int(cum_pages[prefix - 1]), prefix, io_budget_s - float(cum_load[prefix - 1])
+        # Beyond it, one by one; room and budget only shrink, so what does not fit now never will.
+        rest = prefix + np.flatnonzero((pages[prefix:] <= capacity - used) & (load_s[prefix:] <= io_budget_s))
+        for k, p, load in zip(rest.tolist(), pages[rest].tolist(), load_s[rest].tolist(), strict=True):
+            if count >= limit:
+                break
+            if used + p > capacity or load > io_budget_s:
                 continue
-            if c.load_s and not c.due:
-                if c.load_s > io_budget_s:
-                    continue  # the load engine is spoken for this interval
-                io_budget_s -= c.load_s
-            chosen[i], pages, count = True, pages + c.pages, count + 1
+            io_budget_s -= load
+            chosen[k], used, count = True, used + p, count + 1
         # A left-out running request that cannot cover a pause comes back, pushing out the least urgent
         # newcomers and comfortable paused streams; a paused stream due back may still displace it if its
         # buffer covers the bare round trip (mu = 1), else that stream yields too.
-        for i, c in enumerate(order):
-            if chosen[i] or not c.on_device or not self._is_locked(state, c, gate):
+        on_device, due = ranking.on_device, ranking.due[ranking.order]
+        for k in np.flatnonzero(~chosen & on_device).tolist():
+            p = int(pages[k])
+            if not self._is_locked(state, snap, ranking, k, gate):
                 continue
             for may_drop_due in (False, True):
-                if may_drop_due and not self._is_locked(state, c, gate, mu=1.0):
+                if may_drop_due and not self._is_locked(state, snap, ranking, k, gate, mu=1.0):
                     break
-                last = len(order) - 1
-                while (pages + c.pages > capacity or count >= limit) and last >= 0:
-                    d = order[last]
-                    if chosen[last] and not d.on_device and d.due == may_drop_due:
-                        chosen[last], pages, count = False, pages - d.pages, count - 1
+                last = pages.size - 1
+                while (used + p > capacity or count >= limit) and last >= 0:
+                    if chosen[last] and not on_device[last] and due[last] == may_drop_due:
+                        chosen[last], used, count = False, used - int(pages[last]), count - 1
                     last -= 1
-                if pages + c.pages <= capacity and count < limit:
-                    chosen[i], pages, count = True, pages + c.pages, count + 1
+                if used + p <= capacity and count < limit:
+                    chosen[k], used, count = True, used + p, count + 1
                     break
-        self._used = pages, count
-        return chosen
+        return chosen, used
 
-    def _fill_free_room(self, state: SchedulerState, newcomers: dict[int, Candidate]) -> None:
-        """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs: as memory
-        allows now, beyond W)."""
-        limit, capacity = state.executor.max_num_seqs, state.executor.num_device_pages
-        pages, count = self._used
-        desired = set(self._desired)
-        for req in state.paused:  # the working set's paused streams will need their room back
-            if req.request_id not in desired:
-                pages, count = pages + pages_for(req.num_tokens, state.executor.page_size), count + 1
-        for req in state.waiting:
-            c = newcomers.get(id(req))
-            if c is None:
-                continue
-            if count >= limit or pages + c.pages > capacity:
-                break
-            pages, count = pages + c.pages, count + 1
-            self._desired.append(req.request_id)
-
-    def _local_search(self, state: SchedulerState, order: list[Candidate], chosen: list[bool],
-                      gate: tuple[CostEstimates, int]) -> None:
-        """Adjacent swaps across the boundary, kept when the pages they free let one more request run."""
-        capacity = state.executor.num_device_pages
-        pages, count = self._used
+    def _local_search(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, chosen: np.ndarray,
+                      used: int, gate: tuple[CostEstimates, int]) -> int:
+        """Adjacent swaps across the boundary, kept when the pages they free let one more request run
+        (`chosen` is updated in place; returns the pages then held)."""
+        capacity, pages = state.executor.num_device_pages, ranking.pages
         for _ in range(self.config.local_search_iters):
             improved = False
-            for i in range(len(order) - 1):
-                a, b = order[i], order[i + 1]
-                if not chosen[i] or chosen[i + 1] or b.pages >= a.pages or self._is_locked(state, a, gate):
+            boundary = np.flatnonzero(chosen[:-1] & ~chosen[1:] & (pages[1:] < pages[:-1]))
+            for k in boundary.tolist():
+                if self._is_locked(state, snap, ranking, k, gate):
                     continue
-                room = capacity - (pages - a.pages + b.pages)
-                extra = next((j for j in range(i + 2, len(order)) if not chosen[j] and order[j].pages <= room), None)
-                if extra is not None:
-                    chosen[i], chosen[i + 1], chosen[extra] = False, True, True
-                    pages += b.pages - a.pages + order[extra].pages
-                    count += 1
+                room = capacity - (used - int(pages[k]) + int(pages[k + 1]))
+                fits = np.flatnonzero(~chosen[k + 2:] & (pages[k + 2:] <= room))
+                if fits.size:
+                    extra = k + 2 + int(fits[0])
+                    chosen[k], chosen[k + 1], chosen[extra] = False, True, True
+                    used += int(pages[k + 1] - pages[k] + pages[extra])
                     improved = True
                     break
             if not improved:
                 break
-        self._used = pages, count
+        return used
+
+    def _fill_free_room(self, snap: Snapshot, ranking: Ranking, chosen: np.ndarray, newcomers: list[int],
+                        used: int, ex: Executor) -> None:
+        """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs: as memory
+        allows now, beyond W), after the room the working set's left-out paused streams will need back."""
+        if not newcomers:
+            return
+        order, nr = ranking.order, snap.num_running
+        left_out_paused = ~chosen & (order >= nr) & (order < nr + snap.num_paused)
+        used += int(ranking.pages[left_out_paused].sum())
+        count = int(chosen.sum()) + int(left_out_paused.sum())
+        new_pages = snap.pages(ex.page_size)[newcomers]
+        fits = ((used + np.cumsum(new_pages) <= ex.num_device_pages)
+                & (count + np.arange(1, len(newcomers) + 1) <= ex.max_num_seqs))  # fmt: skip
+        admitted = len(newcomers) if fits.all() else int(np.argmin(fits))
+        self._desired += snap.rids[newcomers[:admitted]].tolist()
 
     # ---- the iteration's plan
     def plan(self, state: SchedulerState) -> StepPlan:
