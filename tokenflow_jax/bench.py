@@ -4,6 +4,11 @@
         [--num-requests N] [--burst-size B] [--request-rate R] [--burstiness G]
         [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC]
         [--schedulers tokenflow,fcfs,sglang,andes] [--executor engine|sim] [--kv-pages N] [--seed S] [--out DIR]
+    python -m tokenflow_jax.bench --executor sim --paper-setup "h200 llama3-8b burst 400 short"
+        [--sim-kernels naive|roofline] [--rate R | --rate-mix SPEC]
+
+`--paper-setup` replays one of the paper's setups (`tokenflow_jax.paper_setups`: its workload, GPU and model
+profile, and engine limits) on the simulator; `python -m tokenflow_jax.paper_setups` runs them all.
 
 Writes DIR/results.json (per scheduler: its config and `metrics.summarize` dict), DIR/table.txt and plots
 (buffer occupancy per request, TTFT CDF, effective vs token throughput).
@@ -213,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {name: {option: value}}, e.g. {"andes": {"interval": 4}}')
     p.add_argument("--executor", choices=("engine", "sim"), default="engine")
     p.add_argument("--sim-profile", default="h100-llama3-8b", help="cost profile of the simulator")
+    p.add_argument("--paper-setup", default=None,
+                   help="with --executor sim: the paper setup whose name contains this text, e.g. 'rtx4090 "
+                        "llama3-8b burst 80 long' (its workload, profile and limits replace the workload flags)")
+    p.add_argument("--sim-kernels", choices=("naive", "roofline"), default="naive",
+                   help="--paper-setup profile: this engine's naive XLA decode, or the HBM floor")
     p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (default: 1/3 of the workload)")
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (default: the whole workload)")
     p.add_argument("--page-size", type=int, default=16)
@@ -228,13 +238,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
+    """(specs, simulator, limits) of the one paper setup `--paper-setup` names."""
+    from tokenflow_jax.paper_setups import MAX_MODEL_LEN, paper_setups
+    from tokenflow_jax.sim import SimExecutor
+
+    if args.executor != "sim":
+        raise SystemExit("--paper-setup runs on the simulator: add --executor sim")
+    setups = paper_setups(("llama3-8b", "qwen2.5-32b"))
+    matches = [s for s in setups if args.paper_setup in s.name]
+    if len(matches) != 1:
+        names = "\n  ".join(s.name for s in setups)
+        raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
+    setup = matches[0]
+    specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
+    ex = SimExecutor(setup.profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN)
+    limits = dict(kv_pages=ex.num_device_pages, host_kv_pages=ex.num_host_pages, max_model_len=ex.max_model_len,
+                  page_size=ex.page_size, max_num_seqs=ex.max_num_seqs, max_batch_tokens=ex.max_batch_tokens)
+    print(f"paper setup: {setup.name} (profile {setup.profile(args.sim_kernels)})")
+    return specs, ex, limits
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    specs = workload_specs(args)
-    if not specs:
-        raise SystemExit("the workload is empty")
+    executor = None
+    if args.paper_setup is not None:
+        specs, executor, limits = paper_setup_run(args)
+    else:
+        specs = workload_specs(args)
+        if not specs:
+            raise SystemExit("the workload is empty")
+        limits = engine_limits(args, specs)
     names = available_schedulers([n.strip() for n in args.schedulers.split(",") if n.strip()])
-    limits = engine_limits(args, specs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {**{k: v for k, v in vars(args).items() if k not in ("plots", "progress")}, **limits,
@@ -242,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{len(specs)} requests ({args.workload}), schedulers {', '.join(names)}, executor {args.executor}, "
           f"{limits['kv_pages']} device / {limits['host_kv_pages']} host KV pages of {args.page_size} tokens")
     t0 = time.perf_counter()
-    executor, eos = build_executor(args, limits)
+    executor, eos = (executor, frozenset()) if executor is not None else build_executor(args, limits)
     print(f"executor ready in {time.perf_counter() - t0:.1f} s")
     runs = compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
                    configs=json.loads(args.scheduler_config), time_limit=args.time_limit,

@@ -75,6 +75,21 @@ def test_simulator_executor() -> None:
     assert all(s["completed"] == N for s in summaries.values())
 
 
+def test_paper_setup_on_the_simulator() -> None:
+    out = Path(tempfile.mkdtemp())
+    summaries = bench.main(["--executor", "sim", "--paper-setup", "rtx4090 llama3-8b burst 60", "--sim-kernels",
+                            "roofline", "--schedulers", "fcfs,tokenflow", "--no-plots", "--no-progress",
+                            "--out", str(out)])  # fmt: skip
+    assert all(s["completed"] == 60 for s in summaries.values())  # the paper's 60-request burst
+    config = json.loads((out / "results.json").read_text())["tokenflow"]["config"]
+    assert config["paper_setup"] == "rtx4090 llama3-8b burst 60" and config["max_num_seqs"] == 256
+    assert summaries["tokenflow"]["preemptions_swap"] > 0  # memory-bound: it pauses streams to admit others
+    with pytest.raises(SystemExit, match="matches 4 setups"):
+        bench.main(["--executor", "sim", "--paper-setup", "h200 llama3-8b"])
+    with pytest.raises(SystemExit, match="add --executor sim"):
+        bench.main(["--paper-setup", "rtx4090 llama3-8b burst 60"])
+
+
 def test_defaults_size_the_pool_to_a_third_of_the_workload() -> None:
     args = bench.build_parser().parse_args([])
     specs = bench.workload_specs(args)
