@@ -147,6 +147,7 @@ class TokenFlowPolicy:
         self.overloaded = False  # demand > Gamma: newcomers only take free room (hysteresis)
         self.decisions = 0
         self._desired: list[str] = []  # the last decision's running set, most urgent first
+        self._victims: list[str] = []  # running requests the last decision left out, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
         self._last_decision = -math.inf
         self._known: set[str] = set()
@@ -418,11 +419,13 @@ class TokenFlowPolicy:
     def plan(self, state: SchedulerState) -> StepPlan:
         est = state.executor.estimates()
         if not self.is_stressed(state):
-            self._desired = []
+            self._desired, self._victims = [], []
             return self._schedule(state, est, [], [], fcfs=True)
-        victims: list[Request] = []
         if self._decision_due(state, est):
-            victims = self.rebalance(state, est)
+            self._victims = [r.request_id for r in self.rebalance(state, est)]
+        pending = set(self._victims)
+        victims = [r for r in state.running if r.request_id in pending]
+        victims.sort(key=lambda r: self._victims.index(r.request_id))
         rank = {rid: i for i, rid in enumerate(self._desired)}
         entrants = sorted((r for r in (*state.paused, *state.waiting) if r.request_id in rank),
                           key=lambda r: rank[r.request_id])  # fmt: skip
@@ -430,49 +433,68 @@ class TokenFlowPolicy:
 
     def _schedule(self, state: SchedulerState, est: CostEstimates, victims: list[Request],
                   entrants: list[Request], *, fcfs: bool) -> StepPlan:
-        """Every running request steps; entrants follow in urgency order; newcomers too in fcfs mode."""
+        """Every running request steps; entrants follow in urgency order; newcomers too in fcfs mode. A victim
+        of the decision is preempted only when an entrant (or a page shortage) needs its room this step."""
         plan = StepPlan()
         budget = budget_for(state)
         host_free = [state.executor.free_host_pages()]
-        for req in victims:
-            self._preempt(state, plan, budget, req, est, host_free)
-        gone = set(plan.swap_out) | set(plan.recompute_out)
-        running = [r for r in state.running if r.request_id not in gone]
+        # Pausing is instant but loads trickle in a step at a time: pausing ahead of need only shrinks the batch.
+        pending = list(victims)  # least urgent last: popped first
+        gone: set[str] = set()
         taken: dict[str, int] = {}  # pages each scheduled request takes this step
+
+        def preempt(victim: Request) -> None:
+            if victim.request_id in plan.schedule:  # already stepped this iteration: undo that
+                budget.tokens += plan.schedule.pop(victim.request_id)
+                budget.seqs += 1
+                budget.pages += taken.pop(victim.request_id)
+            self._preempt(state, plan, budget, victim, est, host_free)
+            gone.add(victim.request_id)
+            if victim in pending:
+                pending.remove(victim)
+
+        running = list(state.running)
         for req in running:
             if req.request_id in gone:
                 continue
             n, pages = budget.chunk(state, req)
             if n <= 0 or budget.seqs <= 0:
                 continue
-            while pages > budget.pages:  # out of pages mid-decode: the largest buffer goes
+            while pages > budget.pages:  # out of pages mid-decode: the decision's victims go first
                 staying = [r for r in running if r.request_id not in gone]
                 # Unschedulable: nobody can be kept fed, so do as fcfs does (the latest admitted yields) rather
                 # than rotate the largest buffer out and back in, which only adds transfers.
-                victim = staying[-1] if self.overloaded else self._largest_buffer(state, staying)
-                if victim.request_id in plan.schedule:  # already stepped this iteration: undo that
-                    budget.tokens += plan.schedule.pop(victim.request_id)
-                    budget.seqs += 1
-                    budget.pages += taken.pop(victim.request_id)
-                self._preempt(state, plan, budget, victim, est, host_free)
-                gone.add(victim.request_id)
+                victim = pending[-1] if pending else (
+                    staying[-1] if self.overloaded else self._largest_buffer(state, staying))
+                preempt(victim)
                 if victim is req:
                     break
             if req.request_id not in gone:
                 budget.take(plan, req, n, pages)
                 taken[req.request_id] = pages
         load_budget_s = est.decode_step_s  # loads that one step of compute hides; the rest wait a step
+        # W: an entrant beyond it takes a victim's slot; overloaded, only memory does (fill it, as fcfs would).
+        slots, entered = state.executor.max_num_seqs if self.overloaded else math.ceil(self.working_set or 1), 0
         for req in entrants:
-            n, pages = budget.chunk(state, req)
-            if budget.seqs <= 0 or n <= 0 or pages > budget.pages:
-                continue
+            load_s = 0.0
             if req.status is RequestStatus.PAUSED:
                 load_s = pages_for(req.num_computed, state.executor.page_size) * est.swap_in_per_page_s
                 if plan.swap_in and load_s > load_budget_s:
                     continue
+            n, pages = budget.chunk(state, req)
+            room = budget.pages + sum(len(v.device_pages) for v in pending)
+            while pending and pages <= room and (budget.seqs <= 0 or pages > budget.pages
+                                                 or len(state.running) - len(gone) + entered >= slots):
+                preempt(pending[-1])
+            n, pages = budget.chunk(state, req)
+            if budget.seqs <= 0 or n <= 0 or pages > budget.pages:
+                continue
+            if req.status is RequestStatus.PAUSED:
                 load_budget_s -= load_s
                 plan.swap_in.append(req.request_id)
             budget.take(plan, req, n, pages)
+            taken[req.request_id] = pages
+            entered += 1
         if fcfs:
             admit_in_order(state, plan, budget, list(state.waiting))
         return plan
