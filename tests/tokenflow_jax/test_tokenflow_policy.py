@@ -219,6 +219,36 @@ def test_out_of_pages_mid_decode_preempts_the_largest_buffer():
     assert preempted(plan) == {"b"} and plan.schedule == {"a": 1}
 
 
+def test_a_victim_is_paused_only_when_an_entrant_takes_its_room():
+    # Both paused streams are due and both running ones may pause, but a load outlasts a step, so only one
+    # stream loads now: only one running request yields (pausing both would leave a batch of one).
+    w = World(max_num_seqs=2)
+    w.add("a", RequestStatus.RUNNING, buffer_s=4.0)
+    w.add("b", RequestStatus.RUNNING, buffer_s=6.0)
+    w.add("p1", RequestStatus.PAUSED, buffer_s=0.1, arrival=1.0)
+    w.add("p2", RequestStatus.PAUSED, buffer_s=0.1, arrival=2.0)
+    w.estimates(decode_step_s=0.02, swap_in_per_page_s=0.01)  # ~3 pages: a 30 ms load for a 20 ms step
+    policy = TokenFlowPolicy()
+    plan = policy.plan(w.state())
+    assert len(plan.swap_in) == 1 and preempted(plan) == {"b"}
+    assert set(plan.schedule) == {"a", *plan.swap_in}
+
+
+def test_hopeless_overload_plans_exactly_as_fcfs():
+    # A 60 ms step at any batch: no 20 tok/s reader can be kept fed, so rotating buffers only adds transfers.
+    w = World(max_num_seqs=2)
+    w.add("a", RequestStatus.RUNNING, buffer_s=4.0)
+    w.add("b", RequestStatus.RUNNING, buffer_s=9.0)
+    w.add("p", RequestStatus.PAUSED, buffer_s=0.1)
+    w.add("new", RequestStatus.WAITING, arrival=5.0)
+    w.estimates(decode_step_s=0.06, decode_step_model=(0.06, 0.0, 0.0))
+    policy = TokenFlowPolicy()
+    plan = policy.plan(w.state())
+    assert policy.hopeless
+    assert plan == make_policy("fcfs").plan(w.state())
+    assert not preempted(plan) and plan.schedule == {"a": 1, "b": 1}
+
+
 def test_decides_at_most_every_interval_between_events():
     w = World(max_num_seqs=1)
     w.add("old", RequestStatus.RUNNING, buffer_s=0.2, generated=5)

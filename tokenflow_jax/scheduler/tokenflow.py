@@ -14,9 +14,11 @@ resume deadlines:
    `io_fraction` of an interval of loads;
 3. admission gate: a running request may be paused for a newcomer only if its buffer covers the round trip,
    b_j >= mu r_j (t_evict + t_load + t_schedule); for a paused stream due back, mu = 1. Those left out are
-   the largest buffers;
+   the largest buffers, and each is paused only when an entrant needs its slot (beyond W) or its pages;
 4. schedulability: newcomers displace nobody while the working set's rates exceed the decode capacity Gamma
-   (fcfs-like memory-aware admission only, until demand falls below `capacity_hysteresis` Gamma).
+   (fcfs-like memory-aware admission only, until demand falls below `capacity_hysteresis` Gamma); and when
+   even the batch memory allows cannot outpace its readers (r x step >= 1: compute-bound overload), no order
+   keeps anyone fed, so the plan is exactly fcfs's.
 
 A paused stream is due back once its reader would run dry within its load time plus a margin; it then sorts
 as urgent as a newcomer. Loads are spread so one step's compute hides them. Each preemption picks swap (host
@@ -31,7 +33,7 @@ import math
 import numpy as np
 
 from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
-from tokenflow_jax.scheduler.fcfs import TokenBudget, admit_in_order, budget_for
+from tokenflow_jax.scheduler.fcfs import FCFSPolicy, TokenBudget, admit_in_order, budget_for
 from tokenflow_jax.scheduler.interface import CostEstimates, Executor, SchedulerState, StepPlan, pages_for
 from tokenflow_jax.scheduler.request import Request, RequestStatus
 
@@ -143,8 +145,10 @@ class TokenFlowPolicy:
 
     def __init__(self, **config: float) -> None:
         self.config = TokenFlowConfig(**config)  # an unknown key raises TypeError
+        self._fcfs = FCFSPolicy()
         self.working_set: float | None = None  # W, set at each decision
         self.overloaded = False  # demand > Gamma: newcomers only take free room (hysteresis)
+        self.hopeless = False  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
         self.decisions = 0
         self._desired: list[str] = []  # the last decision's running set, most urgent first
         self._victims: list[str] = []  # running requests the last decision left out, most urgent first
@@ -297,26 +301,36 @@ class TokenFlowPolicy:
         self.working_set = max(1.0, (1 - lam) * static + lam * snap.num_running)
 
     @staticmethod
-    def projected_capacity(ex: Executor, est: CostEstimates, expected_context: np.ndarray) -> float:
-        """Gamma for the working set: tokens/s a decode batch of it sustains at the context it will hold on
-        average over the rest of its generation (`expected_context`: prompt + half-way between now and
-        max_tokens), not at the short contexts right after a burst (the step grows as outputs do), with as many
-        of it in the batch as sequence slots and device memory allow at that context."""
+    def projected_step(ex: Executor, est: CostEstimates, expected_context: np.ndarray) -> tuple[int, float]:
+        """(sequences, seconds) of the decode step a working set will run: at the context it will hold on average
+        over the rest of its generation (`expected_context`: prompt + half-way between now and max_tokens), not
+        at the short contexts right after a burst (the step grows as outputs do), with as many of it in the
+        batch as sequence slots and device memory allow at that context."""
         mean_context = float(expected_context.mean())
         fits = max(1, int(ex.num_device_pages // pages_for(math.ceil(mean_context), ex.page_size)))
         seqs = min(expected_context.size, ex.max_num_seqs, fits)
-        return seqs / max(est.decode_step_at(seqs, int(mean_context * seqs)), 1e-9)
+        return seqs, est.decode_step_at(seqs, int(mean_context * seqs))
+
+    @staticmethod
+    def expected_context(snap: Snapshot, which: slice) -> np.ndarray:
+        return snap.prompt_len[which] + (snap.output_len[which] + snap.max_tokens[which]) / 2
 
     def _update_overload(self, snap: Snapshot, ex: Executor, est: CostEstimates) -> None:
-        """Schedulability: the working set's rates against Gamma at its projected context."""
+        """Schedulability: the working set's rates against Gamma at its projected context; hopeless when even
+        its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
+        which = snap.holding_kv if snap.num_running + snap.num_paused else slice(0, len(snap.reqs))
+        self.hopeless = False
+        if self.config.project_capacity and len(snap.reqs):
+            _, step_s = self.projected_step(ex, est, self.expected_context(snap, which))
+            self.hopeless = float(snap.rate[which].min()) * step_s >= 1.0
         if not snap.num_running:
             self.overloaded, self._spare_rate = False, math.inf
             return
         ws = snap.holding_kv
         demand = float(snap.rate[ws].sum())
         if self.config.project_capacity:
-            expected_context = snap.prompt_len[ws] + (snap.output_len[ws] + snap.max_tokens[ws]) / 2
-            capacity = self.projected_capacity(ex, est, expected_context)
+            seqs, step_s = self.projected_step(ex, est, self.expected_context(snap, ws))
+            capacity = seqs / max(step_s, 1e-9)
         else:  # Gamma as measured now, at the running batch and its current contexts
             capacity = est.decode_capacity_tok_s * snap.num_running / ex.max_num_seqs
         if demand > capacity:
@@ -423,6 +437,9 @@ class TokenFlowPolicy:
             return self._schedule(state, est, [], [], fcfs=True)
         if self._decision_due(state, est):
             self._victims = [r.request_id for r in self.rebalance(state, est)]
+        if self.hopeless:
+            self._desired, self._victims = [], []
+            return self._fcfs.plan(state)
         pending = set(self._victims)
         victims = [r for r in state.running if r.request_id in pending]
         victims.sort(key=lambda r: self._victims.index(r.request_id))
