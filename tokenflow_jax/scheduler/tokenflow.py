@@ -512,6 +512,9 @@ class TokenFlowPolicy:
             budget.take(plan, req, n, pages)
             taken[req.request_id] = pages
             entered += 1
+        if plan.swap_out and pending:  # a swap-out waits for the copy engine's backlog: pay that once per step
+            for _ in range(min(len(pending), sum(r.request_id not in plan.schedule for r in entrants))):
+                preempt(pending[-1])
         if fcfs:
             admit_in_order(state, plan, budget, list(state.waiting))
         return plan
