@@ -440,9 +440,8 @@ class TokenFlowPolicy:
         if self.hopeless:
             self._desired, self._victims = [], []
             return self._fcfs.plan(state)
-        pending = set(self._victims)
-        victims = [r for r in state.running if r.request_id in pending]
-        victims.sort(key=lambda r: self._victims.index(r.request_id))
+        order = {rid: i for i, rid in enumerate(self._victims)}
+        victims = sorted((r for r in state.running if r.request_id in order), key=lambda r: order[r.request_id])
         rank = {rid: i for i, rid in enumerate(self._desired)}
         entrants = sorted((r for r in (*state.paused, *state.waiting) if r.request_id in rank),
                           key=lambda r: rank[r.request_id])  # fmt: skip
