@@ -148,17 +148,20 @@ def test_paused_stream_with_comfortable_buffer_waits():
 
 
 def test_schedulability_fallback_when_rates_exceed_capacity():
+    # Memory-bound overload: three streams at 20 tok/s (60 tok/s) in the working set, two sequence slots. A 40 ms
+    # step outpaces each reader (not hopeless), but two slots sustain only 2 / 0.04 = 50 tok/s < 60.
     w = World(max_num_seqs=2)
     w.add("a", RequestStatus.RUNNING, buffer_s=5.0)
     w.add("b", RequestStatus.RUNNING, buffer_s=9.0)
+    w.add("p", RequestStatus.PAUSED, buffer_s=12.0)
     w.add("new", RequestStatus.WAITING, arrival=5.0)
-    w.estimates(decode_capacity_tok_s=30.0)  # 2 running at 20 tok/s = 40 > 30 * 2/2
+    w.estimates(decode_capacity_tok_s=50.0)
     policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
-    assert policy.overloaded
+    assert policy.overloaded and not policy.hopeless
     assert not preempted(plan) and "new" not in plan.schedule
-    # Hysteresis: back under capacity but not under 0.9 of it keeps the fallback.
-    w.estimates(decode_capacity_tok_s=42.0)
+    # Hysteresis: back under capacity (62 > 60) but not under 0.9 of it keeps the fallback.
+    w.estimates(decode_capacity_tok_s=62.0)
     policy._last_decision = -1e9
     policy.plan(w.state())
     assert policy.overloaded
@@ -186,12 +189,20 @@ def test_schedulability_projects_capacity_to_the_context_outputs_will_reach():
 
 
 def test_fallback_still_admits_into_free_room():
-    w = World(max_num_seqs=3)
+    # 60 tok/s of readers (a, p1, p2); at the context they will reach (~350 tokens, 22 pages) 60 device pages
+    # hold two of them: 2 / 0.04 s = 50 tok/s, overloaded but not hopeless. Today's short contexts leave a slot
+    # and pages free besides the room p2 will need back: the newcomer takes them, displacing nobody.
+    w = World(max_num_seqs=4, device_pages=60)
     w.add("a", RequestStatus.RUNNING, buffer_s=5.0)
+    w.add("p1", RequestStatus.PAUSED, buffer_s=0.1)  # due back
+    w.add("p2", RequestStatus.PAUSED, buffer_s=12.0)
     w.add("new", RequestStatus.WAITING, arrival=5.0)
-    w.estimates(decode_capacity_tok_s=1.0)
-    plan = TokenFlowPolicy().plan(w.state())
-    assert "new" in plan.schedule and not preempted(plan)
+    w.estimates(decode_capacity_tok_s=100.0)  # flat 4 / 100 = 40 ms step
+    policy = TokenFlowPolicy()
+    plan = policy.plan(w.state())
+    assert policy.overloaded and not policy.hopeless
+    assert "new" in plan.schedule and "p1" in plan.swap_in and not preempted(plan)
+    assert "p2" not in plan.schedule
 
 
 @pytest.mark.parametrize("changes, host_pages, expect", [
