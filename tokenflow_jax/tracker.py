@@ -12,11 +12,11 @@ and every query is O(log n) (a bisect over the sorted generation and read times)
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import math
 import numbers
 from array import array
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -109,8 +109,7 @@ class VirtualBuffer:
         return max(0.0, self._read_times[generated - 1] - now)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrackedColumns:
+class TrackedColumns(NamedTuple):
     """Per-request figures of many tracked requests as arrays (one row per requested id, in that order)."""
 
     rate: np.ndarray

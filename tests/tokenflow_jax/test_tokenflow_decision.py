@@ -58,9 +58,15 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     contenders.sort(key=lambda c: c["key"])
     host_free = ex.free_host_pages()
 
-    def locked(c, mu=None):
-        return c["req"].status is running and c["buffer"] < policy.pause_threshold_tokens(
-            c["req"], est, ex.page_size, host_free, mu)
+    def locked(c, mu=None):  # b_j < mu r_j (t_evict + t_load + t_schedule), the cheaper of swap and recompute
+        req = c["req"]
+        if policy.should_swap(req, est, ex.page_size, host_free):
+            round_trip = policy.swap_cost_s(req, est, ex.page_size)
+        else:
+            round_trip = policy.recompute_cost_s(req, est)
+        t_schedule = est.pending_transfer_s + policy.resume_lead_s(est)
+        mu = cfg.mu if mu is None else mu
+        return req.status is running and c["buffer"] < mu * req.rate * (round_trip + t_schedule)
 
     limit, capacity, budget = policy._slot_limit(state), ex.num_device_pages, cfg.io_fraction * cfg.reschedule_interval
     chosen, used, count = [False] * len(contenders), 0, 0

@@ -109,12 +109,13 @@ class Snapshot:
         return slice(0, self.num_running + self.num_paused)
 
     def buffer_tokens(self) -> np.ndarray:
-        # Unread tokens are read 1/r apart up to the last one, so the buffer follows from its read time.
-        return np.ceil(self.dry_in * self.rate - 1e-9).astype(np.int64)
+        """Unread tokens (whole numbers, as floats): they are read 1/r apart up to the last one, so the buffer
+        follows from the last read time."""
+        return np.ceil(self.dry_in * self.rate - 1e-9)
 
     def pages(self, page_size: int) -> np.ndarray:
         """Device pages each holds or needs for its context (a token sampled but not read yet aside)."""
-        return -(-(self.prompt_len + self.output_len) // page_size)
+        return (self.prompt_len + self.output_len + (page_size - 1)) // page_size
 
 
 def token_values(buffer_tokens: np.ndarray, output_len: np.ndarray) -> np.ndarray:
@@ -137,7 +138,7 @@ class Ranking:
     on_device: np.ndarray  # per position
     due: np.ndarray  # per snapshot index: paused, and its reader runs dry unless it is loaded now
     buffer_tokens: np.ndarray  # per snapshot index
-    _locked: dict[int, bool] = dataclasses.field(default_factory=dict)
+    gate_s: dict[int, float] = dataclasses.field(default_factory=dict)  # per position, where computed
 
 
 class TokenFlowPolicy:
@@ -179,17 +180,6 @@ class TokenFlowPolicy:
     def resume_lead_s(self, est: CostEstimates) -> float:
         """How long before a paused reader runs dry (beyond its load time) the stream must be back."""
         return max(self.config.resume_margin_s, 2 * est.decode_step_s)
-
-    def pause_threshold_tokens(self, req: Request, est: CostEstimates, page_size: int, host_free: int,
-                               mu: float | None = None) -> float:
-        """Admission gate: a running request may pause for a newcomer only with
-        b_j >= mu r_j (t_evict + t_load + t_schedule) tokens (mu = 1 for a paused stream due back)."""
-        if self.should_swap(req, est, page_size, host_free):
-            round_trip = self.swap_cost_s(req, est, page_size)
-        else:
-            round_trip = self.recompute_cost_s(req, est)
-        t_schedule = est.pending_transfer_s + self.resume_lead_s(est)
-        return (self.config.mu if mu is None else mu) * req.rate * (round_trip + t_schedule)
 
     # ---- when to decide
     def is_stressed(self, state: SchedulerState) -> bool:
@@ -235,10 +225,15 @@ class TokenFlowPolicy:
         chosen, used = self._greedy_fill(state, snap, ranking, cfg.io_fraction * cfg.reschedule_interval, gate)
         used = self._local_search(state, snap, ranking, chosen, used, gate)
         order = ranking.order
-        self._desired = snap.rids[order[chosen]].tolist()
+        victims: list[Request] = []
+        if chosen.all():  # every contender fits: nobody to pause
+            self._desired = snap.rids[order].tolist()
+        else:
+            self._desired = snap.rids[order[chosen]].tolist()
+            left_out = order[~chosen]
+            victims = [snap.reqs[i] for i in left_out[left_out < snap.num_running].tolist()]
         self._fill_free_room(snap, ranking, chosen, newcomers, used, ex)
-        left_out = order[~chosen]
-        return [snap.reqs[i] for i in left_out[left_out < snap.num_running].tolist()]
+        return victims
 
     def _rank(self, snap: Snapshot, est: CostEstimates, page_size: int) -> tuple[Ranking, list[int]]:
         """Contenders by urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival.
@@ -248,12 +243,12 @@ class TokenFlowPolicy:
         pages = snap.pages(page_size)
         sort_buffer = dry_in.copy()
         np.maximum(dry_in[:nr] - cfg.stickiness_s, 0.0, out=sort_buffer[:nr])
-        load_s = np.zeros(n)
-        load_s[paused] = pages[paused] * est.swap_in_per_page_s
-        due = np.zeros(n, dtype=bool)
-        due[paused] = dry_in[paused] <= load_s[paused] + self.resume_lead_s(est)
-        sort_buffer[due] = 0.0  # due back: as urgent as a newcomer
-        load_s[due] = 0.0  # and loads regardless of the I/O budget
+        load_s, due = np.zeros(n), np.zeros(n, dtype=bool)
+        if snap.num_paused:
+            paused_load = pages[paused] * est.swap_in_per_page_s
+            paused_due = due[paused] = dry_in[paused] <= paused_load + self.resume_lead_s(est)
+            sort_buffer[paused][paused_due] = 0.0  # due back: as urgent as a newcomer
+            load_s[paused] = np.where(paused_due, 0.0, paused_load)  # and loads regardless of the I/O budget
         # Newcomers may displace others only while everyone stays schedulable (rates within Gamma).
         first_waiting = nr + snap.num_paused
         newcomers = (np.flatnonzero(snap.output_len[first_waiting:] == 0) + first_waiting).tolist()
@@ -276,19 +271,36 @@ class TokenFlowPolicy:
             order = order[contender[order]]
         return Ranking(order, pages[order], load_s[order], order < nr, due, buffer_tokens), newcomers
 
-    def _is_locked(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, k: int,
-                   gate: tuple[CostEstimates, int], mu: float | None = None) -> bool:
-        """Position k is running and its buffer cannot cover a pause (evaluated only where the fill asks)."""
-        if not ranking.on_device[k]:
-            return False
-        if mu is None and k in ranking._locked:
-            return ranking._locked[k]
-        est, host_free = gate
-        i = int(ranking.order[k])
-        threshold = self.pause_threshold_tokens(snap.reqs[i], est, state.executor.page_size, host_free, mu)
-        locked = bool(ranking.buffer_tokens[i] < threshold)
-        if mu is None:
-            ranking._locked[k] = locked
+    def gate_seconds(self, reqs: list[Request], est: CostEstimates, page_size: int, host_free: int) -> np.ndarray:
+        """Admission gate: a running request may pause for a newcomer only with b_j >= mu r_j (t_evict + t_load +
+        t_schedule) tokens (mu = 1 for a paused stream due back). This is the time factor for many requests at
+        once: the round trip (swap or recompute, as `should_swap` picks) + t_schedule, in seconds."""
+        computed = np.array([r.num_computed for r in reqs], dtype=np.int64)
+        synced = np.array([r.num_host_synced for r in reqs], dtype=np.int64)
+        on_host = np.array([len(r.host_pages) for r in reqs], dtype=np.int64)
+        total = (computed + (page_size - 1)) // page_size
+        swap = (est.pending_transfer_s + (total - synced // page_size) * est.swap_out_per_page_s
+                + total * est.swap_in_per_page_s)  # fmt: skip
+        recompute = computed * est.prefill_per_token_s
+        can_swap = (computed > 0) & (total - on_host <= host_free) & (swap <= recompute)
+        return np.where(can_swap, swap, recompute) + (est.pending_transfer_s + self.resume_lead_s(est))
+
+    def _locked(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, positions: np.ndarray,
+                gate: tuple[CostEstimates, int], mu: float | None = None) -> np.ndarray:
+        """Which of `positions` are running with a buffer that cannot cover a pause (b < mu r t_gate); the gate
+        is computed once per position, only where the fill asks."""
+        positions = positions[ranking.on_device[positions]]
+        todo = [k for k in positions.tolist() if k not in ranking.gate_s]
+        if todo:
+            est, host_free = gate
+            seconds = self.gate_seconds([snap.reqs[i] for i in ranking.order[todo].tolist()], est,
+                                        state.executor.page_size, host_free)  # fmt: skip
+            ranking.gate_s.update(zip(todo, seconds.tolist(), strict=True))
+        mu = self.config.mu if mu is None else mu
+        rows = ranking.order[positions]
+        gate_s = np.array([ranking.gate_s[k] for k in positions.tolist()])
+        locked = np.zeros(ranking.order.size, dtype=bool)
+        locked[positions] = ranking.buffer_tokens[rows] < mu * snap.rate[rows] * gate_s
         return locked
 
     def _adapt_working_set(self, snap: Snapshot, page_size: int, num_device_pages: int) -> None:
@@ -319,17 +331,16 @@ class TokenFlowPolicy:
         """Schedulability: the working set's rates against Gamma at its projected context; hopeless when even
         its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
         which = snap.holding_kv if snap.num_running + snap.num_paused else slice(0, len(snap.reqs))
-        self.hopeless = False
-        if self.config.project_capacity and len(snap.reqs):
-            _, step_s = self.projected_step(ex, est, self.expected_context(snap, which))
-            self.hopeless = float(snap.rate[which].min()) * step_s >= 1.0
+        rates = snap.rate[which]
+        self.hopeless, seqs, step_s = False, 0, 0.0
+        if self.config.project_capacity and rates.size:
+            seqs, step_s = self.projected_step(ex, est, self.expected_context(snap, which))
+            self.hopeless = float(rates.min()) * step_s >= 1.0
         if not snap.num_running:
             self.overloaded, self._spare_rate = False, math.inf
             return
-        ws = snap.holding_kv
-        demand = float(snap.rate[ws].sum())
+        demand = float(rates.sum())  # `which` is the working set here
         if self.config.project_capacity:
-            seqs, step_s = self.projected_step(ex, est, self.expected_context(snap, ws))
             capacity = seqs / max(step_s, 1e-9)
         else:  # Gamma as measured now, at the running batch and its current contexts
             capacity = est.decode_capacity_tok_s * snap.num_running / ex.max_num_seqs
@@ -354,7 +365,9 @@ class TokenFlowPolicy:
         # The longest prefix that fits at once (slots, pages, I/O budget) is taken as a whole.
         cum_pages, cum_load = np.cumsum(pages), np.cumsum(load_s)
         fits = (cum_pages <= capacity) & (cum_load <= io_budget_s) & (np.arange(pages.size) < limit)
-        prefix = pages.size if fits.all() else int(np.argmin(fits))
+        if fits.all():  # everyone fits: no one is left out
+            return fits, int(cum_pages[-1]) if pages.size else 0
+        prefix = int(np.argmin(fits))
         chosen = np.zeros(pages.size, dtype=bool)
         chosen[:prefix] = True
         used = count = 0
@@ -373,12 +386,14 @@ class TokenFlowPolicy:
         # newcomers and comfortable paused streams; a paused stream due back may still displace it if its
         # buffer covers the bare round trip (mu = 1), else that stream yields too.
         on_device, due = ranking.on_device, ranking.due[ranking.order]
-        for k in np.flatnonzero(~chosen & on_device).tolist():
+        left_out = np.flatnonzero(~chosen & on_device)
+        if not left_out.size:
+            return chosen, used
+        locked = self._locked(state, snap, ranking, left_out, gate)
+        for k in np.flatnonzero(locked).tolist():
             p = int(pages[k])
-            if not self._is_locked(state, snap, ranking, k, gate):
-                continue
             for may_drop_due in (False, True):
-                if may_drop_due and not self._is_locked(state, snap, ranking, k, gate, mu=1.0):
+                if may_drop_due and not self._locked(state, snap, ranking, np.array([k]), gate, mu=1.0)[k]:
                     break
                 last = pages.size - 1
                 while (used + p > capacity or count >= limit) and last >= 0:
@@ -395,11 +410,14 @@ class TokenFlowPolicy:
         """Adjacent swaps across the boundary, kept when the pages they free let one more request run
         (`chosen` is updated in place; returns the pages then held)."""
         capacity, pages = state.executor.num_device_pages, ranking.pages
+        if chosen.all():
+            return used
         for _ in range(self.config.local_search_iters):
             improved = False
             boundary = np.flatnonzero(chosen[:-1] & ~chosen[1:] & (pages[1:] < pages[:-1]))
+            locked = self._locked(state, snap, ranking, boundary, gate)
             for k in boundary.tolist():
-                if self._is_locked(state, snap, ranking, k, gate):
+                if locked[k]:
                     continue
                 room = capacity - (used - int(pages[k]) + int(pages[k + 1]))
                 fits = np.flatnonzero(~chosen[k + 2:] & (pages[k + 2:] <= room))
