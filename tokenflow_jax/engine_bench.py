@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--offline-requests", type=int, default=32)
     p.add_argument("--offline-tokens", type=int, default=128)
     p.add_argument("--out")
-    p.add_argument("--profile-out", help="also fit and write a simulator cost profile (JSON) for --sim-profile")
+    p.add_argument("--profile-out", "--profile", dest="profile_out",
+                   help="also fit and write a simulator cost profile (JSON) for --sim-profile")
     args = p.parse_args(argv)
     result = run(args)
     print_report(result)
