@@ -132,9 +132,10 @@ class RequestTracker:
         self._buffers: dict[str, VirtualBuffer] = {}
         self._rows: dict[str, int] = {}
         self._free_rows: list[int] = []
-        # array.array: a store per token costs what a list store does, and numpy reads it without a copy.
-        self._rate, self._arrival, self._last_read = array("d"), array("d"), array("d")
-        self._prompt_len, self._max_tokens, self._num_generated = array("q"), array("q"), array("q")
+        # Fixed per request: rate, arrival, prompt length, max_tokens (one row each, a column per request).
+        self._fixed = np.zeros((4, 0))
+        # Per token: array.array, where a store costs what a list store does and numpy reads it without a copy.
+        self._num_generated, self._last_read = array("q"), array("d")
 
     def add(self, rid: str, rate: float, arrival: float, *, prompt_len: int, max_tokens: int) -> VirtualBuffer:
         """Track a request: its reader's rate and arrival, and the sizes a scheduler weighs (prompt tokens, and
@@ -148,19 +149,18 @@ class RequestTracker:
         if not self._free_rows:
             self._grow()
         row = self._rows[rid] = self._free_rows.pop()
-        self._rate[row], self._arrival[row], self._last_read[row] = buffer.rate, buffer.arrival, -math.inf
-        self._prompt_len[row], self._max_tokens[row], self._num_generated[row] = prompt_len, max_tokens, 0
+        self._fixed[:, row] = (buffer.rate, buffer.arrival, prompt_len, max_tokens)
+        self._num_generated[row], self._last_read[row] = 0, -math.inf
         return buffer
 
     def _grow(self) -> None:
-        old = len(self._rate)
+        old = self._fixed.shape[1]
         extra = max(64, old)
-        zeros = bytes(8 * extra)
+        self._fixed = np.concatenate([self._fixed, np.zeros((4, extra))], axis=1)
         # New arrays rather than in-place growth: a numpy view still alive elsewhere would forbid resizing.
-        self._rate, self._arrival, self._last_read = (array("d", a) + array("d", zeros)
-                                                      for a in (self._rate, self._arrival, self._last_read))
-        self._prompt_len, self._max_tokens, self._num_generated = (
-            array("q", a) + array("q", zeros) for a in (self._prompt_len, self._max_tokens, self._num_generated))
+        zeros = bytes(8 * extra)
+        self._num_generated = array("q", self._num_generated) + array("q", zeros)
+        self._last_read = array("d", self._last_read) + array("d", zeros)
         self._free_rows += range(old + extra - 1, old - 1, -1)  # lowest row first
 
     def on_token(self, rid: str, t: float) -> None:
@@ -177,13 +177,11 @@ class RequestTracker:
         return buffer
 
     def columns(self, rids: Sequence[str]) -> TrackedColumns:
-        """The figures of `rids` (each tracked) as arrays, row i for rids[i]."""
+        """The figures of `rids` (each tracked) as arrays, entry i for rids[i]; sizes as float64 (exact)."""
         rows = np.fromiter(map(self._rows.__getitem__, rids), dtype=np.int64, count=len(rids))
-        f8, i8 = np.float64, np.int64
-        return TrackedColumns(*(np.frombuffer(a, dtype=f8)[rows] for a in (self._rate, self._arrival)),
-                              *(np.frombuffer(a, dtype=i8)[rows] for a in (self._prompt_len, self._max_tokens,
-                                                                           self._num_generated)),
-                              np.frombuffer(self._last_read, dtype=f8)[rows])  # fmt: skip
+        fixed = self._fixed.take(rows, axis=1)  # `take`: several times faster than fancy indexing here
+        return TrackedColumns(*fixed, np.frombuffer(self._num_generated, dtype=np.int64).take(rows),
+                              np.frombuffer(self._last_read, dtype=np.float64).take(rows))  # fmt: skip
 
     def get(self, rid: str) -> VirtualBuffer | None:
         return self._buffers.get(rid)
