@@ -44,3 +44,11 @@ def test_a_setup_runs_and_reports_one_table_with_ratios_to_fcfs():
     assert math.isclose(tf["effective_x"], runs[1]["effective_throughput"] / runs[0]["effective_throughput"])
     assert f"{tf['effective_x']:.2f}" == summary.split("|")[3].strip()
     assert "Against sglang (the paper's baseline)" in text
+
+
+def test_decision_benchmark_times_both_states():
+    fits = ps.decision_benchmark(num_requests=32, repeats=3)
+    assert fits["requests"] == 32 and fits["victims"] == 0 and fits["kept"] == 32  # the H200 pool holds all
+    assert 0 < fits["min_ms"] <= fits["median_ms"] <= fits["p90_ms"]
+    tight = ps.decision_benchmark(num_requests=32, repeats=3, device_pages=400)
+    assert tight["kept"] < 32 and tight["device_pages"] == 400  # the fill must leave requests out
