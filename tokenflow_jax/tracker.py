@@ -24,8 +24,7 @@ import numpy as np
 class VirtualBuffer:
     """The virtual client buffer of one request: generated tokens minus tokens the reader has read."""
 
-    __slots__ = ("rate", "arrival", "_period", "_token_times", "_read_times", "last_read", "rebuffer_s",
-                 "stall_count")  # fmt: skip
+    __slots__ = ("rate", "arrival", "_period", "_token_times", "_read_times", "rebuffer_s", "stall_count")
 
     def __init__(self, rate: float, arrival: float) -> None:
         if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
@@ -37,7 +36,6 @@ class VirtualBuffer:
         self._period = 1.0 / rate
         self._token_times: list[float] = []
         self._read_times: list[float] = []
-        self.last_read = -math.inf  # read time of the newest token (-inf before the first): read per decision
         self.rebuffer_s = 0.0  # total seconds the reader waited mid-stream
         self.stall_count = 0  # tokens the reader had to wait for
 
@@ -59,7 +57,6 @@ class VirtualBuffer:
             read = t
         self._token_times.append(float(t))
         self._read_times.append(read)
-        self.last_read = read
 
     @property
     def num_generated(self) -> int:
@@ -168,7 +165,7 @@ class RequestTracker:
         buffer.on_token(t)
         row = self._rows[rid]
         self._num_generated[row] += 1
-        self._last_read[row] = buffer.last_read
+        self._last_read[row] = buffer.last_read_time
 
     def remove(self, rid: str) -> VirtualBuffer:
         """Stop tracking a request and return its buffer (for final metrics)."""

@@ -138,6 +138,7 @@ class Ranking:
     load_s: np.ndarray  # per position: a paused stream not due back spends this much of the I/O budget
     on_device: np.ndarray  # per position
     due: np.ndarray  # per snapshot index: paused, and its reader runs dry unless it is loaded now
+    pages_of: np.ndarray  # per snapshot index (`pages` is per position)
     buffer_tokens: np.ndarray  # per snapshot index
     gate_s: dict[int, float] = dataclasses.field(default_factory=dict)  # per position, where computed
 
@@ -270,7 +271,7 @@ class TokenFlowPolicy:
             contender = np.ones(n, dtype=bool)
             contender[newcomers] = False
             order = order[contender[order]]
-        return Ranking(order, pages[order], load_s[order], order < nr, due, buffer_tokens), newcomers
+        return Ranking(order, pages[order], load_s[order], order < nr, due, pages, buffer_tokens), newcomers
 
     def gate_seconds(self, reqs: list[Request], est: CostEstimates, page_size: int, host_free: int) -> np.ndarray:
         """Admission gate: a running request may pause for a newcomer only with b_j >= mu r_j (t_evict + t_load +
@@ -386,10 +387,11 @@ class TokenFlowPolicy:
         # A left-out running request that cannot cover a pause comes back, pushing out the least urgent
         # newcomers and comfortable paused streams; a paused stream due back may still displace it if its
         # buffer covers the bare round trip (mu = 1), else that stream yields too.
-        on_device, due = ranking.on_device, ranking.due[ranking.order]
+        on_device = ranking.on_device
         left_out = (~chosen & on_device).nonzero()[0]
         if not left_out.size:
             return chosen, used
+        due = ranking.due[ranking.order]
         locked = self._locked(state, snap, ranking, left_out, gate)
         for k in locked.nonzero()[0].tolist():
             p = int(pages[k])
@@ -442,7 +444,7 @@ class TokenFlowPolicy:
         left_out_paused = ~chosen & (order >= nr) & (order < nr + snap.num_paused)
         used += int(ranking.pages[left_out_paused].sum())
         count = int(chosen.sum()) + int(left_out_paused.sum())
-        new_pages = snap.pages(ex.page_size)[newcomers]
+        new_pages = ranking.pages_of[newcomers]
         fits = ((used + new_pages.cumsum() <= ex.num_device_pages)
                 & (count + np.arange(1, len(newcomers) + 1) <= ex.max_num_seqs))  # fmt: skip
         admitted = len(newcomers) if fits.all() else int(fits.argmin())
