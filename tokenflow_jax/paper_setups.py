@@ -184,10 +184,13 @@ def meets_targets(row: dict[str, Any]) -> list[str]:
     return misses
 
 
-def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages: int | None = None) -> dict[str, Any]:
+def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages: int | None = None,
+                       staggered: bool = False) -> dict[str, Any]:
     """Seconds of one full tokenflow decision (`rebalance`) with `num_requests` live requests: about half
-    running mid-stream with unequal buffers, a quarter paused, the rest waiting. `device_pages` shrinks the
-    device pool so that the fill must leave requests out (a memory-bound decision: victims, locked checks)."""
+    running mid-stream, a quarter paused, the rest waiting. `device_pages` shrinks the device pool so that the
+    fill must leave requests out (a memory-bound decision: victims, locked checks). A burst leaves the running
+    requests with a few distinct buffers; `staggered` admits them a few at a time between steps (Poisson-like
+    arrivals), so buffers and arrival times all differ and the ranking sorts distinct keys."""
     from tokenflow_jax.engine.core import EngineCore as Core
     from tokenflow_jax.replay import spec_request
     from tokenflow_jax.scheduler.interface import SchedulerState
@@ -196,8 +199,13 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages
     policy = make_policy("tokenflow")
     core = Core(executor, make_policy("fcfs"))
     specs = workloads.burst(num_requests, rates="15:0.4,20:0.6", seed=1)
-    for spec in specs[: 3 * num_requests // 4]:
-        core.add_request(spec_request(spec, 0.0))
+    started = specs[: 3 * num_requests // 4]
+    per_step = 3 if staggered else len(started)
+    for first in range(0, len(started), per_step):
+        for spec in started[first: first + per_step]:
+            core.add_request(spec_request(spec, executor.now()))
+        if staggered:
+            core.step()
     for _ in range(60):
         core.step()
     for req in core.running[::3][: num_requests // 4]:
@@ -296,8 +304,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--decision-bench", action="store_true", help="time one tokenflow decision at 256 requests")
     args = p.parse_args(argv)
     if args.decision_bench:
-        # Everyone fits the H200's pool; then a pool of 4,000 pages (~2/3 of the live KV) forces a choice.
-        text = json.dumps({"fits": decision_benchmark(), "memory_bound": decision_benchmark(device_pages=4000)},
+        # Everyone fits the H200's pool; then a pool of 4,000 pages (~2/3 of the live KV) forces a choice; each
+        # after a burst (few distinct buffers) and with staggered arrivals (all distinct).
+        text = json.dumps({"fits": decision_benchmark(), "memory_bound": decision_benchmark(device_pages=4000),
+                           "fits_staggered": decision_benchmark(staggered=True),
+                           "memory_bound_staggered": decision_benchmark(device_pages=4000, staggered=True)},
                           indent=2)
         print(text)
         return text

@@ -28,7 +28,9 @@ copy, reload later) or recompute, whichever the live cost estimates say is cheap
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 
 import numpy as np
 
@@ -36,6 +38,7 @@ from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
 from tokenflow_jax.scheduler.fcfs import FCFSPolicy, TokenBudget, admit_in_order, budget_for
 from tokenflow_jax.scheduler.interface import CostEstimates, Executor, SchedulerState, StepPlan, pages_for
 from tokenflow_jax.scheduler.request import Request, RequestStatus
+from tokenflow_jax.tracker import ARRIVAL, LAST_READ, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,66 +84,92 @@ class Snapshot:
     """
 
     reqs: list[Request]
-    rids: np.ndarray  # request ids (objects), to pick many at once
+    rids: list[str]
     num_running: int
     num_paused: int
-    rate: np.ndarray
-    arrival: np.ndarray
-    prompt_len: np.ndarray
-    output_len: np.ndarray  # tokens generated and read by the host
-    max_tokens: np.ndarray
+    block: np.ndarray  # (6, n): the tracker's columns (`tracker.RATE`, ... rows)
     dry_in: np.ndarray  # seconds until the reader has read every token generated so far (0 when dry)
+    pages: np.ndarray  # device pages each holds or needs for its context (a token sampled but not read aside)
+    page_size: int
 
     @classmethod
     def take(cls, state: SchedulerState) -> Snapshot:
         reqs = [*state.running, *state.paused, *state.waiting]
         rids = [r.request_id for r in reqs]
-        c = state.tracker.columns(rids)
-        return cls(reqs, np.array(rids, dtype=object), len(state.running), len(state.paused), c.rate, c.arrival,
-                   c.prompt_len, c.num_generated, c.max_tokens, np.maximum(c.last_read - state.now, 0.0))  # fmt: skip
+        block = state.tracker.column_block(rids)
+        dry_in = block[LAST_READ] - state.now
+        page_size = state.executor.page_size
+        pages = block[PROMPT_LEN] + block[NUM_GENERATED]
+        pages /= page_size
+        np.ceil(pages, out=pages)  # exact: a quotient of integers is never within rounding of the next integer
+        return cls(reqs, rids, len(state.running), len(state.paused), block, np.maximum(dry_in, 0.0, out=dry_in),
+                   pages, page_size)  # fmt: skip
 
     @property
-    def paused(self) -> slice:
-        return slice(self.num_running, self.num_running + self.num_paused)
+    def rate(self) -> np.ndarray:
+        return self.block[RATE]
 
     @property
-    def holding_kv(self) -> slice:
-        """Running and paused: the working set."""
-        return slice(0, self.num_running + self.num_paused)
+    def holding_kv(self) -> int:
+        """Running and paused (the working set) come first: how many."""
+        return self.num_running + self.num_paused
 
     def buffer_tokens(self) -> np.ndarray:
         """Unread tokens (whole numbers, as floats): they are read 1/r apart up to the last one, so the buffer
         follows from the last read time."""
-        return np.ceil(self.dry_in * self.rate - 1e-9)
-
-    def pages(self, page_size: int) -> np.ndarray:
-        """Device pages each holds or needs for its context (a token sampled but not read yet aside)."""
-        return (self.prompt_len + self.output_len + (page_size - 1)) // page_size
+        tokens = self.dry_in * self.block[RATE]
+        tokens -= 1e-9
+        return np.ceil(tokens, out=tokens)
 
 
 def token_values(buffer_tokens: np.ndarray, output_len: np.ndarray) -> np.ndarray:
     """Weight the next token would earn (DESIGN.md section 2): 1 below tau1, 0 above tau2, linear between."""
-    tau1, tau2 = TAU1_FRACTION * output_len, TAU2_FRACTION * output_len
-    ramp = (tau2 - buffer_tokens) / (tau2 - tau1)  # >= 1 at tau1, <= 0 at tau2
-    return np.minimum(np.maximum(ramp, 0.0, out=ramp), 1.0, out=ramp)
+    return np.negative(negative_token_values(buffer_tokens, output_len))
+
+
+def negative_token_values(buffer_tokens: np.ndarray, output_len: np.ndarray) -> np.ndarray:
+    """-token_values (what an ascending sort wants), in as few array operations as possible."""
+    tau2 = TAU2_FRACTION * output_len
+    ramp = buffer_tokens - tau2
+    ramp /= tau2 - TAU1_FRACTION * output_len  # <= -1 at tau1, >= 0 at tau2
+    return np.maximum(np.minimum(ramp, 0.0, out=ramp), -1.0, out=ramp)
 
 
 def token_value(buffer_tokens: int, output_len: int) -> float:
     return float(token_values(np.array([buffer_tokens]), np.array([output_len]))[0])
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Ranking:
-    """Contenders most urgent first (`order`: snapshot indices) and what the fill needs per position."""
+    """Contenders most urgent first (`order`: snapshot indices), what the fill needs of them, and (once the fill
+    must choose: `by_position`) the same per position in `order`."""
 
     order: np.ndarray
-    pages: np.ndarray  # per position
-    load_s: np.ndarray  # per position: a paused stream not due back spends this much of the I/O budget
-    on_device: np.ndarray  # per position
-    due: np.ndarray  # per snapshot index: paused, and its reader runs dry unless it is loaded now
-    pages_of: np.ndarray  # per snapshot index (`pages` is per position)
     buffer_tokens: np.ndarray  # per snapshot index
-    gate_s: dict[int, float] = dataclasses.field(default_factory=dict)  # per position, where computed
+    load_s: np.ndarray  # per snapshot index: a paused stream not due back spends this much of the I/O budget
+    due: np.ndarray  # per snapshot index: paused, and its reader runs dry unless it is loaded now
+    total_load_s: float  # of every contender
+    pages: np.ndarray | None = None  # per position, from here on
+    position_load_s: np.ndarray | None = None
+    on_device: np.ndarray | None = None
+    gate_s: np.ndarray | None = None  # the admission gate's time factor, NaN until computed
+    gate_bound_s: np.ndarray | None = None  # an upper bound on it from the snapshot alone
+
+    def by_position(self, snap: Snapshot, est: CostEstimates, lead_s: float) -> None:
+        order = self.order
+        self.pages, self.position_load_s = snap.pages.take(order), self.load_s.take(order)
+        self.on_device, self.gate_s = order < snap.num_running, np.empty(order.size)
+        self.gate_s.fill(np.nan)  # (np.full is a Python wrapper: several times slower)
+        # The gate's round trip at most: every page out and back in, or recomputing every token, of a context
+        # that may hold one or two tokens the host has not read yet (in flight).
+        tokens = snap.block[PROMPT_LEN].take(order) + snap.block[NUM_GENERATED].take(order)
+        tokens += 2
+        pages = np.ceil(tokens / snap.page_size)
+        pages *= est.swap_out_per_page_s + est.swap_in_per_page_s
+        tokens *= est.prefill_per_token_s
+        bound = np.maximum(pages, tokens, out=pages)
+        bound += 2 * est.pending_transfer_s + lead_s
+        self.gate_bound_s = np.multiply(bound, 1 + 1e-9, out=bound)  # room for the exact gate's rounding
 
 
 class TokenFlowPolicy:
@@ -222,56 +251,91 @@ class TokenFlowPolicy:
         snap = Snapshot.take(state)
         self._adapt_working_set(snap, ex.page_size, ex.num_device_pages)
         self._update_overload(snap, ex, est)
-        ranking, newcomers = self._rank(snap, est, ex.page_size)
+        ranking, newcomers = self._rank(snap, est)
         gate = (est, ex.free_host_pages())
-        chosen, used = self._greedy_fill(state, snap, ranking, cfg.io_fraction * cfg.reschedule_interval, gate)
-        used = self._local_search(state, snap, ranking, chosen, used, gate)
-        order = ranking.order
+        order, rids = ranking.order, snap.rids
+        chosen, used = self._greedy_fill(state, snap, ranking, newcomers.size > 0,
+                                         cfg.io_fraction * cfg.reschedule_interval, gate)
         victims: list[Request] = []
-        if chosen.all():  # every contender fits: nobody to pause
-            self._desired = snap.rids[order].tolist()
+        if chosen is None:  # every contender fits: nobody to pause
+            self._desired = list(map(rids.__getitem__, order.tolist()))
+            count = order.size
         else:
-            self._desired = snap.rids[order[chosen]].tolist()
+            used = self._local_search(state, snap, ranking, chosen, used, gate)
+            self._desired = list(map(rids.__getitem__, order[chosen].tolist()))
             left_out = order[~chosen]
-            victims = [snap.reqs[i] for i in left_out[left_out < snap.num_running].tolist()]
-        self._fill_free_room(snap, ranking, chosen, newcomers, used, ex)
+            victims = list(map(snap.reqs.__getitem__, left_out[left_out < snap.num_running].tolist()))
+            # Room the working set's left-out paused streams will need back.
+            left_out_paused = left_out[left_out >= snap.num_running]
+            left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
+            used += int(snap.pages.take(left_out_paused).sum())
+            count = int(chosen.sum()) + left_out_paused.size
+        if newcomers.size:
+            self._fill_free_room(snap, newcomers, used, count, ex)
         return victims
 
-    def _rank(self, snap: Snapshot, est: CostEstimates, page_size: int) -> tuple[Ranking, list[int]]:
+    def _rank(self, snap: Snapshot, est: CostEstimates) -> tuple[Ranking, np.ndarray]:
         """Contenders by urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival.
         Newcomers held back by schedulability are returned apart (snapshot indices, arrival order)."""
-        cfg, nr, paused = self.config, snap.num_running, snap.paused
+        cfg, nr, npd, block = self.config, snap.num_running, snap.num_paused, snap.block
         n, dry_in = len(snap.reqs), snap.dry_in
-        pages = snap.pages(page_size)
-        sort_buffer = dry_in.copy()
-        np.maximum(dry_in[:nr] - cfg.stickiness_s, 0.0, out=sort_buffer[:nr])
-        load_s, due = np.zeros(n), np.zeros(n, dtype=bool)
-        if snap.num_paused:
-            paused_load = pages[paused] * est.swap_in_per_page_s
-            paused_due = due[paused] = dry_in[paused] <= paused_load + self.resume_lead_s(est)
-            sort_buffer[paused][paused_due] = 0.0  # due back: as urgent as a newcomer
-            load_s[paused] = np.where(paused_due, 0.0, paused_load)  # and loads regardless of the I/O budget
-        # Newcomers may displace others only while everyone stays schedulable (rates within Gamma).
-        first_waiting = nr + snap.num_paused
-        newcomers = ((snap.output_len[first_waiting:] == 0).nonzero()[0] + first_waiting).tolist()
-        if newcomers and not self.overloaded:
-            fresh, newcomers, spare_rate, rates = newcomers, [], self._spare_rate, snap.rate.tolist()
-            for i in fresh:
-                if rates[i] > spare_rate:
-                    newcomers.append(i)
-                else:
-                    spare_rate -= rates[i]
-        buffer_tokens = snap.buffer_tokens()
-        value = token_values(buffer_tokens, snap.max_tokens)
         # phi(b) = exp(-b) is decreasing, so the buffer itself orders by gamma phi descending (without exp's
         # rounding ties); gamma = 0 leaves value alone.
-        urgency = sort_buffer if cfg.gamma > 0 else np.zeros(n)
-        order = np.lexsort((snap.arrival, np.arange(n) >= nr, -snap.rate, -value, urgency))
-        if newcomers:
+        urgency = dry_in.copy() if cfg.gamma > 0 else np.zeros(n)
+        if nr and cfg.gamma > 0:
+            np.maximum(dry_in[:nr] - cfg.stickiness_s, 0.0, out=urgency[:nr])
+        load_s, due, total_load_s = np.zeros(n), np.zeros(n, dtype=bool), 0.0
+        if npd:
+            paused = slice(nr, nr + npd)
+            paused_load = snap.pages[paused] * est.swap_in_per_page_s
+            paused_due = dry_in[paused] <= paused_load + self.resume_lead_s(est)
+            due[paused] = paused_due
+            urgency[paused][paused_due] = 0.0  # due back: as urgent as a newcomer
+            paused_load[paused_due] = 0.0  # and loads regardless of the I/O budget
+            load_s[paused] = paused_load
+            total_load_s = float(paused_load.sum())
+        newcomers = self._held_newcomers(snap)
+        buffer_tokens = snap.buffer_tokens()
+        neg_value = negative_token_values(buffer_tokens, block[MAX_TOKENS])
+        off_device = np.ones(n, dtype=bool)
+        off_device[:nr] = False
+        order = np.lexsort((block[ARRIVAL], off_device, np.negative(block[RATE]), neg_value, urgency))
+        if newcomers.size:
             contender = np.ones(n, dtype=bool)
             contender[newcomers] = False
-            order = order[contender[order]]
-        return Ranking(order, pages[order], load_s[order], order < nr, due, pages, buffer_tokens), newcomers
+            order = order[contender.take(order)]
+        return Ranking(order, buffer_tokens, load_s, due, total_load_s), newcomers
+
+    def _held_newcomers(self, snap: Snapshot) -> np.ndarray:
+        """Newcomers (no token yet) that may not displace anyone: all while overloaded; else, in arrival order,
+        those whose rate the spare capacity Gamma - demand no longer covers (snapshot indices)."""
+        first_waiting = snap.holding_kv
+        newcomers = (snap.block[NUM_GENERATED, first_waiting:] == 0).nonzero()[0]
+        newcomers += first_waiting
+        if not newcomers.size or self.overloaded:
+            return newcomers
+        rates, spare_rate = snap.block[RATE].take(newcomers), self._spare_rate
+        total = float(rates.sum())
+        if spare_rate == math.inf or total + 1e-9 * (abs(spare_rate) + total) < spare_rate:  # all covered (with
+            return newcomers[:0]  # room for the rounding of subtracting one at a time)
+        slowest = float(rates.min())
+        if slowest > spare_rate:  # none covered
+            return newcomers
+        # The leading run the spare rate surely covers (cumulative rates clear of it by more than rounding) is
+        # admitted at once; its one-at-a-time subtraction is replayed exactly in C; the rest go one by one.
+        covered = int((rates.cumsum() < spare_rate - 1e-9 * (abs(spare_rate) + total)).argmin())
+        rates_left = rates.tolist()
+        spare_rate = functools.reduce(operator.sub, rates_left[:covered], spare_rate)
+        held = []
+        for k in range(covered, len(rates_left)):
+            if spare_rate < slowest:  # no one left fits: all held
+                held += newcomers[k:].tolist()
+                break
+            if rates_left[k] > spare_rate:
+                held.append(int(newcomers[k]))
+            else:
+                spare_rate -= rates_left[k]
+        return np.array(held, dtype=np.int64)
 
     def gate_seconds(self, reqs: list[Request], est: CostEstimates, page_size: int, host_free: int) -> np.ndarray:
         """Admission gate: a running request may pause for a newcomer only with b_j >= mu r_j (t_evict + t_load +
@@ -289,59 +353,64 @@ class TokenFlowPolicy:
 
     def _locked(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, positions: np.ndarray,
                 gate: tuple[CostEstimates, int], mu: float | None = None) -> np.ndarray:
-        """Which of `positions` are running with a buffer that cannot cover a pause (b < mu r t_gate); the gate
-        is computed once per position, only where the fill asks."""
-        positions = positions[ranking.on_device[positions]]
-        todo = [k for k in positions.tolist() if k not in ranking.gate_s]
-        if todo:
-            est, host_free = gate
-            seconds = self.gate_seconds([snap.reqs[i] for i in ranking.order[todo].tolist()], est,
-                                        state.executor.page_size, host_free)  # fmt: skip
-            ranking.gate_s.update(zip(todo, seconds.tolist(), strict=True))
-        mu = self.config.mu if mu is None else mu
-        rows = ranking.order[positions]
-        gate_s = np.array([ranking.gate_s[k] for k in positions.tolist()])
+        """Which of `positions` are running with a buffer that cannot cover a pause (b < mu r t_gate), as a mask
+        over positions. The exact gate reads each request's KV state, so it is computed once per position and
+        only where a buffer falls short of the gate's upper bound."""
+        positions = positions[ranking.on_device.take(positions)]
+        rows = ranking.order.take(positions)
+        buffer_tokens = ranking.buffer_tokens.take(rows)
+        threshold = (self.config.mu if mu is None else mu) * snap.block[RATE].take(rows)
+        maybe = buffer_tokens < threshold * ranking.gate_bound_s.take(positions)
         locked = np.zeros(ranking.order.size, dtype=bool)
-        locked[positions] = ranking.buffer_tokens[rows] < mu * snap.rate[rows] * gate_s
+        if not maybe.any():
+            return locked
+        positions, rows, buffer_tokens, threshold = positions[maybe], rows[maybe], buffer_tokens[maybe], threshold[maybe]
+        gate_s = ranking.gate_s.take(positions)
+        todo = np.isnan(gate_s)
+        if todo.any():
+            est, host_free = gate
+            gate_s[todo] = self.gate_seconds(list(map(snap.reqs.__getitem__, rows[todo].tolist())), est,
+                                             state.executor.page_size, host_free)  # fmt: skip
+            ranking.gate_s[positions] = gate_s
+        locked[positions] = buffer_tokens < threshold * gate_s
         return locked
 
     def _adapt_working_set(self, snap: Snapshot, page_size: int, num_device_pages: int) -> None:
         """W_static = floor(M / beta) with beta the expected pages per live request, pulled toward the running
         count with rate lambda."""
-        expected = int((snap.prompt_len + snap.max_tokens).sum()) / page_size
+        expected = int(snap.block[PROMPT_LEN:MAX_TOKENS + 1].sum()) / page_size  # prompts + max_tokens
         beta = max(1.0, expected / max(1, len(snap.reqs)))
         static = math.floor(num_device_pages / beta)
         lam = self.config.adaptation_rate
         self.working_set = max(1.0, (1 - lam) * static + lam * snap.num_running)
 
     @staticmethod
-    def projected_step(ex: Executor, est: CostEstimates, expected_context: np.ndarray) -> tuple[int, float]:
+    def projected_step(ex: Executor, est: CostEstimates, num_requests: int, mean_context: float) -> tuple[int, float]:
         """(sequences, seconds) of the decode step a working set will run: at the context it will hold on average
-        over the rest of its generation (`expected_context`: prompt + half-way between now and max_tokens), not
-        at the short contexts right after a burst (the step grows as outputs do), with as many of it in the
-        batch as sequence slots and device memory allow at that context."""
-        mean_context = float(expected_context.mean())
+        over the rest of its generation (`mean_context`: prompt + half-way between now and max_tokens), not at
+        the short contexts right after a burst (the step grows as outputs do), with as many of it in the batch
+        as sequence slots and device memory allow at that context."""
         fits = max(1, int(ex.num_device_pages // pages_for(math.ceil(mean_context), ex.page_size)))
-        seqs = min(expected_context.size, ex.max_num_seqs, fits)
+        seqs = min(num_requests, ex.max_num_seqs, fits)
         return seqs, est.decode_step_at(seqs, int(mean_context * seqs))
-
-    @staticmethod
-    def expected_context(snap: Snapshot, which: slice) -> np.ndarray:
-        return snap.prompt_len[which] + (snap.output_len[which] + snap.max_tokens[which]) / 2
 
     def _update_overload(self, snap: Snapshot, ex: Executor, est: CostEstimates) -> None:
         """Schedulability: the working set's rates against Gamma at its projected context; hopeless when even
         its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
-        which = snap.holding_kv if snap.num_running + snap.num_paused else slice(0, len(snap.reqs))
-        rates = snap.rate[which]
+        size = snap.holding_kv or len(snap.reqs)
         self.hopeless, seqs, step_s = False, 0, 0.0
-        if self.config.project_capacity and rates.size:
-            seqs, step_s = self.projected_step(ex, est, self.expected_context(snap, which))
-            self.hopeless = float(rates.min()) * step_s >= 1.0
+        if not size:
+            self.overloaded, self._spare_rate = False, math.inf
+            return
+        sums = snap.block[:, :size].sum(axis=1)
+        if self.config.project_capacity:
+            mean_context = float(sums[PROMPT_LEN] + (sums[NUM_GENERATED] + sums[MAX_TOKENS]) / 2) / size
+            seqs, step_s = self.projected_step(ex, est, size, mean_context)
+            self.hopeless = float(snap.block[RATE, :size].min()) * step_s >= 1.0
         if not snap.num_running:
             self.overloaded, self._spare_rate = False, math.inf
             return
-        demand = float(rates.sum())  # `which` is the working set here
+        demand = float(sums[RATE])  # the working set's, here
         if self.config.project_capacity:
             capacity = seqs / max(step_s, 1e-9)
         else:  # Gamma as measured now, at the running batch and its current contexts
@@ -357,18 +426,25 @@ class TokenFlowPolicy:
         working_set = max(math.ceil(self.working_set or 1), len(state.running))
         return min(state.executor.max_num_seqs, working_set)
 
-    def _greedy_fill(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, io_budget_s: float,
-                     gate: tuple[CostEstimates, int]) -> tuple[np.ndarray, int]:
+    def _greedy_fill(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, some_held: bool,
+                     io_budget_s: float, gate: tuple[CostEstimates, int]) -> tuple[np.ndarray | None, int]:
         """Most urgent first into sequence slots (at most W) and device pages; then every running request the
         fill left out but whose buffer cannot cover a pause takes its place back from the least urgent.
-        Returns the chosen mask over positions and the pages it holds."""
+        Returns the chosen mask over positions (None: every contender) and the pages it holds."""
         limit, capacity = self._slot_limit(state), state.executor.num_device_pages
-        pages, load_s = ranking.pages, ranking.load_s
+        # Everyone fits (no one is left out): checked on totals first, with room for the loads' rounding.
+        if ranking.order.size <= limit and ranking.total_load_s <= io_budget_s * (1 - 1e-9):
+            total = int((snap.pages.take(ranking.order) if some_held else snap.pages).sum())
+            if total <= capacity:
+                return None, total
+        ranking.by_position(snap, gate[0], self.resume_lead_s(gate[0]))
+        pages, load_s = ranking.pages, ranking.position_load_s
         # The longest prefix that fits at once (slots, pages, I/O budget) is taken as a whole.
         cum_pages, cum_load = pages.cumsum(), load_s.cumsum()  # methods: numpy's wrappers cost ~2 us a call
-        fits = (cum_pages <= capacity) & (cum_load <= io_budget_s) & (np.arange(pages.size) < limit)
-        if fits.all():  # everyone fits: no one is left out
-            return fits, int(cum_pages[-1]) if pages.size else 0
+        fits = (cum_pages <= capacity) & (cum_load <= io_budget_s)
+        fits[limit:] = False
+        if fits.all():
+            return None, int(cum_pages[-1]) if pages.size else 0
         prefix = int(fits.argmin())
         chosen = np.zeros(pages.size, dtype=bool)
         chosen[:prefix] = True
@@ -391,7 +467,7 @@ class TokenFlowPolicy:
         left_out = (~chosen & on_device).nonzero()[0]
         if not left_out.size:
             return chosen, used
-        due = ranking.due[ranking.order]
+        due = ranking.due.take(ranking.order)
         locked = self._locked(state, snap, ranking, left_out, gate)
         for k in locked.nonzero()[0].tolist():
             p = int(pages[k])
@@ -410,45 +486,40 @@ class TokenFlowPolicy:
 
     def _local_search(self, state: SchedulerState, snap: Snapshot, ranking: Ranking, chosen: np.ndarray,
                       used: int, gate: tuple[CostEstimates, int]) -> int:
-        """Adjacent swaps across the boundary, kept when the pages they free let one more request run
-        (`chosen` is updated in place; returns the pages then held)."""
+        """Adjacent swaps across the boundary, kept when the pages they free let one more request run: the first
+        boundary pair (k chosen, k + 1 not, k + 1 smaller, k free to pause) after which some unchosen request
+        fits the room the swap leaves (`chosen` is updated in place; returns the pages then held)."""
         capacity, pages = state.executor.num_device_pages, ranking.pages
-        if chosen.all():
-            return used
         for _ in range(self.config.local_search_iters):
-            improved = False
             boundary = (chosen[:-1] & ~chosen[1:] & (pages[1:] < pages[:-1])).nonzero()[0]
-            locked = self._locked(state, snap, ranking, boundary, gate)
-            for k in boundary.tolist():
-                if locked[k]:
-                    continue
-                room = capacity - (used - int(pages[k]) + int(pages[k + 1]))
-                fits = (~chosen[k + 2:] & (pages[k + 2:] <= room)).nonzero()[0]
-                if fits.size:
-                    extra = k + 2 + int(fits[0])
-                    chosen[k], chosen[k + 1], chosen[extra] = False, True, True
-                    used += int(pages[k + 1] - pages[k] + pages[extra])
-                    improved = True
-                    break
-            if not improved:
+            if boundary.size:
+                boundary = boundary[~self._locked(state, snap, ranking, boundary, gate).take(boundary)]
+            if not boundary.size:
                 break
+            # The smallest unchosen request at or after each position (inf past the end).
+            smallest_after = np.empty(pages.size + 1)
+            smallest_after[:-1] = pages
+            smallest_after[:-1][chosen] = np.inf
+            smallest_after[-1] = np.inf
+            smallest_after = np.minimum.accumulate(smallest_after[::-1])[::-1]
+            room = capacity - used + pages.take(boundary) - pages.take(boundary + 1)
+            swaps = (smallest_after.take(boundary + 2) <= room).nonzero()[0]
+            if not swaps.size:
+                break
+            k, room = int(boundary[swaps[0]]), room[swaps[0]]
+            extra = k + 2 + int((~chosen[k + 2:] & (pages[k + 2:] <= room)).argmax())
+            chosen[k], chosen[k + 1], chosen[extra] = False, True, True
+            used += int(pages[k + 1] - pages[k] + pages[extra])
         return used
 
-    def _fill_free_room(self, snap: Snapshot, ranking: Ranking, chosen: np.ndarray, newcomers: list[int],
-                        used: int, ex: Executor) -> None:
+    def _fill_free_room(self, snap: Snapshot, newcomers: np.ndarray, used: int, count: int, ex: Executor) -> None:
         """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs: as memory
-        allows now, beyond W), after the room the working set's left-out paused streams will need back."""
-        if not newcomers:
-            return
-        order, nr = ranking.order, snap.num_running
-        left_out_paused = ~chosen & (order >= nr) & (order < nr + snap.num_paused)
-        used += int(ranking.pages[left_out_paused].sum())
-        count = int(chosen.sum()) + int(left_out_paused.sum())
-        new_pages = ranking.pages_of[newcomers]
-        fits = ((used + new_pages.cumsum() <= ex.num_device_pages)
-                & (count + np.arange(1, len(newcomers) + 1) <= ex.max_num_seqs))  # fmt: skip
+        allows now, beyond W), after the `used` pages and `count` slots the working set holds or will need back."""
+        new_pages = snap.pages.take(newcomers)
+        fits = used + new_pages.cumsum() <= ex.num_device_pages
+        fits[max(0, ex.max_num_seqs - count):] = False
         admitted = len(newcomers) if fits.all() else int(fits.argmin())
-        self._desired += snap.rids[newcomers[:admitted]].tolist()
+        self._desired += list(map(snap.rids.__getitem__, newcomers[:admitted].tolist()))
 
     # ---- the iteration's plan
     def plan(self, state: SchedulerState) -> StepPlan:
