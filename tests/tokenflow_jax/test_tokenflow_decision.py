@@ -90,7 +90,9 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
             if used + c["pages"] <= capacity and count < limit:
                 chosen[i], used, count = True, used + c["pages"], count + 1
                 break
-    for _ in range(cfg.local_search_iters):  # adjacent swaps that free pages for one more request
+    for _ in range(cfg.local_search_iters):  # adjacent swaps that free pages for one more request (slots allowing)
+        if count >= ex.max_num_seqs:
+            break
         for i in range(len(contenders) - 1):
             a, b = contenders[i], contenders[i + 1]
             if not chosen[i] or chosen[i + 1] or b["pages"] >= a["pages"] or locked(a):

@@ -27,8 +27,9 @@ class World:
         self.requests: list[Request] = []
 
     def add(self, rid: str, status: RequestStatus, *, rate: float = 20.0, buffer_s: float = 0.0,
-            generated: int | None = None, prompt: int = 32, arrival: float = 0.0) -> Request:
-        req = Request(rid, [1] * prompt, SamplingParams(max_tokens=512, ignore_eos=True), rate=rate, arrival=arrival)
+            generated: int | None = None, prompt: int = 32, arrival: float = 0.0, max_tokens: int = 512) -> Request:
+        req = Request(rid, [1] * prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), rate=rate,
+                      arrival=arrival)  # fmt: skip
         req.status = status
         self.tracker.add(rid, rate, arrival, prompt_len=len(req.prompt_ids), max_tokens=req.sampling.max_tokens)
         if status is not RequestStatus.WAITING:
@@ -126,6 +127,19 @@ def test_balancing_order_lowest_buffer_first_then_rate():
     # Newcomers (buffer 0) first, the faster reader ahead; then the lowest running buffer (r3).
     assert policy._desired[:3] == ["fast", "slow", "r3"]
     assert preempted(plan) == {"r1", "r2"}
+
+
+@pytest.mark.parametrize("max_num_seqs, desired", [(3, ["b", "c", "d"]), (2, ["a", "c"])])
+def test_local_search_trades_one_large_request_for_two_small_ones_within_the_slots(max_num_seqs, desired):
+    # Newcomers by rate: a (25 pages), b (7), c (1), d (1) on 26 device pages. The fill takes a and c; trading a
+    # for b frees room for d too, one more request running, which only a free sequence slot allows.
+    w = World(max_num_seqs=max_num_seqs, device_pages=26)
+    for rid, prompt, rate in [("a", 400, 30.0), ("b", 100, 25.0), ("c", 16, 20.0), ("d", 16, 15.0)]:
+        w.add(rid, RequestStatus.WAITING, prompt=prompt, rate=rate, max_tokens=1)
+    policy = TokenFlowPolicy()
+    assert policy.rebalance(w.state(), w.ex.estimates()) == []
+    assert policy._slot_limit(w.state()) == max_num_seqs  # W (2.4 here) does not bind
+    assert policy._desired == desired
 
 
 def test_paused_stream_due_back_displaces_the_largest_buffer():

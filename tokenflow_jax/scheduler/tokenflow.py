@@ -89,7 +89,8 @@ class Snapshot:
     num_paused: int
     block: np.ndarray  # (6, n): the tracker's columns (`tracker.RATE`, ... rows)
     dry_in: np.ndarray  # seconds until the reader has read every token generated so far (0 when dry)
-    pages: np.ndarray  # device pages each holds or needs for its context (a token sampled but not read aside)
+    context: np.ndarray  # prompt + tokens read (a token sampled but not read yet aside)
+    pages: np.ndarray  # device pages each holds or needs for that context
     page_size: int
 
     @classmethod
@@ -98,12 +99,11 @@ class Snapshot:
         rids = [r.request_id for r in reqs]
         block = state.tracker.column_block(rids)
         dry_in = block[LAST_READ] - state.now
-        page_size = state.executor.page_size
-        pages = block[PROMPT_LEN] + block[NUM_GENERATED]
-        pages /= page_size
+        context = block[PROMPT_LEN] + block[NUM_GENERATED]
+        pages = context / state.executor.page_size
         np.ceil(pages, out=pages)  # exact: a quotient of integers is never within rounding of the next integer
         return cls(reqs, rids, len(state.running), len(state.paused), block, np.maximum(dry_in, 0.0, out=dry_in),
-                   pages, page_size)  # fmt: skip
+                   context, pages, state.executor.page_size)  # fmt: skip
 
     @property
     def rate(self) -> np.ndarray:
@@ -146,30 +146,32 @@ class Ranking:
 
     order: np.ndarray
     buffer_tokens: np.ndarray  # per snapshot index
-    load_s: np.ndarray  # per snapshot index: a paused stream not due back spends this much of the I/O budget
-    due: np.ndarray  # per snapshot index: paused, and its reader runs dry unless it is loaded now
+    paused_load_s: np.ndarray | None  # per paused stream: I/O budget its load spends (0 when due back)
+    paused_due: np.ndarray | None  # per paused stream: its reader runs dry unless it is loaded now
     total_load_s: float  # of every contender
     pages: np.ndarray | None = None  # per position, from here on
-    position_load_s: np.ndarray | None = None
+    load_s: np.ndarray | None = None
+    due: np.ndarray | None = None
     on_device: np.ndarray | None = None
     gate_s: np.ndarray | None = None  # the admission gate's time factor, NaN until computed
     gate_bound_s: np.ndarray | None = None  # an upper bound on it from the snapshot alone
 
     def by_position(self, snap: Snapshot, est: CostEstimates, lead_s: float) -> None:
-        order = self.order
-        self.pages, self.position_load_s = snap.pages.take(order), self.load_s.take(order)
+        order, n, paused = self.order, len(snap.reqs), slice(snap.num_running, snap.holding_kv)
+        load_s, due = np.zeros(n), np.zeros(n, dtype=bool)
+        if self.paused_load_s is not None:
+            load_s[paused], due[paused] = self.paused_load_s, self.paused_due
+        self.pages, self.load_s, self.due = snap.pages.take(order), load_s.take(order), due.take(order)
         self.on_device, self.gate_s = order < snap.num_running, np.empty(order.size)
         self.gate_s.fill(np.nan)  # (np.full is a Python wrapper: several times slower)
-        # The gate's round trip at most: every page out and back in, or recomputing every token, of a context
-        # that may hold one or two tokens the host has not read yet (in flight).
-        tokens = snap.block[PROMPT_LEN].take(order) + snap.block[NUM_GENERATED].take(order)
-        tokens += 2
-        pages = np.ceil(tokens / snap.page_size)
-        pages *= est.swap_out_per_page_s + est.swap_in_per_page_s
-        tokens *= est.prefill_per_token_s
-        bound = np.maximum(pages, tokens, out=pages)
-        bound += 2 * est.pending_transfer_s + lead_s
-        self.gate_bound_s = np.multiply(bound, 1 + 1e-9, out=bound)  # room for the exact gate's rounding
+        # The gate's round trip at most: every page out and back in (pages <= tokens / page size + 1), or
+        # recomputing every token, of a context that may hold a token the host has not read yet (in flight).
+        per_page = est.swap_out_per_page_s + est.swap_in_per_page_s
+        per_token = max(per_page / snap.page_size, est.prefill_per_token_s) * (1 + 1e-9)  # room for rounding
+        fixed = (2 * per_token + per_page + 2 * est.pending_transfer_s + lead_s) * (1 + 1e-9)
+        bound = snap.context.take(order)
+        bound *= per_token
+        self.gate_bound_s = np.add(bound, fixed, out=bound)
 
 
 class TokenFlowPolicy:
@@ -265,11 +267,11 @@ class TokenFlowPolicy:
             self._desired = list(map(rids.__getitem__, order[chosen].tolist()))
             left_out = order[~chosen]
             victims = list(map(snap.reqs.__getitem__, left_out[left_out < snap.num_running].tolist()))
-            # Room the working set's left-out paused streams will need back.
-            left_out_paused = left_out[left_out >= snap.num_running]
-            left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
-            used += int(snap.pages.take(left_out_paused).sum())
-            count = int(chosen.sum()) + left_out_paused.size
+            if newcomers.size:  # they get what is left after the room left-out paused streams will need back
+                left_out_paused = left_out[left_out >= snap.num_running]
+                left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
+                used += int(snap.pages.take(left_out_paused).sum())
+                count = int(chosen.sum()) + left_out_paused.size
         if newcomers.size:
             self._fill_free_room(snap, newcomers, used, count, ex)
         return victims
@@ -284,15 +286,14 @@ class TokenFlowPolicy:
         urgency = dry_in.copy() if cfg.gamma > 0 else np.zeros(n)
         if nr and cfg.gamma > 0:
             np.maximum(dry_in[:nr] - cfg.stickiness_s, 0.0, out=urgency[:nr])
-        load_s, due, total_load_s = np.zeros(n), np.zeros(n, dtype=bool), 0.0
+        paused_load = paused_due = None
+        total_load_s = 0.0
         if npd:
             paused = slice(nr, nr + npd)
             paused_load = snap.pages[paused] * est.swap_in_per_page_s
             paused_due = dry_in[paused] <= paused_load + self.resume_lead_s(est)
-            due[paused] = paused_due
             urgency[paused][paused_due] = 0.0  # due back: as urgent as a newcomer
             paused_load[paused_due] = 0.0  # and loads regardless of the I/O budget
-            load_s[paused] = paused_load
             total_load_s = float(paused_load.sum())
         newcomers = self._held_newcomers(snap)
         buffer_tokens = snap.buffer_tokens()
@@ -304,7 +305,7 @@ class TokenFlowPolicy:
             contender = np.ones(n, dtype=bool)
             contender[newcomers] = False
             order = order[contender.take(order)]
-        return Ranking(order, buffer_tokens, load_s, due, total_load_s), newcomers
+        return Ranking(order, buffer_tokens, paused_load, paused_due, total_load_s), newcomers
 
     def _held_newcomers(self, snap: Snapshot) -> np.ndarray:
         """Newcomers (no token yet) that may not displace anyone: all while overloaded; else, in arrival order,
@@ -324,18 +325,16 @@ class TokenFlowPolicy:
         # The leading run the spare rate surely covers (cumulative rates clear of it by more than rounding) is
         # admitted at once; its one-at-a-time subtraction is replayed exactly in C; the rest go one by one.
         covered = int((rates.cumsum() < spare_rate - 1e-9 * (abs(spare_rate) + total)).argmin())
-        rates_left = rates.tolist()
-        spare_rate = functools.reduce(operator.sub, rates_left[:covered], spare_rate)
-        held = []
-        for k in range(covered, len(rates_left)):
-            if spare_rate < slowest:  # no one left fits: all held
-                held += newcomers[k:].tolist()
-                break
-            if rates_left[k] > spare_rate:
-                held.append(int(newcomers[k]))
+        spare_rate = functools.reduce(operator.sub, rates[:covered].tolist(), spare_rate)
+        held: list[int] = []  # positions in `newcomers`
+        for k, rate in enumerate(rates[covered:].tolist(), covered):
+            if spare_rate < slowest:  # no one left fits: the rest are all held
+                return np.concatenate((newcomers.take(held), newcomers[k:])) if held else newcomers[k:]
+            if rate > spare_rate:
+                held.append(k)
             else:
-                spare_rate -= rates_left[k]
-        return np.array(held, dtype=np.int64)
+                spare_rate -= rate
+        return newcomers.take(held)
 
     def gate_seconds(self, reqs: list[Request], est: CostEstimates, page_size: int, host_free: int) -> np.ndarray:
         """Admission gate: a running request may pause for a newcomer only with b_j >= mu r_j (t_evict + t_load +
@@ -438,10 +437,12 @@ class TokenFlowPolicy:
             if total <= capacity:
                 return None, total
         ranking.by_position(snap, gate[0], self.resume_lead_s(gate[0]))
-        pages, load_s = ranking.pages, ranking.position_load_s
+        pages, load_s = ranking.pages, ranking.load_s
         # The longest prefix that fits at once (slots, pages, I/O budget) is taken as a whole.
         cum_pages, cum_load = pages.cumsum(), load_s.cumsum()  # methods: numpy's wrappers cost ~2 us a call
-        fits = (cum_pages <= capacity) & (cum_load <= io_budget_s)
+        fits = cum_pages <= capacity
+        if ranking.total_load_s:
+            fits &= cum_load <= io_budget_s
         fits[limit:] = False
         if fits.all():
             return None, int(cum_pages[-1]) if pages.size else 0
@@ -451,15 +452,17 @@ class TokenFlowPolicy:
         used = count = 0
         if prefix:
             used, count, io_budget_s = int(cum_pages[prefix - 1]), prefix, io_budget_s - float(cum_load[prefix - 1])
-        # Beyond it, one by one; room and budget only shrink, so what does not fit now never will.
-        rest = prefix + ((pages[prefix:] <= capacity - used) & (load_s[prefix:] <= io_budget_s)).nonzero()[0]
-        for k, p, load in zip(rest.tolist(), pages[rest].tolist(), load_s[rest].tolist(), strict=True):
-            if count >= limit:
-                break
-            if used + p > capacity or load > io_budget_s:
-                continue
-            io_budget_s -= load
-            chosen[k], used, count = True, used + p, count + 1
+        # Beyond it, one by one (while slots are left); room and budget only shrink, so what does not fit now
+        # never will.
+        if count < limit:
+            rest = prefix + ((pages[prefix:] <= capacity - used) & (load_s[prefix:] <= io_budget_s)).nonzero()[0]
+            for k, p, load in zip(rest.tolist(), pages[rest].tolist(), load_s[rest].tolist(), strict=True):
+                if count >= limit:
+                    break
+                if used + p > capacity or load > io_budget_s:
+                    continue
+                io_budget_s -= load
+                chosen[k], used, count = True, used + p, count + 1
         # A left-out running request that cannot cover a pause comes back, pushing out the least urgent
         # newcomers and comfortable paused streams; a paused stream due back may still displace it if its
         # buffer covers the bare round trip (mu = 1), else that stream yields too.
@@ -467,7 +470,7 @@ class TokenFlowPolicy:
         left_out = (~chosen & on_device).nonzero()[0]
         if not left_out.size:
             return chosen, used
-        due = ranking.due.take(ranking.order)
+        due = ranking.due
         locked = self._locked(state, snap, ranking, left_out, gate)
         for k in locked.nonzero()[0].tolist():
             p = int(pages[k])
@@ -488,21 +491,26 @@ class TokenFlowPolicy:
                       used: int, gate: tuple[CostEstimates, int]) -> int:
         """Adjacent swaps across the boundary, kept when the pages they free let one more request run: the first
         boundary pair (k chosen, k + 1 not, k + 1 smaller, k free to pause) after which some unchosen request
-        fits the room the swap leaves (`chosen` is updated in place; returns the pages then held)."""
+        fits the room the swap leaves (`chosen` is updated in place; returns the pages then held).
+
+        The extra request may go past W, which bounds the fill, but not past the sequence slots. Held to W as
+        well, the simulator's RTX 4090 bursts and Poisson 4/s lost 6-14% of their token throughput (fewer
+        requests run while pages are free) and preempted 1.1-5x as often (BENCHMARKS.md)."""
         capacity, pages = state.executor.num_device_pages, ranking.pages
-        for _ in range(self.config.local_search_iters):
-            boundary = (chosen[:-1] & ~chosen[1:] & (pages[1:] < pages[:-1])).nonzero()[0]
+        count = int(chosen.sum())
+        # Per pair (k, k + 1) with some k + 2 after it: pages a swap frees, and whether k + 1 is the smaller.
+        gain = pages[:-2] - pages[1:-1]
+        smaller_next = gain > 0
+        for _ in range(min(self.config.local_search_iters, state.executor.max_num_seqs - count)):
+            boundary = (chosen[:-2] & ~chosen[1:-1] & smaller_next).nonzero()[0]
             if boundary.size:
                 boundary = boundary[~self._locked(state, snap, ranking, boundary, gate).take(boundary)]
             if not boundary.size:
                 break
-            # The smallest unchosen request at or after each position (inf past the end).
-            smallest_after = np.empty(pages.size + 1)
-            smallest_after[:-1] = pages
-            smallest_after[:-1][chosen] = np.inf
-            smallest_after[-1] = np.inf
-            smallest_after = np.minimum.accumulate(smallest_after[::-1])[::-1]
-            room = capacity - used + pages.take(boundary) - pages.take(boundary + 1)
+            # The smallest unchosen request at or after each position; the room each swap would leave.
+            smallest_after = np.minimum.accumulate(np.where(chosen, np.inf, pages)[::-1])[::-1]
+            room = gain.take(boundary)
+            room += capacity - used
             swaps = (smallest_after.take(boundary + 2) <= room).nonzero()[0]
             if not swaps.size:
                 break
