@@ -34,6 +34,9 @@ def test_a_setup_runs_and_reports_one_table_with_ratios_to_fcfs():
     for run in runs:  # the same 60 requests run to their lengths under each policy
         assert run["completed"] == 60 and run["total_output_tokens"] == runs[0]["total_output_tokens"] > 50_000
     assert runs[1]["preemptions_swap"] > 0 and runs[0]["preemptions_swap"] == 0  # fcfs never swaps
+    log = runs[1]["decision_log"]  # tokenflow's decisions as they ran: (live requests, seconds)
+    assert len(log) == runs[1]["decision_count"] > 0 and all(0 < n <= 60 and 0 < t < 1 for n, t in log)
+    assert runs[0]["decision_log"] is None  # fcfs makes no decisions of that kind
     text = ps.report(runs, [(setup, "20")], "roofline")
     assert "#### rtx4090 llama3-8b burst 60 short, rates 20 tok/s (profile rtx4090-llama3-8b-roofline)" in text
     fcfs_row = next(line for line in text.splitlines() if line.startswith("| fcfs |"))
@@ -52,3 +55,6 @@ def test_decision_benchmark_times_both_states():
     assert 0 < fits["min_ms"] <= fits["median_ms"] <= fits["p90_ms"]
     tight = ps.decision_benchmark(num_requests=32, repeats=3, device_pages=400)
     assert tight["kept"] < 32 and tight["device_pages"] == 400  # the fill must leave requests out
+    # With staggered arrivals and engine steps between decisions: the same kind of state, decided alike.
+    loop = ps.decision_benchmark(num_requests=32, repeats=2, device_pages=400, staggered=True, steps_between=1)
+    assert loop["requests"] == 32 and 0 < loop["kept"] < 32 and loop["min_ms"] > 0

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import math
 import operator
+import time
 
 import numpy as np
 
@@ -184,6 +185,7 @@ class TokenFlowPolicy:
         self.overloaded = False  # demand > Gamma: newcomers only take free room (hysteresis)
         self.hopeless = False  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
         self.decisions = 0
+        self.decision_log: list[tuple[int, float]] = []  # (live requests, seconds) per decision, as it ran
         self._desired: list[str] = []  # the last decision's running set, most urgent first
         self._victims: list[str] = []  # running requests the last decision left out, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
@@ -247,6 +249,7 @@ class TokenFlowPolicy:
         trade places every decision, and swap-ins are capped at `io_fraction` of an interval of load time
         (streams about to run dry come back regardless).
         """
+        t0 = time.perf_counter()
         ex, cfg = state.executor, self.config
         self.decisions += 1
         self._last_decision = state.now
@@ -274,6 +277,7 @@ class TokenFlowPolicy:
                 count = int(chosen.sum()) + left_out_paused.size
         if newcomers.size:
             self._fill_free_room(snap, newcomers, used, count, ex)
+        self.decision_log.append((len(snap.reqs), time.perf_counter() - t0))
         return victims
 
     def _rank(self, snap: Snapshot, est: CostEstimates) -> tuple[Ranking, np.ndarray]:
