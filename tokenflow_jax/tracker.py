@@ -138,6 +138,7 @@ class RequestTracker:
         # store costs what a list store does, and `_block` views it as (field, row) without a copy.
         self._data = array("d")
         self._block = np.zeros((6, 0))
+        self.membership_changes = 0  # adds + removes so far: a scheduler sees arrivals and finishes by it
 
     def add(self, rid: str, rate: float, arrival: float, *, prompt_len: int, max_tokens: int) -> VirtualBuffer:
         """Track a request: its reader's rate and arrival, and the sizes a scheduler weighs (prompt tokens, and
@@ -148,6 +149,7 @@ class RequestTracker:
             raise ValueError(f"need prompt_len >= 0 and max_tokens >= 1, got {prompt_len!r} and {max_tokens!r}")
         buffer = VirtualBuffer(rate, arrival)
         self._buffers[rid] = buffer
+        self.membership_changes += 1
         if not self._free_rows:
             self._grow()
         row = self._rows[rid] = self._free_rows.pop()
@@ -175,6 +177,7 @@ class RequestTracker:
         """Stop tracking a request and return its buffer (for final metrics)."""
         buffer = self._buffers.pop(rid)
         self._free_rows.append(self._rows.pop(rid))
+        self.membership_changes += 1
         return buffer
 
     def column_block(self, rids: Sequence[str]) -> np.ndarray:

@@ -90,6 +90,11 @@ def test_tracker_columns_follow_the_buffers_through_growth_and_row_reuse():
     with pytest.raises(ValueError, match="max_tokens >= 1"):
         tracker.add("bad", 1.0, 0.0, prompt_len=3, max_tokens=0)
     assert "bad" not in tracker
+    # Every add and remove counts (a failed add does not): schedulers notice arrivals and finishes by it.
+    assert tracker.membership_changes == 150 + (150 - len(tracker))
+    before = tracker.membership_changes
+    tracker.on_token(rids[0], 1e6)
+    assert tracker.membership_changes == before
 
 
 @st.composite

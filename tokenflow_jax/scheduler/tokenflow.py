@@ -190,7 +190,7 @@ class TokenFlowPolicy:
         self._victims: list[str] = []  # running requests the last decision left out, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
         self._last_decision = -math.inf
-        self._known: set[str] = set()
+        self._known: tuple[int, int] | None = None  # (tracker, its membership changes) at the last check
         self._critical = False  # a running stream was below the critical buffer at the last check
         self._critical_checked = -math.inf
 
@@ -230,8 +230,9 @@ class TokenFlowPolicy:
         return self._critical
 
     def _decision_due(self, state: SchedulerState, est: CostEstimates) -> bool:
-        live = {r.request_id for group in (state.waiting, state.running, state.paused) for r in group}
-        changed, self._known = live != self._known, live  # an arrival or a finish
+        # An arrival or a finish: the tracker follows the live requests (a set of them per iteration cost more).
+        live = (id(state.tracker), state.tracker.membership_changes)
+        changed, self._known = live != self._known, live
         if changed or state.now >= self._last_decision + self.config.reschedule_interval:
             return True
         lead, page_size, desired = self.resume_lead_s(est), state.executor.page_size, set(self._desired)
