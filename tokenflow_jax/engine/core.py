@@ -192,15 +192,16 @@ class EngineCore:
             req = self.requests.get(rid) or self.draining.get(rid)
             if req is None:
                 continue  # finished or aborted while its token was in flight
-            if PENDING_TOKEN in req.output_ids:
-                req.output_ids[req.output_ids.index(PENDING_TOKEN)] = token
+            # A pending token is always the last one (one step in flight at most): O(1), not a scan of the output.
+            if req.output_ids and req.output_ids[-1] == PENDING_TOKEN:
+                req.output_ids[-1] = token
             else:
                 req.output_ids.append(token)
             self.tracker.on_token(rid, now)
             reason = None
             if token in self.eos_token_ids and not req.sampling.ignore_eos:
                 reason = "stop"
-            elif len(req.output_ids) - req.output_ids.count(PENDING_TOKEN) >= req.sampling.max_tokens:
+            elif len(req.output_ids) >= req.sampling.max_tokens:  # (no pending token left: it was the last)
                 reason = "length"
             events.append(TokenEvent(rid, token, now, reason is not None, reason))
             if reason is not None:
