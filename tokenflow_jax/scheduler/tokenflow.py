@@ -187,6 +187,7 @@ class TokenFlowPolicy:
         self.decisions = 0
         self.decision_log: list[tuple[int, float]] = []  # (live requests, seconds) per decision, as it ran
         self._desired: list[str] = []  # the last decision's running set, most urgent first
+        self._rank_of: dict[str, int] | None = None  # position in `_desired` by id, built at first use after a change
         self._victims: list[str] = []  # running requests the last decision left out, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
         self._last_decision = -math.inf
@@ -235,12 +236,22 @@ class TokenFlowPolicy:
         changed, self._known = live != self._known, live
         if changed or state.now >= self._last_decision + self.config.reschedule_interval:
             return True
-        lead, page_size, desired = self.resume_lead_s(est), state.executor.page_size, set(self._desired)
-        return any(
-            state.tracker[r.request_id].time_until_dry(state.now)
-            <= pages_for(r.num_computed, page_size) * est.swap_in_per_page_s + lead
-            for r in state.paused if r.request_id not in desired
-        )  # a paused reader is about to run dry and no decision has called it back yet
+        # A paused reader is about to run dry (within its load time and the lead) and no decision has called it
+        # back yet. Paused, it gets no tokens: it runs dry at its newest token's read time (at once if none).
+        lead, page_size, desired = self.resume_lead_s(est), state.executor.page_size, self._ranks()
+        tracker, now, per_page = state.tracker, state.now, est.swap_in_per_page_s
+        for r in state.paused:
+            if r.request_id not in desired:
+                last_read = tracker[r.request_id].last_read_time
+                if last_read is None or last_read - now <= pages_for(r.num_computed, page_size) * per_page + lead:
+                    return True
+        return False
+
+    def _ranks(self) -> dict[str, int]:
+        """Position of each desired request in `_desired` (entrants go in that order)."""
+        if self._rank_of is None:
+            self._rank_of = {rid: i for i, rid in enumerate(self._desired)}
+        return self._rank_of
 
     # ---- the decision
     def rebalance(self, state: SchedulerState, est: CostEstimates) -> list[Request]:
@@ -278,6 +289,7 @@ class TokenFlowPolicy:
                 count = int(chosen.sum()) + left_out_paused.size
         if newcomers.size:
             self._fill_free_room(snap, newcomers, used, count, ex)
+        self._rank_of = None
         self.decision_log.append((len(snap.reqs), time.perf_counter() - t0))
         return victims
 
@@ -368,7 +380,8 @@ class TokenFlowPolicy:
         locked = np.zeros(ranking.order.size, dtype=bool)
         if not maybe.any():
             return locked
-        positions, rows, buffer_tokens, threshold = positions[maybe], rows[maybe], buffer_tokens[maybe], threshold[maybe]
+        positions, rows = positions[maybe], rows[maybe]
+        buffer_tokens, threshold = buffer_tokens[maybe], threshold[maybe]
         gate_s = ranking.gate_s.take(positions)
         todo = np.isnan(gate_s)
         if todo.any():
@@ -538,16 +551,16 @@ class TokenFlowPolicy:
     def plan(self, state: SchedulerState) -> StepPlan:
         est = state.executor.estimates()
         if not self.is_stressed(state):
-            self._desired, self._victims = [], []
+            self._desired, self._victims, self._rank_of = [], [], None
             return self._schedule(state, est, [], [], fcfs=True)
         if self._decision_due(state, est):
             self._victims = [r.request_id for r in self.rebalance(state, est)]
         if self.hopeless:
-            self._desired, self._victims = [], []
+            self._desired, self._victims, self._rank_of = [], [], None
             return self._fcfs.plan(state)
         order = {rid: i for i, rid in enumerate(self._victims)}
         victims = sorted((r for r in state.running if r.request_id in order), key=lambda r: order[r.request_id])
-        rank = {rid: i for i, rid in enumerate(self._desired)}
+        rank = self._ranks()
         entrants = sorted((r for r in (*state.paused, *state.waiting) if r.request_id in rank),
                           key=lambda r: rank[r.request_id])  # fmt: skip
         return self._schedule(state, est, victims, entrants, fcfs=False)
@@ -637,5 +650,5 @@ class TokenFlowPolicy:
         else:
             plan.recompute_out.append(req.request_id)
         budget.pages += len(req.device_pages)
-        if req.request_id in self._desired:
+        if self._ranks().pop(req.request_id, None) is not None:
             self._desired.remove(req.request_id)
