@@ -125,7 +125,9 @@ class Snapshot:
 
 def token_values(buffer_tokens: np.ndarray, output_len: np.ndarray) -> np.ndarray:
     """Weight the next token would earn (DESIGN.md section 2): 1 below tau1, 0 above tau2, linear between."""
-    return np.negative(negative_token_values(buffer_tokens, output_len))
+    values = np.negative(negative_token_values(buffer_tokens, output_len))
+    values += 0.0  # -0.0 (from negating a clipped 0) reads as 0.0
+    return values
 
 
 def negative_token_values(buffer_tokens: np.ndarray, output_len: np.ndarray) -> np.ndarray:
