@@ -113,12 +113,13 @@ def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int 
     wall = time.perf_counter() - t0
     summary = summarize(records, swap_bytes_out=core.bytes_to_host, swap_bytes_in=core.bytes_to_device,
                         scheduler_times_s=core.scheduler_times_s)  # fmt: skip
+    log = getattr(core.policy, "decision_log", None)
     return {
         "setup": setup.name, "rates": rates, "policy": policy, "kernels": kernels, "wall_s": wall,
         "sim_s": executor.now(), "steps": executor.steps,
         "playback_s": {r.request_id: r.output_len / r.rate for r in records if r.completed},
         "decision_count": getattr(core.policy, "decisions", None),
-        "decision_log": getattr(core.policy, "decision_log", None),  # (live requests, seconds) per decision
+        "decision_log": None if log is None else list(log),  # (live requests, seconds) per tokenflow decision
         **{k: v for k, v in summary.items() if k not in ("ttfts", "itls", "qoes")},
     }  # fmt: skip
 

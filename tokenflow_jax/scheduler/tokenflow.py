@@ -27,6 +27,7 @@ copy, reload later) or recompute, whichever the live cost estimates say is cheap
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -187,7 +188,8 @@ class TokenFlowPolicy:
         self.overloaded = False  # demand > Gamma: newcomers only take free room (hysteresis)
         self.hopeless = False  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
         self.decisions = 0
-        self.decision_log: list[tuple[int, float]] = []  # (live requests, seconds) per decision, as it ran
+        # (live requests, seconds) of the latest decisions as they ran; bounded, for a server that runs for days.
+        self.decision_log: collections.deque[tuple[int, float]] = collections.deque(maxlen=100_000)
         self._desired: list[str] = []  # the last decision's running set, most urgent first
         self._rank_of: dict[str, int] | None = None  # position in `_desired` by id, built at first use after a change
         self._victims: list[str] = []  # running requests the last decision left out, most urgent first
