@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from tokenflow_jax import paper_setups as ps
 
 
@@ -58,3 +60,11 @@ def test_decision_benchmark_times_both_states():
     # With staggered arrivals and engine steps between decisions: the same kind of state, decided alike.
     loop = ps.decision_benchmark(num_requests=32, repeats=2, device_pages=400, staggered=True, steps_between=1)
     assert loop["requests"] == 32 and 0 < loop["kept"] < 32 and loop["min_ms"] > 0
+
+
+def test_decisions_in_replay_reports_the_decisions_that_saw_that_many_live_requests():
+    run = ps.decisions_in_replay("rtx4090 llama3-8b burst 60 short", "20", live=(30, 61))
+    assert run["live"] == "30-60" and 0 < run["decisions"] <= run["all_decisions"]
+    assert 0 < run["min_ms"] <= run["median_ms"] <= run["p90_ms"]
+    with pytest.raises(ValueError, match="no decision"):
+        ps.decisions_in_replay("rtx4090 llama3-8b burst 60 short", "20", live=(61, 100))  # never that many live
