@@ -23,12 +23,8 @@ class TokenBudget:
 
     def chunk(self, state: SchedulerState, req: Request) -> tuple[int, int]:
         """(tokens to compute, extra pages needed) if `req` runs now with what is left."""
-        # `state.extra_pages_for(req, n)` written out: this runs for every request every iteration.
-        n = min(len(req.prompt_ids) + len(req.output_ids) - req.num_computed, self.tokens)
-        if n <= 0:
-            return n, 0
-        extra = -(-(req.num_computed + n) // state.executor.page_size) - len(req.device_pages)
-        return n, extra if extra > 0 else 0
+        n = min(req.num_uncomputed, self.tokens)
+        return n, state.extra_pages_for(req, n) if n > 0 else 0
 
     def take(self, plan: StepPlan, req: Request, n: int, pages: int) -> None:
         if req.status is RequestStatus.PAUSED and req.request_id not in plan.swap_in:  # KV comes back first

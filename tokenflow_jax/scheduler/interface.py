@@ -115,8 +115,8 @@ class SchedulerState:
 
     def extra_pages_for(self, request: Request, num_new_tokens: int) -> int:
         """Device pages `request` must gain to compute `num_new_tokens` more tokens."""
-        need = pages_for(request.num_computed + num_new_tokens, self.executor.page_size)
-        return max(0, need - len(request.device_pages))
+        extra = pages_for(request.num_computed + num_new_tokens, self.executor.page_size) - len(request.device_pages)
+        return extra if extra > 0 else 0
 
 
 class Policy(Protocol):

@@ -50,7 +50,8 @@ class Request:
 
     @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed
+        # (`num_tokens` written out: every policy asks this of every request every iteration)
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
 
     @property
     def is_prefilling(self) -> bool:

@@ -108,10 +108,6 @@ class Snapshot:
                    context, pages, state.executor.page_size)  # fmt: skip
 
     @property
-    def rate(self) -> np.ndarray:
-        return self.block[RATE]
-
-    @property
     def holding_kv(self) -> int:
         """Running and paused (the working set) come first: how many."""
         return self.num_running + self.num_paused
@@ -420,11 +416,8 @@ class TokenFlowPolicy:
         its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
         size = snap.holding_kv or len(snap.reqs)
         self.hopeless, seqs, step_s = False, 0, 0.0
-        if not size:
-            self.overloaded, self._spare_rate = False, math.inf
-            return
         sums = snap.block[:, :size].sum(axis=1)
-        if self.config.project_capacity:
+        if self.config.project_capacity and size:
             mean_context = float(sums[PROMPT_LEN] + (sums[NUM_GENERATED] + sums[MAX_TOKENS]) / 2) / size
             seqs, step_s = self.projected_step(ex, est, size, mean_context)
             self.hopeless = float(snap.block[RATE, :size].min()) * step_s >= 1.0
