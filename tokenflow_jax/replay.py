@@ -43,10 +43,6 @@ def spec_request(spec: RequestSpec, arrival: float, *, seed: int = 0) -> Request
     )
 
 
-def _progress_signature(core: EngineCore) -> tuple:
-    return tuple((rid, r.status, r.num_computed, len(r.output_ids)) for rid, r in core.requests.items())
-
-
 def replay(
     core: EngineCore,
     specs: Sequence[RequestSpec],
@@ -84,10 +80,10 @@ def replay(
         if not core.has_work():
             ex.idle_until(next_arrival)
             continue
-        before, finished = _progress_signature(core), len(core.records)
+        finished = len(core.records)
         core.step()
         bar.update(len(core.records) - finished)
-        if _progress_signature(core) != before:
+        if core.last_step_moved:
             stalled_since = None
             continue
         # Nothing moved: let the clock run (the simulator's does not advance on an empty step).

@@ -23,7 +23,7 @@ from tests.tokenflow_jax.engine_harness import (
 from tokenflow_jax.engine.buckets import CompileDuringServing
 from tokenflow_jax.engine.runner import backend_compile_count
 from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.request import PENDING_TOKEN, RequestStatus
+from tokenflow_jax.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 
 
 def run_with_random_preemptions(mode: str, seed: int) -> tuple[dict[str, list[int]], int]:
@@ -207,3 +207,11 @@ def test_decode_step_model_recovers_a_linear_cost_and_refuses_to_extrapolate_fro
     base, per_seq, per_context = model.coefficients
     np.testing.assert_allclose([base, per_seq, per_context], [0.004, 2e-5, 3e-7], rtol=0.05)
     assert DecodeStepModel.fit([(8, 1000, 0.01)] * 40) is None
+
+
+def test_token_slice_is_the_slice_of_prompt_then_output() -> None:
+    req = Request("r", [11, 12, 13], SamplingParams(max_tokens=8), rate=10.0, arrival=0.0, output_ids=[21, 22, 23, 24])
+    tokens = req.prompt_ids + req.output_ids
+    for start in range(len(tokens) + 1):
+        for stop in range(start, len(tokens) + 2):
+            assert req.token_slice(start, stop) == tokens[start:stop], (start, stop)

@@ -52,6 +52,7 @@ class EngineCore:
         self.bytes_to_host = 0
         self.bytes_to_device = 0
         self._admissions = 0
+        self.last_step_moved = False  # the latest step computed, sampled, paused or resumed something
 
     # ---- queues
     def _with_status(self, status: RequestStatus) -> list[Request]:
@@ -160,9 +161,11 @@ class EngineCore:
         self.scheduler_times_s.append(time.perf_counter() - t0)
         self._apply_preemption_mode(plan)
         self._validate(plan)
-        plan.sync_order = sorted(
-            plan.schedule, key=lambda rid: -self.tracker.get(rid).buffer_tokens(now)
-        )
+        # Host writes go to the largest buffers first (the likeliest to be paused next); ties in schedule order.
+        scheduled = list(plan.schedule)
+        unread = self.tracker.buffer_tokens_of(scheduled, now)
+        plan.sync_order = list(map(scheduled.__getitem__, sorted(range(len(scheduled)), key=unread.__getitem__,
+                                                                  reverse=True)))  # fmt: skip
         swapped_out = set(plan.swap_out)
         result = self.executor.execute(plan, self.requests)
         self.bytes_to_host += result.bytes_to_host
@@ -215,4 +218,5 @@ class EngineCore:
                 # Its last token is sampled: nothing more to compute, so the pages go now.
                 self.executor.release(req)
                 self.draining[rid] = self.requests.pop(rid)
+        self.last_step_moved = bool(events or plan.schedule or plan.swap_out or plan.recompute_out or plan.swap_in)
         return events

@@ -58,10 +58,13 @@ class Request:
         return self.num_uncomputed > 1
 
     def token_slice(self, start: int, stop: int) -> list[int]:
+        # Slices of each list, never their concatenation: a decode step asks this of every request, every step.
         p = len(self.prompt_ids)
         if stop <= p:
             return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        if start >= p:
+            return self.output_ids[start - p: stop - p]
+        return self.prompt_ids[start:] + self.output_ids[: stop - p]
 
     @property
     def remaining_output(self) -> int:
