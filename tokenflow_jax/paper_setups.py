@@ -195,8 +195,8 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages
     arrivals), so buffers and arrival times all differ and the ranking sorts distinct keys.
 
     Back to back, decisions find the CPU caches warm. In a serving loop, engine steps run between decisions and
-    evict them: `steps_between` runs that many steps of a second simulated engine (fcfs, 256 requests) before
-    each timed decision."""
+    evict them: `steps_between` runs that many steps of a second simulated engine (fcfs, topped up with bursts of
+    256 so that it always has 200 or more live requests) before each timed decision."""
     from tokenflow_jax.engine.core import EngineCore as Core
     from tokenflow_jax.replay import spec_request
     from tokenflow_jax.scheduler.interface import SchedulerState
@@ -222,11 +222,15 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages
     state = SchedulerState(executor.now(), core.waiting, core.running, core.paused, core.tracker, executor)
     est = executor.estimates()
     other = Core(SimExecutor("h200-llama3-8b"), make_policy("fcfs"))
-    for spec in workloads.burst(256, seed=2) if steps_between else ():
-        other.add_request(spec_request(spec, 0.0))
+    bursts = 0
     times, victims = [], 0
     for _ in range(repeats):
         for _ in range(steps_between):
+            if len(other.running) + len(other.waiting) < 200:  # keep it busy: a drained engine steps for free
+                bursts += 1
+                for spec in workloads.burst(256, seed=1 + bursts):
+                    other.add_request(spec_request(dataclasses.replace(spec, request_id=f"{bursts}-{spec.request_id}"),
+                                                   other.executor.now()))  # fmt: skip
             other.step()
         t0 = time.perf_counter()
         victims = len(policy.rebalance(state, est))
