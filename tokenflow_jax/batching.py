@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
-class SequenceChunk:
-    """New tokens of one sequence in a step: `token_ids` at positions `start .. start + len - 1`."""
+class SequenceChunk(NamedTuple):
+    """New tokens of one sequence in a step: `token_ids` at positions `start .. start + len - 1`.
+
+    (A named tuple: the executor builds one per sequence per step, ~4x faster than a frozen dataclass.)"""
 
     token_ids: Sequence[int]
     start: int

@@ -5,9 +5,9 @@ Shared by the real engine and the simulator (they differ only in the Executor).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from tokenflow_jax.metrics import RequestRecord
 from tokenflow_jax.scheduler.interface import Executor, Policy, SchedulerState, StepPlan
@@ -17,8 +17,10 @@ from tokenflow_jax.tracker import RequestTracker
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
+    """One token for one request (a named tuple: one per token per step, ~4x faster to build than a frozen
+    dataclass)."""
+
     request_id: str
     token_id: int
     time: float
