@@ -5,6 +5,7 @@ Shared by the real engine and the simulator (they differ only in the Executor).
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -15,6 +16,7 @@ from tokenflow_jax.scheduler.request import PENDING_TOKEN, Request, RequestStatu
 from tokenflow_jax.tracker import RequestTracker
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")
+_admitted_order = operator.attrgetter("admitted_order")
 
 
 class TokenEvent(NamedTuple):
@@ -60,17 +62,33 @@ class EngineCore:
     def _with_status(self, status: RequestStatus) -> list[Request]:
         return [r for r in self.requests.values() if r.status is status]
 
+    @staticmethod
+    def _by_arrival(waiting: list[Request]) -> list[Request]:
+        return sorted(waiting, key=lambda r: (r.arrival, r.request_id))
+
+    @staticmethod
+    def _by_admission(running: list[Request]) -> list[Request]:
+        return sorted(running, key=_admitted_order)
+
     @property
     def waiting(self) -> list[Request]:
-        return sorted(self._with_status(RequestStatus.WAITING), key=lambda r: (r.arrival, r.request_id))
+        return self._by_arrival(self._with_status(RequestStatus.WAITING))
 
     @property
     def running(self) -> list[Request]:
-        return sorted(self._with_status(RequestStatus.RUNNING), key=lambda r: r.admitted_order)
+        return self._by_admission(self._with_status(RequestStatus.RUNNING))
 
     @property
     def paused(self) -> list[Request]:
         return self._with_status(RequestStatus.PAUSED)
+
+    def _queues(self) -> tuple[list[Request], list[Request], list[Request]]:
+        """(waiting, running, paused) as the properties give them, from one pass over the requests (every step)."""
+        queues: dict[RequestStatus, list[Request]] = {status: [] for status in RequestStatus}
+        for req in self.requests.values():
+            queues[req.status].append(req)
+        return (self._by_arrival(queues[RequestStatus.WAITING]), self._by_admission(queues[RequestStatus.RUNNING]),
+                queues[RequestStatus.PAUSED])  # fmt: skip
 
     def has_work(self) -> bool:
         return bool(self.requests or self.draining)
@@ -157,7 +175,7 @@ class EngineCore:
 
     def step(self) -> list[TokenEvent]:
         now = self.executor.now()
-        state = SchedulerState(now, self.waiting, self.running, self.paused, self.tracker, self.executor)
+        state = SchedulerState(now, *self._queues(), self.tracker, self.executor)
         t0 = time.perf_counter()
         plan = self.policy.plan(state)
         self.scheduler_times_s.append(time.perf_counter() - t0)

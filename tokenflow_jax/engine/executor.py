@@ -257,14 +257,14 @@ class PagedExecutor:
         chunks, rows, completing = [], [], []
         for rid, n in plan.schedule.items():
             req = requests[rid]
-            if n < 1 or req.num_computed + n > req.num_tokens:
-                raise ValueError(f"{rid}: cannot compute {n} tokens ({req.num_computed}/{req.num_tokens} done)")
-            start = req.num_computed
+            start, total = req.num_computed, req.num_tokens
+            if n < 1 or start + n > total:
+                raise ValueError(f"{rid}: cannot compute {n} tokens ({start}/{total} done)")
             self.blocks.grow_device(req, start + n)
             chunks.append(SequenceChunk(req.token_slice(start, start + n), start, req.device_pages))
             s = req.sampling
             rows.append((s.temperature, s.top_k, s.top_p, req.seed, len(req.output_ids)))
-            completing.append(start + n == req.num_tokens)
+            completing.append(start + n == total)
         dispatched_at = self.now()
         handle = self._compute(chunks, rows, list(plan.schedule))
         for rid, n in plan.schedule.items():
