@@ -3,6 +3,8 @@ host copies match the device, and nothing compiles after warm-up."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
@@ -215,3 +217,35 @@ def test_token_slice_is_the_slice_of_prompt_then_output() -> None:
     for start in range(len(tokens) + 1):
         for stop in range(start, len(tokens) + 2):
             assert req.token_slice(start, stop) == tokens[start:stop], (start, stop)
+
+
+def test_a_step_left_in_flight_never_reaches_a_later_core() -> None:
+    """Aborting the last request leaves its step in flight; a new core over the same executor (as the bench and
+    these tests do) must not read that step's token as its own same-named request's first token."""
+    ex = small_llm().executor
+    pool, expected = prompt_pool(), reference_outputs()
+    first, _ = scripted_core(ex)
+    add(first, "r", pool[0])
+    first.step()  # the prefill is dispatched; its token is read only by the next step
+    first.abort("r")
+    second, _ = scripted_core(ex)
+    req = add(second, "r", pool[1])
+    while second.has_work():
+        second.step()
+    assert tuple(req.output_ids) == expected[1]
+
+
+def test_an_idle_gap_after_the_last_request_is_not_timed_as_a_step() -> None:
+    """A step still in flight when the last request ends is waited for then, not after the idle gap that
+    follows: otherwise the gap is folded into the decode-step estimate the policies plan with."""
+    ex = small_llm().executor
+    core, _ = scripted_core(ex)
+    add(core, "a", prompt_pool()[0])
+    for _ in range(4):  # prefill, then decode steps
+        core.step()
+    step_s = ex.estimates().decode_step_s
+    core.abort("a")  # its decode step is in flight
+    time.sleep(max(0.5, 20 * step_s))
+    add(core, "b", prompt_pool()[1])
+    core.step()
+    assert ex.estimates().decode_step_s < 4 * step_s + 0.02

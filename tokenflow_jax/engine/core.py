@@ -44,6 +44,7 @@ class EngineCore:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
         self.executor = executor
+        executor.settle()  # a step an earlier core left in flight is not ours: its tokens would reach our ids
         self.policy = policy
         self.preemption = preemption
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -137,6 +138,8 @@ class EngineCore:
             preemptions_recompute=req.preemptions_recompute,
         )
         self.tracker.remove(request_id)
+        if not self.has_work():  # no later step will read the one in flight: wait for it now, not after idling
+            self.executor.settle()
 
     def abort(self, request_id: str) -> None:
         self.finish(request_id, "abort")

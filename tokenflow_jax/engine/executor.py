@@ -191,6 +191,13 @@ class PagedExecutor:
         return StepResult(sampled, self.now() - t0, num_tokens, self.bytes_to_host - to_host0,
                           self.bytes_to_device - to_device0, pending)  # fmt: skip
 
+    def settle(self) -> None:
+        """Wait for the step in flight, if any, and drop its tokens: their requests are gone (the last one just
+        ended, or this executor is passing to a new core). Timed now, not after the idle gap that may follow."""
+        if self._in_flight is not None:
+            step, self._in_flight = self._in_flight, None
+            self._resolve(step)
+
     def _resolve(self, step: InFlightStep) -> dict[str, int]:
         """Read a dispatched step's sampled tokens (waits for it) and fold its duration into the estimates."""
         tokens = self._sampled_tokens(step.handle)
