@@ -16,6 +16,7 @@ def test_engine_bench_measures_and_writes_a_profile_the_simulator_loads(tmp_path
     result = json.loads(out.read_text())
     assert [d["batch"] for d in result["decode"]] == [4, 8]
     assert all(d["step_ms"] > 0 and d["step_ms_write_through"] > 0 for d in result["decode"])
+    assert all(0 < d["host_batch_ms"] < d["step_ms"] for d in result["decode"])  # a part of the step
     assert all(s["d2h_GBps"] > 0 and s["h2d_GBps"] > 0 for s in result["swap"])
     profile = load_profile(profile_path)
     # tiny in float32: 2 layers x K/V x 2 KV heads x 32 dims x 4 bytes per token.
