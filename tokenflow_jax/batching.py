@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -33,6 +34,13 @@ class RaggedBatch:
     logits_indices: np.ndarray  # [B]: last new token of each sequence
     num_seqs: int  # real sequences (the rest is padding)
     num_tokens: int  # real tokens
+
+
+def _flat_page_ids(pages: list[Sequence[int]], total: int) -> np.ndarray:
+    """Every sequence's pages back to back. The engine's are int32 arrays (`request.page_ids`): one join in C."""
+    if all(isinstance(p, array) and p.typecode == "i" for p in pages):
+        return np.frombuffer(b"".join(pages), np.int32)
+    return np.fromiter(itertools.chain.from_iterable(pages), np.int64, count=total)
 
 
 def build_ragged_batch(
@@ -65,16 +73,20 @@ def build_ragged_batch(
         if page_counts[i] < needed[i]:
             raise ValueError(f"sequence {i} needs {needed[i]} pages for {ends[i]} tokens, has {page_counts[i]}")
         raise ValueError(f"sequence {i} needs {needed[i]} pages, block tables padded to {p_pad}")
-    # Block tables: every sequence's pages, up to the padded width, in one scatter.
+    # Block tables: every sequence's pages in one scatter into the flattened tables (a 1-D index: 2-D fancy
+    # indexing with a mask cost ~8x as much at 16k pages).
+    pages = [c.pages for c in chunks]
+    if num_seqs and int(page_counts.max()) > p_pad:  # pages held beyond the padded width stay out of the table
+        pages = [p[:p_pad] for p in pages]
+        page_counts = np.minimum(page_counts, p_pad)
     page_offsets = np.zeros(num_seqs + 1, np.int64)
     np.cumsum(page_counts, out=page_offsets[1:])
-    flat_pages = np.fromiter(itertools.chain.from_iterable(c.pages for c in chunks), np.int64,
-                             count=int(page_offsets[-1]))  # fmt: skip
-    page_rows = np.arange(num_seqs).repeat(page_counts)
-    page_cols = np.arange(flat_pages.size) - page_offsets[:-1].repeat(page_counts)
-    kept = page_cols < p_pad
-    tables = np.zeros((b_pad, p_pad), np.int32)
-    tables[page_rows[kept], page_cols[kept]] = flat_pages[kept]
+    flat_pages = _flat_page_ids(pages, int(page_offsets[-1]))
+    where = (np.arange(num_seqs) * p_pad - page_offsets[:-1]).repeat(page_counts)  # row start - first page
+    where += np.arange(flat_pages.size)
+    flat_tables = np.zeros(b_pad * p_pad, np.int32)
+    flat_tables[where] = flat_pages
+    tables = flat_tables.reshape(b_pad, p_pad)
     # Tokens back to back; each one's position and KV slot follow from its sequence's start and block table.
     offsets = np.zeros(num_seqs + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
@@ -86,7 +98,7 @@ def build_ragged_batch(
     positions = np.zeros(t_pad, np.int32)
     positions[:num_tokens] = pos
     slots = np.arange(t_pad, dtype=np.int32) % page_size  # padding lands in page 0
-    slots[:num_tokens] = tables[seq_of, pos // page_size] * page_size + pos % page_size
+    slots[:num_tokens] = flat_tables[seq_of * p_pad + pos // page_size] * page_size + pos % page_size
     cu = np.full(b_pad + 1, num_tokens, np.int32)
     cu[:num_seqs] = offsets[:-1]
     kv_lens = np.zeros(b_pad, np.int32)

@@ -23,6 +23,7 @@ from tokenflow_jax.batching import SequenceChunk, build_ragged_batch
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.engine.llm import default_attention
 from tokenflow_jax.kv.block_manager import PageCopy
+from tokenflow_jax.scheduler.request import page_ids
 
 
 def _median_time(fn: Any, repeats: int) -> float:
@@ -41,7 +42,8 @@ def decode_step_time(ex: EngineExecutor, batch: int, context: int, repeats: int,
     pages_per_seq = -(-context // s)
     pages = ex.blocks.device.allocate(batch * pages_per_seq)
     host = ex.blocks.host.allocate(batch * pages_per_seq) if write_through else []
-    chunks = [SequenceChunk([1], context - 1, pages[i * pages_per_seq : (i + 1) * pages_per_seq]) for i in range(batch)]
+    chunks = [SequenceChunk([1], context - 1, page_ids(pages[i * pages_per_seq : (i + 1) * pages_per_seq]))
+              for i in range(batch)]  # as the executor passes them
     rows = [(0.0, 0, 1.0, 0, 0)] * batch
     cursor = [0]
 
@@ -68,7 +70,7 @@ def batch_assembly_time(page_size: int, batch: int, context: int, repeats: int) 
     """Host seconds to lay out one decode step's batch (`build_ragged_batch`, which every step runs before
     dispatch): `batch` sequences of `context` tokens, each with its own pages."""
     pages_per_seq = -(-context // page_size)
-    chunks = [SequenceChunk([1], context - 1, list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)))
+    chunks = [SequenceChunk([1], context - 1, page_ids(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)))
               for i in range(batch)]  # fmt: skip
     return _median_time(lambda: build_ragged_batch(chunks, page_size, pad_tokens=batch, pad_seqs=batch,
                                                    pad_pages=pages_per_seq), repeats)  # fmt: skip

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenflow_jax.batching import SequenceChunk, build_ragged_batch
+from tokenflow_jax.scheduler.request import page_ids
 
 
 def reference_layout(chunks: list[SequenceChunk], page_size: int, pad_tokens: int, pad_seqs: int,
@@ -40,6 +41,8 @@ def reference_layout(chunks: list[SequenceChunk], page_size: int, pad_tokens: in
 @st.composite
 def batches(draw: st.DrawFn) -> tuple[list[SequenceChunk], int]:
     page_size = draw(st.sampled_from([1, 4, 16]))
+    # The engine's page lists are int32 arrays (joined in one go); lists and a mix take the general path.
+    as_arrays = draw(st.sampled_from(["all", "none", "some"]))
     chunks = []
     for _ in range(draw(st.integers(0, 6))):
         start = draw(st.integers(0, 70))
@@ -47,6 +50,8 @@ def batches(draw: st.DrawFn) -> tuple[list[SequenceChunk], int]:
         # Sometimes more pages than the chunk needs (a request may hold pages ahead of its tokens).
         num_pages = -(-(start + n) // page_size) + draw(st.integers(0, 2))
         pages = draw(st.lists(st.integers(1, 10_000), min_size=num_pages, max_size=num_pages, unique=True))
+        if as_arrays == "all" or (as_arrays == "some" and draw(st.booleans())):
+            pages = page_ids(pages)
         chunks.append(SequenceChunk(draw(st.lists(st.integers(-1, 50_000), min_size=n, max_size=n)), start, pages))
     return chunks, page_size
 

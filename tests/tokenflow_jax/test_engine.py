@@ -78,7 +78,7 @@ def test_swap_moves_real_bytes_and_frees_device_pages_at_once() -> None:
     policy.swap_out.append(req.request_id)
     out0 = ex.bytes_to_host
     core.step()
-    assert req.status is RequestStatus.PAUSED and req.device_pages == []
+    assert req.status is RequestStatus.PAUSED and len(req.device_pages) == 0
     assert ex.blocks.device.num_used == before - held
     assert ex.bytes_to_host > out0
     ex.host.flush()

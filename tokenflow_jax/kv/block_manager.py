@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from tokenflow_jax.kv.page_pool import OutOfPages, PageAllocator
 from tokenflow_jax.scheduler.interface import pages_for
-from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.scheduler.request import Request, page_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class KVBlockManager:
 
     def free_device(self, req: Request) -> None:
         self.device.free(req.device_pages)
-        req.device_pages = []
+        req.device_pages = page_ids()
 
     # ---- host tier
     def free_host(self, req: Request) -> None:
@@ -72,7 +72,7 @@ class KVBlockManager:
             last = min(full, first + budget_pages)
             if last <= first or not self._grow_host(req, last):
                 continue
-            copies.append(PageCopy(req.request_id, req.device_pages[first:last], req.host_pages[first:last]))
+            copies.append(PageCopy(req.request_id, req.device_pages[first:last].tolist(), req.host_pages[first:last]))
             req.num_host_synced = last * self.page_size
             budget_pages -= last - first
         return copies
@@ -86,7 +86,7 @@ class KVBlockManager:
         req.num_host_synced = req.num_computed
         if last <= first:
             return PageCopy(req.request_id, [], [])
-        return PageCopy(req.request_id, req.device_pages[first:last], req.host_pages[first:last])
+        return PageCopy(req.request_id, req.device_pages[first:last].tolist(), req.host_pages[first:last])
 
     def swap_in(self, req: Request) -> PageCopy:
         """Allocate device pages for a paused request's computed tokens; the copy loads them from the host."""
@@ -95,8 +95,8 @@ class KVBlockManager:
         if req.device_pages:
             raise ValueError(f"{req.request_id}: swap-in while holding device pages")
         n = pages_for(req.num_computed, self.page_size)
-        req.device_pages = self.device.allocate(n)
-        return PageCopy(req.request_id, req.host_pages[:n], list(req.device_pages))
+        req.device_pages = page_ids(self.device.allocate(n))
+        return PageCopy(req.request_id, req.host_pages[:n], req.device_pages.tolist())
 
     def release(self, req: Request) -> None:
         self.free_device(req)
