@@ -59,10 +59,10 @@ def build_ragged_batch(
     lens = np.fromiter(map(len, (c.token_ids for c in chunks)), np.int64, count=num_seqs)
     starts = np.fromiter((c.start for c in chunks), np.int64, count=num_seqs)
     page_counts = np.fromiter(map(len, (c.pages for c in chunks)), np.int64, count=num_seqs)
-    num_tokens = int(lens.sum())
+    num_tokens, most_pages = int(lens.sum()), int(page_counts.max()) if num_seqs else 0
     t_pad = pad_tokens or num_tokens
     b_pad = pad_seqs or num_seqs
-    p_pad = pad_pages or (int(page_counts.max()) if num_seqs else 1)
+    p_pad = pad_pages or (most_pages if num_seqs else 1)
     if t_pad < num_tokens or b_pad < num_seqs:
         raise ValueError(f"batch of {num_tokens} tokens / {num_seqs} seqs exceeds padding {t_pad}/{b_pad}")
     ends = starts + lens
@@ -76,7 +76,7 @@ def build_ragged_batch(
     # Block tables: every sequence's pages in one scatter into the flattened tables (a 1-D index: 2-D fancy
     # indexing with a mask cost ~8x as much at 16k pages).
     pages = [c.pages for c in chunks]
-    if num_seqs and int(page_counts.max()) > p_pad:  # pages held beyond the padded width stay out of the table
+    if most_pages > p_pad:  # pages held beyond the padded width stay out of the table
         pages = [p[:p_pad] for p in pages]
         page_counts = np.minimum(page_counts, p_pad)
     page_offsets = np.zeros(num_seqs + 1, np.int64)
