@@ -33,8 +33,12 @@ def request(rid: str, rate: float, arrival: float, output: int = 400) -> Request
 
 @pytest.fixture(scope="module")
 def timeline():
+    return run_worked_example(reschedule_interval=0.5)
+
+
+def run_worked_example(**config) -> tuple[list[tuple[float, str, str]], EngineCore]:
     ex = SimExecutor(TWO_SLOTS_40_TOK_S, max_num_seqs=2, max_batch_tokens=64)
-    core = EngineCore(ex, TokenFlowPolicy(mu=2.9, resume_margin_s=1.0, reschedule_interval=0.5))
+    core = EngineCore(ex, TokenFlowPolicy(mu=2.9, resume_margin_s=1.0, **config))
     core.add_request(request("R1", 20.0, 0.0))
     core.add_request(request("R2", 30.0, 0.0))
     arrivals = [request("R3", 25.0, 2.0)]
@@ -78,6 +82,19 @@ def test_no_reader_stalls_and_everyone_finishes(timeline):
         buf_stall = _rebuffer(rec.token_times, rec.rate)
         assert buf_stall < 0.05, (rid, buf_stall)
     assert sum(r.preemptions_swap for r in core.records.values()) >= 2
+
+
+@pytest.mark.parametrize("replan", [True, False])
+def test_r1_gives_way_when_its_buffer_covers_the_gate_not_at_the_next_interval(replan):
+    # Decisions every 10 s: R3's arrival (t=2) finds R1's buffer short of the gate, and the next periodic decision
+    # would come at t=12 (R1 and R2 finish by ~t=10 first). Re-planning on admission calls one at t~2.9.
+    events, core = run_worked_example(reschedule_interval=10.0, replan_on_admission=replan)
+    if replan:
+        assert 2.8 <= first(events, "R1", "paused") <= 3.2
+        assert 2.8 <= first(events, "R3", "running") <= 3.2
+        assert core.policy.decisions < 20  # one per event, not one per step
+    else:
+        assert first(events, "R3", "running") > 9.0
 
 
 def _rebuffer(times, rate):

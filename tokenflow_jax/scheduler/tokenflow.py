@@ -3,7 +3,7 @@
 Every iteration each RUNNING request gets a decode step or its next prefill chunk, as under fcfs. Under
 *stress* (a waiting queue, a paused stream, or a running stream close to running dry) the policy also decides
 which requests should hold the device, at most every `reschedule_interval` and on arrivals, finishes and
-resume deadlines:
+resume deadlines, and (while a newcomer is left out) when a running stream's buffer should let it give way:
 
 1. working set: at most W = (1 - lambda) floor(M / beta) + lambda * running requests run at once, where beta
    is the KV pages a live request is expected to need (prompt + output);
@@ -60,6 +60,9 @@ class TokenFlowConfig:
     # Gamma at the context and batch the working set will reach (True), or as measured now (False: optimistic
     # right after a burst, when contexts are short; kept to reproduce earlier figures).
     project_capacity: bool = True
+    # While a newcomer is left out, re-plan as soon as a kept running stream's buffer should let it give way
+    # (True), not only every reschedule_interval and on events (False: kept to reproduce earlier figures).
+    replan_on_admission: bool = True
 
     def __post_init__(self) -> None:
         if not self.reschedule_interval > 0:
@@ -191,6 +194,7 @@ class TokenFlowPolicy:
         self._victims: list[str] = []  # running requests the last decision left out, most urgent first
         self._spare_rate = math.inf  # Gamma minus the working set's demand, tok/s
         self._last_decision = -math.inf
+        self._admission_due = math.inf  # when a kept running stream should be able to give way to a newcomer
         self._known: tuple[int, int] | None = None  # (tracker, its membership changes) at the last check
         self._critical = False  # a running stream was below the critical buffer at the last check
         self._critical_checked = -math.inf
@@ -234,7 +238,7 @@ class TokenFlowPolicy:
         # An arrival or a finish: the tracker follows the live requests (a set of them per iteration cost more).
         live = (id(state.tracker), state.tracker.membership_changes)
         changed, self._known = live != self._known, live
-        if changed or state.now >= self._last_decision + self.config.reschedule_interval:
+        if changed or state.now >= min(self._last_decision + self.config.reschedule_interval, self._admission_due):
             return True
         # A paused reader is about to run dry (within its load time and the lead) and no decision has called it
         # back yet. Paused, it gets no tokens: it runs dry at its newest token's read time (at once if none).
@@ -264,7 +268,7 @@ class TokenFlowPolicy:
         t0 = time.perf_counter()
         ex, cfg = state.executor, self.config
         self.decisions += 1
-        self._last_decision = state.now
+        self._last_decision, self._admission_due = state.now, math.inf
         snap = Snapshot.take(state)
         self._adapt_working_set(snap, ex.page_size, ex.num_device_pages)
         self._update_overload(snap, ex, est)
@@ -282,6 +286,8 @@ class TokenFlowPolicy:
             self._desired = list(map(rids.__getitem__, order[chosen].tolist()))
             left_out = order[~chosen]
             victims = list(map(snap.reqs.__getitem__, left_out[left_out < snap.num_running].tolist()))
+            if cfg.replan_on_admission and left_out.size and left_out.max() >= snap.holding_kv:  # a newcomer waits
+                self._admission_due = state.now + self._give_way_in_s(snap, ranking, chosen, est)
             if newcomers.size:  # they get what is left after the room left-out paused streams will need back
                 left_out_paused = left_out[left_out >= snap.num_running]
                 left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
@@ -534,6 +540,30 @@ class TokenFlowPolicy:
             chosen[k], chosen[k + 1], chosen[extra] = False, True, True
             used += int(pages[k + 1] - pages[k] + pages[extra])
         return used
+
+    def _give_way_in_s(self, snap: Snapshot, ranking: Ranking, chosen: np.ndarray, est: CostEstimates) -> float:
+        """Seconds until the first stream the fill kept (running or entering) could give way to a newcomer: once
+        running, its buffer past where it
+        sorts after one (stickiness_s of buffer, or past tau1 tokens: a lower value) and past its admission gate
+        (mu x the round trip, its bound where the fill did not need the exact one), growing by a token per decode
+        step less what its reader takes. Streams already past both are kept for other reasons: not counted, so
+        that a decision that cannot admit does not call the next one at once."""
+        positions = chosen.nonzero()[0]
+        rows = ranking.order.take(positions)
+        rate, dry_in = snap.block[RATE].take(rows), snap.dry_in.take(rows)
+        sorts_after = snap.block[MAX_TOKENS].take(rows)
+        sorts_after *= TAU1_FRACTION
+        sorts_after /= rate
+        np.minimum(sorts_after, self.config.stickiness_s, out=sorts_after)
+        gate_s = np.fmin(ranking.gate_s.take(positions), ranking.gate_bound_s.take(positions))  # NaN: not computed
+        short_s = np.maximum(sorts_after, self.config.mu * gate_s, out=gate_s)
+        short_s -= dry_in
+        gain = 1.0 / (rate * est.decode_step_s)  # buffer seconds a second of running adds, before reading
+        gain -= 1.0
+        growing = (short_s > 0) & (gain > 0)
+        if not growing.any():
+            return math.inf
+        return max(float((short_s[growing] / gain[growing]).min()), est.decode_step_s)
 
     def _fill_free_room(self, snap: Snapshot, newcomers: np.ndarray, used: int, count: int, ex: Executor) -> None:
         """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs: as memory
