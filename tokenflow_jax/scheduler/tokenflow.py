@@ -543,11 +543,11 @@ class TokenFlowPolicy:
 
     def _give_way_in_s(self, snap: Snapshot, ranking: Ranking, chosen: np.ndarray, est: CostEstimates) -> float:
         """Seconds until the first stream the fill kept (running or entering) could give way to a newcomer: once
-        running, its buffer past where it
-        sorts after one (stickiness_s of buffer, or past tau1 tokens: a lower value) and past its admission gate
-        (mu x the round trip, its bound where the fill did not need the exact one), growing by a token per decode
-        step less what its reader takes. Streams already past both are kept for other reasons: not counted, so
-        that a decision that cannot admit does not call the next one at once."""
+        running, its buffer grows by a token per decode step less what its reader takes, until it is past where it
+        sorts after a newcomer (stickiness_s of buffer, or tau1 tokens: a lower value) and past its admission gate
+        (mu x the round trip; the gate's bound where the fill did not need the exact one). Streams already past
+        both are kept for other reasons and not counted, so a decision that cannot admit does not call the next
+        one at once."""
         positions = chosen.nonzero()[0]
         rows = ranking.order.take(positions)
         rate, dry_in = snap.block[RATE].take(rows), snap.dry_in.take(rows)
@@ -558,8 +558,8 @@ class TokenFlowPolicy:
         gate_s = np.fmin(ranking.gate_s.take(positions), ranking.gate_bound_s.take(positions))  # NaN: not computed
         short_s = np.maximum(sorts_after, self.config.mu * gate_s, out=gate_s)
         short_s -= dry_in
-        gain = 1.0 / (rate * est.decode_step_s)  # buffer seconds a second of running adds, before reading
-        gain -= 1.0
+        gain = 1.0 / (rate * max(est.decode_step_s, 1e-9))  # buffer seconds a second of running adds
+        gain -= 1.0  # less the second its reader reads
         growing = (short_s > 0) & (gain > 0)
         if not growing.any():
             return math.inf
