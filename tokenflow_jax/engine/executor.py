@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,7 @@ class MovingAverage:
 
 class PagedExecutor:
     """Carries out StepPlans over the two-tier page bookkeeping. Subclasses move the data (or model its cost):
-    `_compute`, `_copy_to_host`, `_load_to_device`, `_flush_to_host`, `now`, `idle_until`.
+    `_compute`, `_copy_to_host`, `_load_to_device`, `_flush_to_host` (or `_await_host_copy`), `now`, `idle_until`.
 
     KV fields of `Request` (pages, num_computed, host sync) are updated here; statuses are the caller's.
     """
@@ -107,6 +108,7 @@ class PagedExecutor:
         self.decode_model = DecodeStepModel()
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
+        self._host_copy_of: dict[str, Any] = {}  # request id -> ticket of the latest copy into its host pages
 
     # Read sampled tokens one step late: the next step is dispatched before the host waits for this one's.
     pipelined = False
@@ -126,11 +128,16 @@ class PagedExecutor:
     def _sampled_tokens(self, handle: Any) -> list[int]:
         raise NotImplementedError
 
-    def _copy_to_host(self, copy: PageCopy) -> None:
+    def _copy_to_host(self, copy: PageCopy) -> Any:
+        """Start copying device pages to host pages; return a ticket for `_await_host_copy` (None: no waiting)."""
         raise NotImplementedError
 
     def _flush_to_host(self) -> None:
         raise NotImplementedError
+
+    def _await_host_copy(self, ticket: Any) -> None:
+        """Wait until the copy `ticket` names has landed (by default: every queued copy)."""
+        self._flush_to_host()
 
     def _load_to_device(self, copy: PageCopy) -> None:
         raise NotImplementedError
@@ -214,6 +221,7 @@ class PagedExecutor:
 
     def release(self, req: Request) -> None:
         # Queued write-through copies into freed host pages are FIFO-ordered before any later owner's copies.
+        self._host_copy_of.pop(req.request_id, None)
         self.blocks.release(req)
         req.num_computed = 0
 
@@ -229,22 +237,29 @@ class PagedExecutor:
         if copy is None:
             self.drop(req)
             return False
-        self._transfer_to_host(copy)
+        self._transfer_to_host(copy, [req.request_id])
         self.blocks.free_device(req)
         return True
 
     def swap_in(self, req: Request) -> None:
-        self._flush_to_host()  # the host copy must be complete before it is read
+        # Its host copy must be complete before it is read: wait for its own latest copy, not for the copies the
+        # running requests queued since (FIFO: that one landing means every earlier one has).
+        self._await_host_copy(self._host_copy_of.get(req.request_id))
         copy = self.blocks.swap_in(req)
         t0 = self.now()
         self._transfer_to_device(copy)
         if copy.src:
             self._h2d_per_page.update((self.now() - t0) / len(copy.src))
 
-    def _transfer_to_host(self, copy: PageCopy) -> None:
+    def _transfer_to_host(self, copy: PageCopy, request_ids: Sequence[str] = ()) -> None:
+        """Copy in chunks of at most `max_transfer_pages`; the last chunk's ticket stands for the requests' pages."""
+        ticket = None
         for start in range(0, len(copy.src), self.max_transfer_pages):
             end = start + self.max_transfer_pages
-            self._copy_to_host(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
+            ticket = self._copy_to_host(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
+        if ticket is not None:
+            for rid in request_ids:
+                self._host_copy_of[rid] = ticket
 
     def _transfer_to_device(self, copy: PageCopy) -> None:
         for start in range(0, len(copy.src), self.max_transfer_pages):
@@ -258,7 +273,8 @@ class PagedExecutor:
         copies = self.blocks.write_through(order, budget)
         src = [p for c in copies for p in c.src]
         if src:
-            self._transfer_to_host(PageCopy("write-through", src, [p for c in copies for p in c.dst]))
+            self._transfer_to_host(PageCopy("write-through", src, [p for c in copies for p in c.dst]),
+                                   [c.request_id for c in copies])  # fmt: skip
 
     def _dispatch(self, plan: StepPlan, requests: dict[str, Request]) -> InFlightStep:
         chunks, rows, completing = [], [], []
@@ -342,17 +358,22 @@ class EngineExecutor(PagedExecutor):
     def _sampled_tokens(self, handle: Any) -> list[int]:
         return [int(t) for t in np.asarray(handle)]  # the one host sync per step
 
-    def _copy_to_host(self, copy: PageCopy) -> None:
+    def _copy_to_host(self, copy: PageCopy) -> int:
         assert self.host is not None
         block = self.runner.gather_pages(copy.src)  # dispatched behind the step that wrote these pages
-        self.host.write_async(block, copy.dst)
+        ticket = self.host.write_async(block, copy.dst)
         self.bytes_to_host += len(copy.src) * self.host.page_bytes
         if self.host.d2h_seconds > 0:
             self._d2h_per_page.value = self.host.d2h_seconds * self.host.page_bytes / max(self.host.bytes_to_host, 1)
+        return ticket
 
     def _flush_to_host(self) -> None:
         if self.host is not None:
             self.host.flush()
+
+    def _await_host_copy(self, ticket: int | None) -> None:
+        if self.host is not None and ticket is not None:
+            self.host.wait(ticket)
 
     def _load_to_device(self, copy: PageCopy) -> None:
         assert self.host is not None

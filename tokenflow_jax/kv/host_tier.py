@@ -33,6 +33,10 @@ class HostKVTier:
         self.d2h_seconds = 0.0
         self._pending_pages = 0
         self._lock = threading.Lock()
+        # Copies are numbered as queued (tickets); FIFO, so the first `_landed` of them are in host memory.
+        self._issued = 0
+        self._landed = 0
+        self._landed_cv = threading.Condition(self._lock)
         self._error: BaseException | None = None
         self._queue: queue.Queue[tuple[jax.Array, list[int]] | None] = queue.Queue()
         # The copy thread hands the GIL back and forth with the engine thread every step; the default 5 ms
@@ -56,20 +60,39 @@ class HostKVTier:
                     self.d2h_seconds += time.perf_counter() - t0
                     self.bytes_to_host += len(host_ids) * self.page_bytes
                     self._pending_pages -= len(host_ids)
-            except BaseException as e:  # surfaced on the next flush
+            except BaseException as e:  # surfaced on the next flush or wait
                 self._error = e
             finally:
+                if item is not None:
+                    with self._landed_cv:
+                        self._landed += 1
+                        self._landed_cv.notify_all()
                 self._queue.task_done()
 
-    def write_async(self, device_block: jax.Array, host_ids: Sequence[int]) -> None:
-        """Queue a copy of an already-dispatched device gather into host pages (FIFO order)."""
+    def write_async(self, device_block: jax.Array, host_ids: Sequence[int]) -> int:
+        """Queue a copy of an already-dispatched device gather into host pages (FIFO order); returns its ticket
+        for `wait`."""
         with self._lock:
             self._pending_pages += len(host_ids)
+            self._issued += 1
+            ticket = self._issued
         self._queue.put((device_block, list(host_ids)))
+        return ticket
+
+    def wait(self, ticket: int) -> None:
+        """Wait until copy `ticket` and every copy queued before it have landed, not for later ones (a paused
+        request's pages were written long before the copies the running ones queue every step)."""
+        with self._landed_cv:
+            while self._landed < ticket:
+                self._landed_cv.wait()
+        self._raise_failed()
 
     def flush(self) -> None:
         """Wait for every queued copy; the host pages are then current."""
         self._queue.join()
+        self._raise_failed()
+
+    def _raise_failed(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError("write-through copy failed") from err
