@@ -3,11 +3,13 @@
 It carries out StepPlans exactly as the real executor does (same `PagedExecutor`, same `KVBlockManager`), so
 a policy cannot tell the two apart except by speed. Time has three timelines:
 - compute: each step advances the clock by `SimProfile.step_time` of its batch;
-- copy engine (device -> host): write-through copies queue here and overlap compute; a swap-out waits until
-  the backlog ahead of it and its own tail are copied (its pages are free only then);
-- load engine (host -> device): swap-ins queue here and overlap compute, but the step that first runs a
-  loaded request cannot end before its pages arrive. (Simplification: that holds back the whole batch, which
-  only matters when a load outlasts a step; a 2k-token Llama-3-8B request loads in ~6 ms.)
+- copy engine (device -> host): write-through copies and swap-outs' unsynced tails queue here and overlap
+  compute. As in the engine, a swap-out frees its device pages at once (the engine gathers the tail into a
+  block of its own on the device, in stream order, before any later step can write those pages);
+- load engine (host -> device): swap-ins queue here and overlap compute, each no earlier than its request's
+  host copy has landed, and the step that first runs a loaded request cannot end before its pages arrive.
+  (Simplification: that holds back the whole batch, which only matters when a load outlasts a step; a
+  2k-token Llama-3-8B request loads in ~6 ms.)
 Sampled tokens are dummies (`token_id`); give requests `ignore_eos` or a length and they run to max_tokens.
 """
 
@@ -52,6 +54,7 @@ class SimExecutor(PagedExecutor):
         self.copy_free_at = 0.0  # when the device->host copy engine drains its backlog
         self.load_free_at = 0.0  # when the host->device loads issued so far have landed
         self._loads_pending = False
+        self._host_copy_landed_at = 0.0  # of the request being swapped in: its loads start no earlier
         self.steps = 0
         self.busy_s = 0.0  # compute time, for utilization
         self._d2h_page_s = self.profile.d2h_latency_s / 64 + self.page_bytes / self.profile.d2h_bytes_per_s
@@ -113,29 +116,29 @@ class SimExecutor(PagedExecutor):
         return [self.token_id] * handle
 
     # ---- transfers
-    def _copy_to_host(self, copy: PageCopy) -> None:
+    def _copy_to_host(self, copy: PageCopy) -> float:
+        """Returns when the copy lands (the ticket a swap-in of its request waits for)."""
         nbytes = len(copy.src) * self.page_bytes
         start = max(self.copy_free_at, self.clock)
         self.copy_free_at = start + self.profile.d2h_latency_s + nbytes / self.profile.d2h_bytes_per_s
         self.bytes_to_host += len(copy.src) * self.page_bytes
+        return self.copy_free_at
 
     def _flush_to_host(self) -> None:
-        pass  # a paused request's host copy completed at its swap-out, which waited for it
+        self._host_copy_landed_at = self.copy_free_at
+
+    def _await_host_copy(self, ticket: float | None) -> None:
+        self._host_copy_landed_at = ticket or 0.0  # loads wait on the load engine's timeline, not the clock
 
     def _load_to_device(self, copy: PageCopy) -> None:
         nbytes = len(copy.src) * self.page_bytes
-        start = max(self.load_free_at, self.clock)
+        start = max(self.load_free_at, self.clock, self._host_copy_landed_at)
         self.load_free_at = start + self.profile.h2d_latency_s + nbytes / self.profile.h2d_bytes_per_s
         self.bytes_to_device += len(copy.src) * self.page_bytes
         self._loads_pending = True
 
-    def swap_out(self, req: Request) -> bool:
-        swapped = super().swap_out(req)
-        if swapped:  # its device pages are reusable only once the copy engine has written them out
-            self.clock = max(self.clock, self.copy_free_at)
-        return swapped
-
     def swap_in(self, req: Request) -> None:
         super().swap_in(req)
+        self._host_copy_landed_at = 0.0
         # The base measures the load on the clock, but loads run on their own timeline here.
         self._h2d_per_page.value = self._h2d_page_s
