@@ -286,7 +286,8 @@ class TokenFlowPolicy:
             self._desired = list(map(rids.__getitem__, order[chosen].tolist()))
             left_out = order[~chosen]
             victims = list(map(snap.reqs.__getitem__, left_out[left_out < snap.num_running].tolist()))
-            if cfg.replan_on_admission and left_out.size and left_out.max() >= snap.holding_kv:  # a newcomer waits
+            # A newcomer waits (and the plan is not fcfs's, which admits by memory alone).
+            if cfg.replan_on_admission and not self.hopeless and left_out.size and left_out.max() >= snap.holding_kv:
                 self._admission_due = state.now + self._give_way_in_s(snap, ranking, chosen, est)
             if newcomers.size:  # they get what is left after the room left-out paused streams will need back
                 left_out_paused = left_out[left_out >= snap.num_running]
