@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenflow_jax.sampling import SamplingParams
 from tokenflow_jax.scheduler.interface import SchedulerState
 from tokenflow_jax.scheduler.registry import make_policy
 from tokenflow_jax.scheduler.request import Request, RequestStatus
-from tokenflow_jax.scheduler.tokenflow import TokenFlowConfig, TokenFlowPolicy, token_value
+from tokenflow_jax.scheduler.tokenflow import Snapshot, TokenFlowConfig, TokenFlowPolicy, token_value
 from tokenflow_jax.sim import SimExecutor
-from tokenflow_jax.tracker import RequestTracker
+from tokenflow_jax.tracker import MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RequestTracker
 
 NOW = 10.0
 
@@ -113,6 +116,38 @@ def test_balancing_pauses_the_largest_buffer_for_a_newcomer():
     plan = TokenFlowPolicy().plan(w.state())
     assert plan.swap_out == ["large"]
     assert set(plan.schedule) == {"small", "new"}
+
+
+@pytest.mark.parametrize("fit_peak", [True, False])
+def test_working_set_covers_everyone_when_the_projected_peak_fits(fit_peak):
+    # Full length (32 + 512 tokens = 34 pages each), 4 requests need 136 of 100 pages, so floor(M / beta) = 2;
+    # but 12, 112 and 412 tokens are left to the running ones: the footprint peaks at ~78 pages (all four run on).
+    w = World(max_num_seqs=4, device_pages=100)
+    w.add("a", RequestStatus.RUNNING, generated=500, buffer_s=10.0, arrival=-30.0)
+    w.add("b", RequestStatus.RUNNING, generated=400, buffer_s=8.0, arrival=-30.0)
+    w.add("c", RequestStatus.RUNNING, generated=100, buffer_s=4.0, arrival=-30.0)
+    w.add("new", RequestStatus.WAITING, arrival=5.0)
+    policy = TokenFlowPolicy(fit_projected_peak=fit_peak)
+    plan = policy.plan(w.state())
+    if fit_peak:  # room for everyone: nobody is paused
+        assert policy.working_set > 3 and not preempted(plan) and set(plan.schedule) == {"a", "b", "c", "new"}
+    else:  # W = 0.8 * 2 + 0.2 * 3: the newcomer takes the largest buffer's slot
+        assert policy.working_set < 3 and plan.swap_out == ["a"] and "new" in plan.schedule
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(1, 300), st.integers(0, 300)), min_size=1, max_size=12),
+       st.sampled_from([1, 4, 16]))  # fmt: skip
+def test_projected_peak_pages_bounds_a_token_by_token_replay(sizes, page_size):
+    # (prompt, max_tokens, generated) per request; every live request decodes one token a step until max_tokens.
+    sizes = [(p, m, min(g, m - 1)) for p, m, g in sizes]  # live: a token or more to go
+    block = np.zeros((6, len(sizes)))
+    block[PROMPT_LEN], block[MAX_TOKENS], block[NUM_GENERATED] = zip(*sizes, strict=True)
+    context = block[PROMPT_LEN] + block[NUM_GENERATED]
+    snap = Snapshot([], [], 0, 0, block, np.zeros(len(sizes)), context, np.zeros(len(sizes)), page_size)
+    peak = TokenFlowPolicy.projected_peak_pages(snap)
+    replay = max(sum(-(-(p + g + t) // page_size) for p, m, g in sizes if g + t < m) for t in range(301))
+    assert replay <= peak <= replay + 2 * len(sizes)
 
 
 def test_balancing_order_lowest_buffer_first_then_rate():

@@ -6,7 +6,8 @@ which requests should hold the device, at most every `reschedule_interval` and o
 resume deadlines, and (while a newcomer is left out) when a running stream's buffer should let it give way:
 
 1. working set: at most W = (1 - lambda) floor(M / beta) + lambda * running requests run at once, where beta
-   is the KV pages a live request is expected to need (prompt + output);
+   is the KV pages a live request is expected to need (prompt + output); every live request when their
+   projected peak footprint fits (finishes are staggered, so it peaks below the sum of full lengths);
 2. buffer balancing: candidates (running, paused, waiting) sorted by phi(b) = exp(-b seconds) descending, then
    value (the token weight the next token would earn), then rate; device pages and sequence slots are filled
    greedily, then a few adjacent swaps are tried that let more requests run. Running requests sort as if
@@ -63,6 +64,9 @@ class TokenFlowConfig:
     # While a newcomer is left out, re-plan as soon as a kept running stream's buffer should let it give way
     # (True), not only every reschedule_interval and on events (False: kept to reproduce earlier figures).
     replan_on_admission: bool = True
+    # W covers every live request when their projected peak (all running, a token a step each, until max_tokens)
+    # fits the device pages (True), not only floor(M / beta) (False: kept to reproduce earlier figures).
+    fit_projected_peak: bool = True
 
     def __post_init__(self) -> None:
         if not self.reschedule_interval > 0:
@@ -400,13 +404,32 @@ class TokenFlowPolicy:
         return locked
 
     def _adapt_working_set(self, snap: Snapshot, page_size: int, num_device_pages: int) -> None:
-        """W_static = floor(M / beta) with beta the expected pages per live request, pulled toward the running
-        count with rate lambda."""
+        """W_static = floor(M / beta) with beta the expected pages per live request (every live request when their
+        projected peak fits: `fit_projected_peak`), pulled toward the running count with rate lambda."""
         expected = int(snap.block[PROMPT_LEN:MAX_TOKENS + 1].sum()) / page_size  # prompts + max_tokens
         beta = max(1.0, expected / max(1, len(snap.reqs)))
         static = math.floor(num_device_pages / beta)
+        # Everyone at full length need not fit at once: finishes are staggered, so the footprint peaks lower.
+        if self.config.fit_projected_peak and static < len(snap.reqs) and (
+                self.projected_peak_pages(snap) <= num_device_pages):
+            static = len(snap.reqs)
         lam = self.config.adaptation_rate
         self.working_set = max(1.0, (1 - lam) * static + lam * snap.num_running)
+
+    @staticmethod
+    def projected_peak_pages(snap: Snapshot) -> float:
+        """Device pages the live requests would hold at their peak if all ran from now on, one token a step each:
+        the footprint grows until the first of them finishes, drops, grows again; its highest point is just before
+        some finish, where the requests still running hold their contexts plus that one's remaining tokens."""
+        block = snap.block
+        remaining = block[PROMPT_LEN] + block[MAX_TOKENS]
+        remaining -= snap.context
+        order = remaining.argsort(kind="stable")
+        remaining, context = remaining.take(order), snap.context.take(order)
+        alive = np.arange(len(order), 0, -1, dtype=np.float64)  # still running just before the j-th finish
+        tokens = context[::-1].cumsum()[::-1]
+        tokens += alive * remaining
+        return float((tokens / snap.page_size + alive).max()) if len(order) else 0.0  # + a partial page each
 
     @staticmethod
     def projected_step(ex: Executor, est: CostEstimates, num_requests: int, mean_context: float) -> tuple[int, float]:
