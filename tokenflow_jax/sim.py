@@ -54,7 +54,7 @@ class SimExecutor(PagedExecutor):
         self.copy_free_at = 0.0  # when the device->host copy engine drains its backlog
         self.load_free_at = 0.0  # when the host->device loads issued so far have landed
         self._loads_pending = False
-        self._host_copy_landed_at = 0.0  # of the request being swapped in: its loads start no earlier
+        self._host_copy_landed_at = 0.0  # set by each swap-in (`_await_host_copy`): its loads start no earlier
         self.steps = 0
         self.busy_s = 0.0  # compute time, for utilization
         self._d2h_page_s = self.profile.d2h_latency_s / 64 + self.page_bytes / self.profile.d2h_bytes_per_s
@@ -139,6 +139,5 @@ class SimExecutor(PagedExecutor):
 
     def swap_in(self, req: Request) -> None:
         super().swap_in(req)
-        self._host_copy_landed_at = 0.0
         # The base measures the load on the clock, but loads run on their own timeline here.
         self._h2d_per_page.value = self._h2d_page_s

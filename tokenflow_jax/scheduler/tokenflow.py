@@ -421,9 +421,7 @@ class TokenFlowPolicy:
         """Device pages the live requests would hold at their peak if all ran from now on, one token a step each:
         the footprint grows until the first of them finishes, drops, grows again; its highest point is just before
         some finish, where the requests still running hold their contexts plus that one's remaining tokens."""
-        block = snap.block
-        remaining = block[PROMPT_LEN] + block[MAX_TOKENS]
-        remaining -= snap.context
+        remaining = snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED]
         order = remaining.argsort(kind="stable")
         remaining, context = remaining.take(order), snap.context.take(order)
         alive = np.arange(len(order), 0, -1, dtype=np.float64)  # still running just before the j-th finish
