@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.sampling_params import SamplingParams
 
 MAX_STREAM_RATE = 10_000.0  # tokens/s; above this no reader is pacing and the number is a mistake
 MAX_STOP_STRINGS = 4

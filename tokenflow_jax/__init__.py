@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(llm, name)
     if name == "SamplingParams":
-        from tokenflow_jax.sampling import SamplingParams
+        from tokenflow_jax.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'tokenflow_jax' has no attribute {name!r}")

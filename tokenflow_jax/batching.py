@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tokenflow_jax.kv.pages import pages_for
+
 
 class SequenceChunk(NamedTuple):
     """New tokens of one sequence in a step: `token_ids` at positions `start .. start + len - 1`.
@@ -66,7 +68,7 @@ def build_ragged_batch(
     if t_pad < num_tokens or b_pad < num_seqs:
         raise ValueError(f"batch of {num_tokens} tokens / {num_seqs} seqs exceeds padding {t_pad}/{b_pad}")
     ends = starts + lens
-    needed = -(-ends // page_size)
+    needed = pages_for(ends, page_size)
     bad = ((page_counts < needed) | (needed > p_pad)).nonzero()[0]
     if bad.size:  # the first offending sequence, as a loop over them would find it
         i = int(bad[0])

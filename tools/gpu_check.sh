@@ -53,7 +53,7 @@ fi
 # Last (first to drop if time runs short): the TokenFlow decision time on this host's CPU, whose caches differ
 # from the dev VM's (BENCHMARKS.md, "Scheduler time per decision").
 if [ "${SMALL:-0}" = 1 ]; then
-  python -c "from tokenflow_jax import paper_setups as ps; print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))" \
+  python -c "from tokenflow_jax.bench import paper_setups as ps; print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))" \
     2>&1 | tee "$OUT/decision.txt"
 else
   timeout 240 python -m tokenflow_jax.paper_setups --decision-bench 2>&1 | tee "$OUT/decision.json"

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenflow_jax.batching import SequenceChunk, build_ragged_batch
-from tokenflow_jax.scheduler.request import page_ids
+from tokenflow_jax.kv.pages import page_ids
 
 
 def reference_layout(chunks: list[SequenceChunk], page_size: int, pad_tokens: int, pad_seqs: int,

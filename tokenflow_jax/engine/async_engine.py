@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from tokenflow_jax.engine.core import TokenEvent
 from tokenflow_jax.engine.llm import LLM
 from tokenflow_jax.metrics import RequestRecord, rebuffer_seconds
-from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.request import Request
+from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from tokenflow_jax.metrics import RequestRecord
+from tokenflow_jax.request import PENDING_TOKEN, Request, RequestStatus
 from tokenflow_jax.scheduler.interface import Executor, Policy, SchedulerState, StepPlan
-from tokenflow_jax.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 from tokenflow_jax.tracker import RequestTracker
 
 PREEMPTION_MODES = ("auto", "swap", "recompute")

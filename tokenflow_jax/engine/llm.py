@@ -12,10 +12,11 @@ import jax
 
 from tokenflow_jax.engine.core import EngineCore, TokenEvent
 from tokenflow_jax.engine.executor import EngineExecutor
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
-from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.request import Request
+from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.scheduler.registry import make_policy
-from tokenflow_jax.scheduler.request import Request
 
 DEFAULT_RATE = 20.0  # tokens/s a reader consumes when a request does not say
 
@@ -80,7 +81,7 @@ class LLM:
         self.seed = seed
         self.default_rate = default_rate
         max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 2048)
-        pages_per_seq = -(-max_model_len // page_size)
+        pages_per_seq = pages_for(max_model_len, page_size)
         if kv_pages is None:
             kv_pages = max_num_seqs * pages_per_seq + 1
         if host_kv_pages is None:

@@ -18,6 +18,7 @@ import numpy as np
 from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward, init_kv_cache
 from tokenflow_jax.sampling import sample
 
@@ -97,7 +98,7 @@ class ModelRunner:
         self.page_size = page_size
         self.num_pages = num_pages
         self.attention_impl = attention_impl
-        self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.max_pages_per_seq = pages_for(max_model_len, page_size)
         self.buckets = Buckets.build(max_num_seqs, max_batch_tokens, self.max_pages_per_seq)
         self.max_num_seqs = max_num_seqs
         self.kv_cache: KVCache = init_kv_cache(cfg, num_pages, page_size, kv_dtype)

@@ -10,8 +10,8 @@ import dataclasses
 from collections.abc import Iterable
 
 from tokenflow_jax.kv.page_pool import OutOfPages, PageAllocator
-from tokenflow_jax.scheduler.interface import pages_for
-from tokenflow_jax.scheduler.request import Request, page_ids
+from tokenflow_jax.kv.pages import page_ids, pages_for
+from tokenflow_jax.request import Request
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import DEFAULT_TTFT_EXPECTED_S
-from tokenflow_jax.scheduler.fcfs import admission_queue, admit_in_order, budget_for
-from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan, pages_for
-from tokenflow_jax.scheduler.request import Request, RequestStatus
+from tokenflow_jax.request import Request, RequestStatus
+from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for
+from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 
 
 @dataclasses.dataclass

@@ -11,7 +11,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.request import Request
 from tokenflow_jax.tracker import RequestTracker
 
 
@@ -98,10 +99,6 @@ class Executor(Protocol):
     def release(self, request: Request) -> None: ...
 
     def idle_until(self, t: float) -> None: ...
-
-
-def pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
 
 
 @dataclasses.dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from tokenflow_jax.scheduler.fcfs import admission_queue, budget_for
+from tokenflow_jax.request import Request
+from tokenflow_jax.scheduler.budget import admission_queue, budget_for
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
-from tokenflow_jax.scheduler.request import Request
 
 RETRACT_DECODE_STEPS = 20  # SGLang: tokens of headroom per retracted-from batch member when re-estimating
 

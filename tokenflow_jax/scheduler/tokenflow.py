@@ -37,10 +37,12 @@ import time
 
 import numpy as np
 
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
-from tokenflow_jax.scheduler.fcfs import FCFSPolicy, TokenBudget, admit_in_order, budget_for
-from tokenflow_jax.scheduler.interface import CostEstimates, Executor, SchedulerState, StepPlan, pages_for
-from tokenflow_jax.scheduler.request import Request, RequestStatus
+from tokenflow_jax.request import Request, RequestStatus
+from tokenflow_jax.scheduler.budget import TokenBudget, admit_in_order, budget_for
+from tokenflow_jax.scheduler.fcfs import FCFSPolicy
+from tokenflow_jax.scheduler.interface import CostEstimates, Executor, SchedulerState, StepPlan
 from tokenflow_jax.tracker import ARRIVAL, LAST_READ, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
 
 

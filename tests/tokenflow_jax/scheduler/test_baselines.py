@@ -14,11 +14,11 @@ import tempfile
 import numpy as np
 import pytest
 
+from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
 from tokenflow_jax.scheduler.andes import AndesPolicy
 from tokenflow_jax.scheduler.interface import SchedulerState
 from tokenflow_jax.scheduler.registry import make_policy
-from tokenflow_jax.scheduler.request import Request, RequestStatus
 from tokenflow_jax.scheduler.sglang import SGLangPolicy
 from tokenflow_jax.tracker import RequestTracker
 

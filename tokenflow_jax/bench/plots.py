@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from tokenflow_jax.metrics import read_times
 
 if TYPE_CHECKING:
-    from tokenflow_jax.bench import SchedulerRun
+    from tokenflow_jax.bench.schedulers import SchedulerRun
 
 
 def buffer_curve(token_times: Sequence[float], rate: float) -> tuple[np.ndarray, np.ndarray]:

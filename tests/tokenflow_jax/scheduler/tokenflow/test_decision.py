@@ -13,9 +13,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.tokenflow_jax.test_tokenflow_policy import World
+from tests.tokenflow_jax.scheduler.tokenflow.test_policy import World
 from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
-from tokenflow_jax.scheduler.request import RequestStatus
+from tokenflow_jax.request import RequestStatus
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
 
 

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tokenflow_jax.engine_harness import add, prompt_pool, reference_outputs, scripted_core, small_llm
+from tests.tokenflow_jax.engine.harness import add, prompt_pool, reference_outputs, scripted_core, small_llm
 from tokenflow_jax.config import PRESETS
 from tokenflow_jax.kv.host_tier import HostKVTier
-from tokenflow_jax.scheduler.request import RequestStatus
+from tokenflow_jax.request import RequestStatus
 
 PAGE_SIZE = 4
 

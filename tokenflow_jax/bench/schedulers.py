@@ -32,8 +32,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import RequestRecord, summarize
-from tokenflow_jax.scheduler.interface import Executor, pages_for
+from tokenflow_jax.scheduler.interface import Executor
 from tokenflow_jax.scheduler.registry import POLICIES, make_policy
 from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, make_workload, trace
 
@@ -93,7 +94,7 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
                  max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
     if args.executor == "sim":
         try:
-            from tokenflow_jax.sim import SimExecutor
+            from tokenflow_jax.sim.executor import SimExecutor
         except ImportError as e:
             raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
         ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"], num_host_pages=limits["host_kv_pages"],
@@ -126,7 +127,7 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
                   time_limit: float | None = None, progress: bool = True) -> SchedulerRun:  # fmt: skip
     """Replay `specs` under policy `name` on an idle executor (a fresh EngineCore over it)."""
     from tokenflow_jax.engine.core import EngineCore
-    from tokenflow_jax.replay import replay, spec_request
+    from tokenflow_jax.sim.replay import replay, spec_request
 
     if hasattr(executor, "write_through_enabled"):
         executor.write_through_enabled = name not in RECOMPUTE_ONLY and executor.num_host_pages > 0
@@ -240,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
     """(specs, simulator, limits) of the one paper setup `--paper-setup` names."""
-    from tokenflow_jax.paper_setups import MAX_MODEL_LEN, paper_setups
-    from tokenflow_jax.sim import SimExecutor
+    from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN, paper_setups
+    from tokenflow_jax.sim.executor import SimExecutor
 
     if args.executor != "sim":
         raise SystemExit("--paper-setup runs on the simulator: add --executor sim")
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (out / "table.txt").write_text(table + "\n")
     write_results(out, runs, config)
     if args.plots:
-        from tokenflow_jax.bench_plots import save_plots
+        from tokenflow_jax.bench.plots import save_plots
 
         save_plots(runs, out)
     print(f"wrote {out}/ in {time.perf_counter() - t0:.1f} s total")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 
 from tokenflow_jax.engine.core import EngineCore
+from tokenflow_jax.request import Request
 from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.request import Request
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
-from tokenflow_jax.sim import SimExecutor
-from tokenflow_jax.sim_profiles import SimProfile
+from tokenflow_jax.sim.executor import SimExecutor
+from tokenflow_jax.sim.profiles import SimProfile
 
 TWO_SLOTS_40_TOK_S = SimProfile(
     "worked-example", step_base_s=0.025, step_per_token_s=0.0, step_per_context_token_s=0.0,

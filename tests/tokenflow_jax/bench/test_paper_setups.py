@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tokenflow_jax import paper_setups as ps
+from tokenflow_jax.bench import paper_setups as ps
 
 
 def test_the_full_plan_covers_every_setup_and_rate_mix_of_the_paper():

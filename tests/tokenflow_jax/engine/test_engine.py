@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.tokenflow_jax.engine_harness import (
+from tests.tokenflow_jax.engine.harness import (
     ENGINE_KW,
     MAX_TOKENS,
     add,
@@ -24,8 +24,8 @@ from tests.tokenflow_jax.engine_harness import (
 )
 from tokenflow_jax.engine.buckets import CompileDuringServing
 from tokenflow_jax.engine.runner import backend_compile_count
+from tokenflow_jax.request import PENDING_TOKEN, Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.request import PENDING_TOKEN, Request, RequestStatus
 
 
 def run_with_random_preemptions(mode: str, seed: int) -> tuple[dict[str, list[int]], int]:
@@ -199,7 +199,7 @@ def test_engine_rejects_requests_beyond_the_model_length() -> None:
 
 
 def test_decode_step_model_recovers_a_linear_cost_and_refuses_to_extrapolate_from_alike_steps() -> None:
-    from tokenflow_jax.engine.executor import DecodeStepModel
+    from tokenflow_jax.engine.paged_executor import DecodeStepModel
 
     rng = np.random.default_rng(0)
     model = DecodeStepModel(window=256, refit_every=16)

@@ -14,8 +14,8 @@ import numpy as np
 
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import RequestRecord
-from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.request import Request
+from tokenflow_jax.request import Request
+from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.workloads import RequestSpec
 
 PROMPT_VOCAB = 256  # byte tokens: valid for the byte-level tiny model and for any real vocabulary

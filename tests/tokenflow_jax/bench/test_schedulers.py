@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenflow_jax import bench
-from tokenflow_jax.bench_plots import buffer_curve
+from tokenflow_jax.bench import schedulers as bench
+from tokenflow_jax.bench.plots import buffer_curve
 from tokenflow_jax.metrics import RequestRecord, summarize
 
 os.environ.setdefault("TOKENFLOW_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokenflow_jax_test_xla"))

@@ -6,18 +6,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 from array import array
-from collections.abc import Iterable
 
-from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.kv.pages import page_ids
+from tokenflow_jax.sampling_params import SamplingParams
 
 # Stands in `output_ids` for a token the device sampled and the host has not read yet (one step at most).
 PENDING_TOKEN = -1
-
-
-def page_ids(pages: Iterable[int] = ()) -> array:
-    """Device page ids as a flat int32 array: every step lays out the pages of every sequence it computes, and
-    arrays join into one buffer in C where lists of ints convert one by one (~70x slower at 16k pages)."""
-    return array("i", pages)
 
 
 class RequestStatus(enum.Enum):

@@ -7,13 +7,12 @@ import pytest
 from tokenflow_jax import workloads
 from tokenflow_jax.config import PRESETS
 from tokenflow_jax.engine.core import EngineCore
-from tokenflow_jax.replay import replay
+from tokenflow_jax.request import Request
 from tokenflow_jax.sampling import SamplingParams
 from tokenflow_jax.scheduler.interface import StepPlan
 from tokenflow_jax.scheduler.registry import make_policy
-from tokenflow_jax.scheduler.request import Request
-from tokenflow_jax.sim import SimExecutor
-from tokenflow_jax.sim_profiles import (
+from tokenflow_jax.sim.executor import SimExecutor
+from tokenflow_jax.sim.profiles import (
     BUILTIN_PROFILES,
     H100_NAIVE_DECODE,
     H100_PREFILL,
@@ -21,6 +20,7 @@ from tokenflow_jax.sim_profiles import (
     load_profile,
     profile_from_engine_measurements,
 )
+from tokenflow_jax.sim.replay import replay
 
 
 def test_h100_profile_reproduces_the_reference_timings():

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
 from tokenflow_jax.scheduler.interface import SchedulerState
 from tokenflow_jax.scheduler.registry import make_policy
-from tokenflow_jax.scheduler.request import Request, RequestStatus
 from tokenflow_jax.scheduler.tokenflow import Snapshot, TokenFlowConfig, TokenFlowPolicy, token_value
-from tokenflow_jax.sim import SimExecutor
+from tokenflow_jax.sim.executor import SimExecutor
 from tokenflow_jax.tracker import MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RequestTracker
 
 NOW = 10.0

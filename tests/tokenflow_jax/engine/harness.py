@@ -13,10 +13,10 @@ import numpy as np
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.fcfs import admit_in_order, budget_for
+from tokenflow_jax.scheduler.budget import admit_in_order, budget_for
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
-from tokenflow_jax.scheduler.request import Request, RequestStatus
 
 PAGE_SIZE = 4  # small pages: many page boundaries in short sequences
 ENGINE_KW = dict(

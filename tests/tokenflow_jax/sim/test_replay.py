@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from tokenflow_jax import replay as replay_mod
 from tokenflow_jax.engine.core import EngineCore
-from tokenflow_jax.engine.executor import PagedExecutor
-from tokenflow_jax.replay import prompt_ids, replay, spec_request
+from tokenflow_jax.engine.paged_executor import PagedExecutor
 from tokenflow_jax.scheduler.fcfs import FCFSPolicy
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.sim import replay as replay_mod
+from tokenflow_jax.sim.replay import prompt_ids, replay, spec_request
 from tokenflow_jax.workloads import RequestSpec
 
 os.environ.setdefault("TOKENFLOW_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokenflow_jax_test_xla"))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from tokenflow_jax import engine_bench
-from tokenflow_jax.sim import SimExecutor
-from tokenflow_jax.sim_profiles import load_profile
+from tokenflow_jax.bench import engine_bench
+from tokenflow_jax.sim.executor import SimExecutor
+from tokenflow_jax.sim.profiles import load_profile
 
 
 def test_engine_bench_measures_and_writes_a_profile_the_simulator_loads(tmp_path) -> None:

@@ -1,0 +1,300 @@
+"""`PagedExecutor`: carries out StepPlans over the two-tier page bookkeeping and keeps the live cost estimates.
+
+Plain host Python: the real executor (`engine.executor`) and the simulator (`sim.executor`) subclass it and move
+the data (or charge its modelled time).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tokenflow_jax.batching import SequenceChunk
+from tokenflow_jax.kv.block_manager import KVBlockManager, PageCopy
+from tokenflow_jax.request import Request
+from tokenflow_jax.scheduler.interface import CostEstimates, StepPlan, StepResult
+
+SamplingRow = tuple[float, int, float, int, int]  # temperature, top_k, top_p, seed, step
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlightStep:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+
+    handle: Any
+    request_ids: list[str]  # one row each, in batch order
+    completing: list[bool]  # whether the row samples a token (False: a prefill chunk mid-prompt)
+    decode: bool
+    num_tokens: int
+    dispatched_at: float
+    context_tokens: int = 0  # tokens the step's sequences hold after it
+
+
+class DecodeStepModel:
+    """Least-squares fit of decode step time to (sequences, context tokens) over recent steps, so a policy can
+    predict the step, and so the decode capacity Gamma, at contexts the batch has not reached yet."""
+
+    def __init__(self, window: int = 512, refit_every: int = 32) -> None:
+        self.samples: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=window)
+        self.refit_every = refit_every
+        self.coefficients: tuple[float, float, float] | None = None
+        self._since_fit = 0
+
+    def add(self, num_seqs: int, context_tokens: int, seconds: float) -> None:
+        self.samples.append((num_seqs, context_tokens, seconds))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every and len(self.samples) >= 2 * self.refit_every:
+            self._since_fit = 0
+            self.coefficients = self.fit(list(self.samples))
+
+    @staticmethod
+    def fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:
+        x = np.array([[1.0, b, c] for b, c, _ in samples])
+        y = np.array([t for _, _, t in samples])
+        if np.linalg.matrix_rank(x) < 3:
+            return None  # all steps alike so far: nothing to extrapolate from
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        return float(max(coef[0], 0.0)), float(max(coef[1], 0.0)), float(max(coef[2], 0.0))
+
+
+class MovingAverage:
+    def __init__(self, initial: float, weight: float = 0.2) -> None:
+        self.value, self.weight = initial, weight
+
+    def update(self, x: float) -> float:
+        self.value += self.weight * (x - self.value)
+        return self.value
+
+
+class PagedExecutor:
+    """Carries out StepPlans over the two-tier page bookkeeping. Subclasses move the data (or model its cost):
+    `_compute`, `_copy_to_host`, `_load_to_device`, `_flush_to_host` (or `_await_host_copy`), `now`, `idle_until`.
+
+    KV fields of `Request` (pages, num_computed, host sync) are updated here; statuses are the caller's.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_device_pages: int,
+        num_host_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        max_model_len: int,
+        write_through: bool = True,
+        max_transfer_pages: int = 1 << 30,
+    ) -> None:
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len
+        self.write_through_enabled = write_through and num_host_pages > 0
+        self.blocks = KVBlockManager(num_device_pages, num_host_pages, page_size)
+        self.num_device_pages = self.blocks.device.capacity
+        self.num_host_pages = self.blocks.host.capacity if self.blocks.host else 0
+        self.max_transfer_pages = max_transfer_pages
+        self.bytes_to_host = 0
+        self.bytes_to_device = 0
+        self._decode_step = MovingAverage(0.01)
+        self._prefill_per_token = MovingAverage(0.001)
+        self._d2h_per_page = MovingAverage(1e-5)
+        self._h2d_per_page = MovingAverage(1e-5)
+        self.decode_model = DecodeStepModel()
+        self._in_flight: InFlightStep | None = None
+        self._last_resolved_at = -float("inf")
+        self._host_copy_of: dict[str, Any] = {}  # request id -> ticket of the latest copy into its host pages
+
+    # Read sampled tokens one step late: the next step is dispatched before the host waits for this one's.
+    pipelined = False
+
+    # ---- data movement and time: the subclass's part
+    def now(self) -> float:
+        raise NotImplementedError
+
+    def idle_until(self, t: float) -> None:
+        raise NotImplementedError
+
+    def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str]) -> Any:
+        """Dispatch one model step; return a handle `_sampled_tokens` turns into host token ids. A chunk's last
+        token may be PENDING_TOKEN: sampled by the in-flight step for the same request, not read yet."""
+        raise NotImplementedError
+
+    def _sampled_tokens(self, handle: Any) -> list[int]:
+        raise NotImplementedError
+
+    def _copy_to_host(self, copy: PageCopy) -> Any:
+        """Start copying device pages to host pages; return a ticket for `_await_host_copy` (None: no waiting)."""
+        raise NotImplementedError
+
+    def _flush_to_host(self) -> None:
+        raise NotImplementedError
+
+    def _await_host_copy(self, ticket: Any) -> None:
+        """Wait until the copy `ticket` names has landed (by default: every queued copy)."""
+        self._flush_to_host()
+
+    def _load_to_device(self, copy: PageCopy) -> None:
+        raise NotImplementedError
+
+    def _pending_to_host_pages(self) -> int:
+        return 0
+
+    # ---- Executor protocol
+    def free_device_pages(self) -> int:
+        return self.blocks.device.num_free
+
+    def free_host_pages(self) -> int:
+        return self.blocks.host.num_free if self.blocks.host else 0
+
+    def estimates(self) -> CostEstimates:
+        step = self._decode_step.value
+        return CostEstimates(
+            decode_step_s=step,
+            prefill_per_token_s=self._prefill_per_token.value,
+            swap_out_per_page_s=self._d2h_per_page.value,
+            swap_in_per_page_s=self._h2d_per_page.value,
+            pending_transfer_s=self._pending_transfer_s(),
+            decode_capacity_tok_s=self.max_num_seqs / max(step, 1e-6),
+            decode_step_model=self._decode_step_model(),
+        )
+
+    def _pending_transfer_s(self) -> float:
+        return self._pending_to_host_pages() * self._d2h_per_page.value
+
+    def _decode_step_model(self) -> tuple[float, float, float] | None:
+        return self.decode_model.coefficients
+
+    def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
+        """Apply the plan and dispatch its step. Pipelined executors return the previous step's tokens (read
+        while this one computes) and list this step's sampling requests as `pending`; others return this step's.
+        """
+        t0 = self.now()
+        to_host0, to_device0 = self.bytes_to_host, self.bytes_to_device
+        for rid in plan.recompute_out:
+            self.drop(requests[rid])
+        for rid in plan.swap_out:
+            self.swap_out(requests[rid])
+        for rid in plan.swap_in:
+            self.swap_in(requests[rid])
+        previous = self._in_flight  # still visible to `_compute`: it feeds this step's pending tokens
+        current = self._dispatch(plan, requests) if plan.schedule else None
+        self._in_flight = None
+        sampled = self._resolve(previous) if previous else {}
+        pending: list[str] = []
+        if current is not None:
+            if self.pipelined:
+                self._in_flight = current
+                pending = [rid for rid, completes in zip(current.request_ids, current.completing, strict=True)
+                           if completes]  # fmt: skip
+            else:
+                sampled.update(self._resolve(current))
+        num_tokens = sum(plan.schedule.values())
+        return StepResult(sampled, self.now() - t0, num_tokens, self.bytes_to_host - to_host0,
+                          self.bytes_to_device - to_device0, pending)  # fmt: skip
+
+    def settle(self) -> None:
+        """Wait for the step in flight, if any, and drop its tokens: their requests are gone (the last one just
+        ended, or this executor is passing to a new core). Timed now, not after the idle gap that may follow."""
+        if self._in_flight is not None:
+            step, self._in_flight = self._in_flight, None
+            self._resolve(step)
+
+    def _resolve(self, step: InFlightStep) -> dict[str, int]:
+        """Read a dispatched step's sampled tokens (waits for it) and fold its duration into the estimates."""
+        tokens = self._sampled_tokens(step.handle)
+        end = self.now()
+        # Back to back, a step's duration is the gap between reads; after an idle gap, from its dispatch.
+        elapsed = end - max(step.dispatched_at, self._last_resolved_at)
+        self._last_resolved_at = end
+        if step.decode:
+            self._decode_step.update(elapsed)
+            self.decode_model.add(step.num_tokens, step.context_tokens, elapsed)
+        else:
+            self._prefill_per_token.update(elapsed / step.num_tokens)
+        return {rid: tokens[i] for i, rid in enumerate(step.request_ids) if step.completing[i]}
+
+    def release(self, req: Request) -> None:
+        # Queued write-through copies into freed host pages are FIFO-ordered before any later owner's copies.
+        self._host_copy_of.pop(req.request_id, None)
+        self.blocks.release(req)
+        req.num_computed = 0
+
+    # ---- KV movement
+    def drop(self, req: Request) -> None:
+        """Preempt by recompute: forget the request's KV on both tiers."""
+        self.release(req)
+
+    def swap_out(self, req: Request) -> bool:
+        """Preempt by swap: complete the host copy, then free device pages at once. False: the host tier is
+        full, so the request was dropped for recompute instead."""
+        copy = self.blocks.evict_tail(req) if self.num_host_pages else None
+        if copy is None:
+            self.drop(req)
+            return False
+        self._transfer_to_host(copy, [req.request_id])
+        self.blocks.free_device(req)
+        return True
+
+    def swap_in(self, req: Request) -> None:
+        # Its host copy must be complete before it is read: wait for its own latest copy, not for the copies the
+        # running requests queued since (FIFO: that one landing means every earlier one has).
+        self._await_host_copy(self._host_copy_of.get(req.request_id))
+        copy = self.blocks.swap_in(req)
+        t0 = self.now()
+        self._transfer_to_device(copy)
+        if copy.src:
+            self._h2d_per_page.update((self.now() - t0) / len(copy.src))
+
+    def _transfer_to_host(self, copy: PageCopy, request_ids: Sequence[str] = ()) -> None:
+        """Copy in chunks of at most `max_transfer_pages`; the last chunk's ticket stands for the requests' pages."""
+        ticket = None
+        for start in range(0, len(copy.src), self.max_transfer_pages):
+            end = start + self.max_transfer_pages
+            ticket = self._copy_to_host(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
+        if ticket is not None:
+            for rid in request_ids:
+                self._host_copy_of[rid] = ticket
+
+    def _transfer_to_device(self, copy: PageCopy) -> None:
+        for start in range(0, len(copy.src), self.max_transfer_pages):
+            end = start + self.max_transfer_pages
+            self._load_to_device(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
+
+    def _write_through(self, order: list[Request]) -> None:
+        """Sync completed pages to the host, budgeted to what one step's time can hide."""
+        per_page = max(self._d2h_per_page.value, 1e-7)
+        budget = int(min(self.max_transfer_pages, max(1, self._decode_step.value / per_page)))
+        copies = self.blocks.write_through(order, budget)
+        src = [p for c in copies for p in c.src]
+        if src:
+            self._transfer_to_host(PageCopy("write-through", src, [p for c in copies for p in c.dst]),
+                                   [c.request_id for c in copies])  # fmt: skip
+
+    def _dispatch(self, plan: StepPlan, requests: dict[str, Request]) -> InFlightStep:
+        chunks, rows, completing = [], [], []
+        for rid, n in plan.schedule.items():
+            req = requests[rid]
+            start, total = req.num_computed, req.num_tokens
+            if n < 1 or start + n > total:
+                raise ValueError(f"{rid}: cannot compute {n} tokens ({start}/{total} done)")
+            self.blocks.grow_device(req, start + n)
+            chunks.append(SequenceChunk(req.token_slice(start, start + n), start, req.device_pages))
+            s = req.sampling
+            rows.append((s.temperature, s.top_k, s.top_p, req.seed, len(req.output_ids)))
+            completing.append(start + n == total)
+        dispatched_at = self.now()
+        handle = self._compute(chunks, rows, list(plan.schedule))
+        for rid, n in plan.schedule.items():
+            requests[rid].num_computed += n
+        if self.write_through_enabled:
+            order = [requests[rid] for rid in (plan.sync_order or plan.schedule)]
+            self._write_through([r for r in order if r.device_pages])
+        num_tokens = sum(plan.schedule.values())
+        context = sum(c.start + len(c.token_ids) for c in chunks)
+        return InFlightStep(handle, list(plan.schedule), completing, num_tokens == len(chunks), num_tokens,
+                            dispatched_at, context)  # fmt: skip
