@@ -14,6 +14,7 @@ from aiohttp import web
 
 from serving.protocol import ApiError, ResponseShape, error_body
 from tokenflow_jax.engine.async_engine import EngineError, RequestStream, StreamDelta
+from tokenflow_jax.reader import next_read
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = b"data: [DONE]\n\n"
@@ -25,7 +26,7 @@ def sse_event(obj: dict[str, Any]) -> bytes:
 
 
 class ReleaseClock:
-    """When a paced stream sends its next token: like the reader of DESIGN.md section 2, one token every
+    """When a paced stream sends its next token: as the reader reads it (`reader.next_read`), one token every
     1/rate seconds from the first, never before the token exists."""
 
     def __init__(self, rate: float) -> None:
@@ -33,7 +34,7 @@ class ReleaseClock:
         self.last_release: float | None = None
 
     def wait_s(self, now: float) -> float:
-        return 0.0 if self.last_release is None else max(0.0, self.last_release + self.period - now)
+        return next_read(self.last_release, now, self.period) - now
 
     def release(self, now: float) -> None:
         self.last_release = now

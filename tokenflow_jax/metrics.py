@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Buffer thresholds as fractions of the request's output length (DESIGN.md section 2).
-TAU1_FRACTION = 0.10
-TAU2_FRACTION = 0.20
+from tokenflow_jax import reader
+
 DEFAULT_TTFT_EXPECTED_S = 1.0
 
 
@@ -92,18 +91,16 @@ def validate_stream(token_times: Sequence[float], rate: float, arrival: float | 
 def _reads(times: np.ndarray, rate: float) -> np.ndarray:
     period = 1.0 / rate
     reads = np.empty_like(times)
-    previous = -math.inf
-    # Sequential recurrence kept literal so the live tracker reproduces it bit for bit.
-    for j, generated in enumerate(times.tolist()):
-        previous = generated if j == 0 else max(generated, previous + period)
-        reads[j] = previous
+    previous = None
+    for j, generated in enumerate(times.tolist()):  # the recurrence the live tracker runs, token by token
+        previous = reads[j] = reader.next_read(previous, generated, period)
     return reads
 
 
 def _stalls(times: np.ndarray, reads: np.ndarray, rate: float) -> np.ndarray:
     out = np.zeros_like(times)
     if times.size > 1:
-        out[1:] = np.maximum(0.0, times[1:] - (reads[:-1] + 1.0 / rate))
+        out[1:] = np.maximum(0.0, times[1:] - reader.read_due(reads[:-1], 1.0 / rate))
     return out
 
 
@@ -133,11 +130,9 @@ def unread_at_generation(token_times: Sequence[float], rate: float) -> np.ndarra
 
 def buffer_weights(unread: np.ndarray, output_len: int) -> np.ndarray:
     """Token weights w_j from buffer sizes B_j with tau1 = 0.1 L and tau2 = 0.2 L."""
-    tau1 = TAU1_FRACTION * output_len
-    tau2 = TAU2_FRACTION * output_len
-    unread = np.asarray(unread, dtype=np.float64)
-    ramp = (tau2 - unread) / (tau2 - tau1) if tau2 > tau1 else np.zeros_like(unread)
-    return np.where(unread <= tau1, 1.0, np.where(unread >= tau2, 0.0, ramp))
+    if output_len <= 0:
+        return np.zeros_like(np.asarray(unread, dtype=np.float64))
+    return reader.token_weights(unread, output_len)
 
 
 def token_weights(token_times: Sequence[float], rate: float) -> np.ndarray:

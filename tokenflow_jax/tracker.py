@@ -1,7 +1,7 @@
 """Virtual client buffers: live, per-request view of what each streaming reader has not read yet.
 
 A reader starts at the first token and reads one token every 1/rate seconds, never before it exists
-(the same recurrence as `metrics.read_times`, computed incrementally so it matches bit for bit):
+(`reader.next_read`, as `metrics.read_times` computes it for a finished stream, token by token):
 
     read_1 = g_1;   read_j = max(g_j, read_{j-1} + 1/rate)
 
@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from tokenflow_jax.reader import next_read, read_due
 
 
 class VirtualBuffer:
@@ -46,8 +48,8 @@ class VirtualBuffer:
         if self._token_times:
             if t < self._token_times[-1]:
                 raise ValueError(f"token time {t} precedes the previous token at {self._token_times[-1]}")
-            due = self._read_times[-1] + self._period
-            read = max(t, due)
+            due = read_due(self._read_times[-1], self._period)
+            read = next_read(self._read_times[-1], t, self._period)
             if t > due:
                 self.rebuffer_s += t - due
                 self.stall_count += 1

@@ -39,8 +39,6 @@ from tokenflow_jax.scheduler.registry import POLICIES, make_policy
 from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, make_workload, trace
 
 DEFAULT_SCHEDULERS = "tokenflow,fcfs,sglang,andes"
-# Baselines that only ever preempt by recompute run without write-through, like SGLang and vLLM (no host tier).
-RECOMPUTE_ONLY = frozenset({"fcfs", "sglang", "andes"})
 KV_FRACTION = 1 / 3  # default device pool: this share of the workload's total KV
 
 
@@ -129,9 +127,11 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
     from tokenflow_jax.engine.core import EngineCore
     from tokenflow_jax.sim.replay import replay, spec_request
 
+    policy = make_policy(name, **(config or {}))
     if hasattr(executor, "write_through_enabled"):
-        executor.write_through_enabled = name not in RECOMPUTE_ONLY and executor.num_host_pages > 0
-    core = EngineCore(executor, make_policy(name, **(config or {})), eos_token_ids=eos, preemption=preemption)
+        # Baselines that only preempt by recompute run without it, like SGLang and vLLM (no host tier).
+        executor.write_through_enabled = policy.uses_write_through and executor.num_host_pages > 0
+    core = EngineCore(executor, policy, eos_token_ids=eos, preemption=preemption)
     wall0 = time.perf_counter()
     start = executor.now()
     records = replay(core, specs, lambda spec, arrival: spec_request(spec, arrival, seed=seed),

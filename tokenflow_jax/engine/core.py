@@ -184,11 +184,6 @@ class EngineCore:
         self.scheduler_times_s.append(time.perf_counter() - t0)
         self._apply_preemption_mode(plan)
         self._validate(plan)
-        # Host writes go to the largest buffers first (the likeliest to be paused next); ties in schedule order.
-        scheduled = list(plan.schedule)
-        unread = self.tracker.buffer_tokens_of(scheduled, now)
-        plan.sync_order = list(map(scheduled.__getitem__, sorted(range(len(scheduled)), key=unread.__getitem__,
-                                                                  reverse=True)))  # fmt: skip
         swapped_out = set(plan.swap_out)
         result = self.executor.execute(plan, self.requests)
         self.bytes_to_host += result.bytes_to_host
@@ -197,10 +192,10 @@ class EngineCore:
             req = self.requests[rid]
             req.status = RequestStatus.WAITING
             req.preemptions_recompute += 1
+        dropped = set(result.swap_fallbacks)
         for rid in plan.swap_out:
             req = self.requests[rid]
-            # The executor drops a request it could not copy out (host tier full): that is a recompute.
-            if req.num_computed == 0:
+            if rid in dropped:  # the host tier had no room for its copy: the executor dropped it for recompute
                 req.status = RequestStatus.WAITING
                 req.preemptions_recompute += 1
             else:

@@ -177,8 +177,7 @@ class PagedExecutor:
         to_host0, to_device0 = self.bytes_to_host, self.bytes_to_device
         for rid in plan.recompute_out:
             self.drop(requests[rid])
-        for rid in plan.swap_out:
-            self.swap_out(requests[rid])
+        fallbacks = [rid for rid in plan.swap_out if not self.swap_out(requests[rid])]
         for rid in plan.swap_in:
             self.swap_in(requests[rid])
         previous = self._in_flight  # still visible to `_compute`: it feeds this step's pending tokens
@@ -195,7 +194,7 @@ class PagedExecutor:
                 sampled.update(self._resolve(current))
         num_tokens = sum(plan.schedule.values())
         return StepResult(sampled, self.now() - t0, num_tokens, self.bytes_to_host - to_host0,
-                          self.bytes_to_device - to_device0, pending)  # fmt: skip
+                          self.bytes_to_device - to_device0, pending, fallbacks)  # fmt: skip
 
     def settle(self) -> None:
         """Wait for the step in flight, if any, and drop its tokens: their requests are gone (the last one just

@@ -17,7 +17,7 @@ import dataclasses
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import DEFAULT_TTFT_EXPECTED_S
 from tokenflow_jax.request import Request, RequestStatus
-from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for
+from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 
 
@@ -28,6 +28,7 @@ class AndesPolicy:
     ttft_expected_s: float = DEFAULT_TTFT_EXPECTED_S
     max_preemptions: int = 1  # per request; a request preempted this often keeps its place until it finishes
     name: str = dataclasses.field(default="andes", init=False)
+    uses_write_through: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.horizon_s <= 0 or self.ttft_expected_s < 0 or self.max_preemptions < 0:
@@ -98,4 +99,5 @@ class AndesPolicy:
             if n > 0 and budget.seqs > 0 and pages <= budget.pages:
                 budget.take(plan, req, n, pages)
         admit_in_order(state, plan, budget, admit)
+        plan.sync_order = write_through_order(state, plan)
         return plan

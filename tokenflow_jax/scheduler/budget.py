@@ -51,3 +51,11 @@ def admit_in_order(state: SchedulerState, plan: StepPlan, budget: TokenBudget, c
         if n <= 0 or pages > budget.pages:
             return
         budget.take(plan, req, n, pages)
+
+
+def write_through_order(state: SchedulerState, plan: StepPlan) -> list[str]:
+    """The scheduled requests largest unread buffer first (the likeliest to be paused next), ties in schedule
+    order: the order a plan asks the executor to copy new KV to the host in."""
+    scheduled = list(plan.schedule)
+    unread = state.tracker.buffer_tokens_of(scheduled, state.now)
+    return list(map(scheduled.__getitem__, sorted(range(len(scheduled)), key=unread.__getitem__, reverse=True)))

@@ -7,12 +7,13 @@ recompute. No proactive preemption.
 
 from __future__ import annotations
 
-from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for
+from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 
 
 class FCFSPolicy:
     name = "fcfs"
+    uses_write_through = False
 
     def plan(self, state: SchedulerState) -> StepPlan:
         plan = StepPlan()
@@ -41,4 +42,5 @@ class FCFSPolicy:
             i += 1
         if not preempted:
             admit_in_order(state, plan, budget, admission_queue(state))
+        plan.sync_order = write_through_order(state, plan)
         return plan

@@ -30,7 +30,8 @@ class StepPlan:
     swap_out: list[str] = dataclasses.field(default_factory=list)
     recompute_out: list[str] = dataclasses.field(default_factory=list)
     swap_in: list[str] = dataclasses.field(default_factory=list)
-    # Write-through priority (largest client buffer first: likeliest to be paused); filled by the engine core.
+    # The order in which the executor copies new KV to the host (write-through); the policy decides it
+    # (`budget.write_through_order`: largest unread buffer first, the likeliest to be paused). Empty: schedule order.
     sync_order: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -52,6 +53,8 @@ class StepResult:
     bytes_to_host: int = 0
     bytes_to_device: int = 0
     pending: list[str] = dataclasses.field(default_factory=list)
+    # Planned swap-outs the host tier had no room for: their KV was dropped, they recompute instead.
+    swap_fallbacks: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,5 +123,6 @@ class SchedulerState:
 
 class Policy(Protocol):
     name: str
+    uses_write_through: bool  # keeps host copies of running requests' KV (to pause by swap at no cost)
 
     def plan(self, state: SchedulerState) -> StepPlan: ...

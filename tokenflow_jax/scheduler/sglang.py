@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from tokenflow_jax.request import Request
-from tokenflow_jax.scheduler.budget import admission_queue, budget_for
+from tokenflow_jax.scheduler.budget import admission_queue, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 
 RETRACT_DECODE_STEPS = 20  # SGLang: tokens of headroom per retracted-from batch member when re-estimating
@@ -25,6 +25,7 @@ class SGLangPolicy:
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001  # per decode step
     name: str = dataclasses.field(default="sglang", init=False)
+    uses_write_through: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1:
@@ -32,7 +33,9 @@ class SGLangPolicy:
         self.new_token_ratio = self.init_new_token_ratio
 
     def plan(self, state: SchedulerState) -> StepPlan:
-        return self._prefill_step(state) or self._decode_step(state)
+        plan = self._prefill_step(state) or self._decode_step(state)
+        plan.sync_order = write_through_order(state, plan)
+        return plan
 
     # ---- prefill batch
     def _reserved_tokens(self, req: Request) -> float:

@@ -40,7 +40,7 @@ import numpy as np
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
 from tokenflow_jax.request import Request, RequestStatus
-from tokenflow_jax.scheduler.budget import TokenBudget, admit_in_order, budget_for
+from tokenflow_jax.scheduler.budget import TokenBudget, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.fcfs import FCFSPolicy
 from tokenflow_jax.scheduler.interface import CostEstimates, Executor, SchedulerState, StepPlan
 from tokenflow_jax.tracker import ARRIVAL, LAST_READ, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
@@ -185,6 +185,7 @@ class Ranking:
 
 class TokenFlowPolicy:
     name = "tokenflow"
+    uses_write_through = True
 
     def __init__(self, **config: float) -> None:
         self.config = TokenFlowConfig(**config)  # an unknown key raises TypeError
@@ -685,6 +686,7 @@ class TokenFlowPolicy:
                 preempt(pending[-1])
         if fcfs:
             admit_in_order(state, plan, budget, list(state.waiting))
+        plan.sync_order = write_through_order(state, plan)
         return plan
 
     @staticmethod

@@ -13,9 +13,10 @@ import numpy as np
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.budget import admit_in_order, budget_for
+from tokenflow_jax.scheduler.budget import admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 
 PAGE_SIZE = 4  # small pages: many page boundaries in short sequences
@@ -46,6 +47,7 @@ def reference_outputs() -> tuple[tuple[int, ...], ...]:
 
 class ScriptedPolicy:
     name = "scripted"
+    uses_write_through = True
 
     def __init__(self) -> None:
         self.swap_out: list[str] = []
@@ -61,7 +63,7 @@ class ScriptedPolicy:
         ex = state.executor
         paused = {r.request_id: r for r in state.paused}
         for rid in plan.swap_in:
-            budget.pages -= -(-paused[rid].num_computed // ex.page_size)
+            budget.pages -= pages_for(paused[rid].num_computed, ex.page_size)
         for req in state.running:
             if req.request_id in leaving:
                 budget.pages += len(req.device_pages)
@@ -73,6 +75,7 @@ class ScriptedPolicy:
                 budget.take(plan, req, n, pages)
         # Resumed requests that found no room this step stay RUNNING-bound via swap_in only if scheduled.
         admit_in_order(state, plan, budget, list(state.waiting))
+        plan.sync_order = write_through_order(state, plan)
         return plan
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.tokenflow_jax.scheduler.tokenflow.test_policy import World
-from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
+from tokenflow_jax.reader import TAU1_FRACTION, TAU2_FRACTION
 from tokenflow_jax.request import RequestStatus
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
 
