@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from tokenflow_jax.kv.pages import pages_for
-from tokenflow_jax.metrics import TAU1_FRACTION, TAU2_FRACTION
+from tokenflow_jax.reader import TAU1_FRACTION, TAU2_FRACTION
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.scheduler.budget import TokenBudget, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.fcfs import FCFSPolicy
