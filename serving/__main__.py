@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine = p.add_argument_group("engine")
     engine.add_argument("--scheduler", default="tokenflow", help="tokenflow, fcfs, sglang or andes")
     engine.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto")
-    engine.add_argument("--kv-pages", type=int, help="device KV pages (default: max-num-seqs full sequences)")
+    engine.add_argument("--kv-pages", type=int, help="usable device KV pages (default: max-num-seqs full sequences)")
     engine.add_argument("--host-kv-pages", type=int, help="host-tier KV pages (default: 2x device)")
     engine.add_argument("--page-size", type=int, default=16)
     engine.add_argument("--max-num-seqs", type=int, default=32)

@@ -56,7 +56,7 @@ def build_ragged_batch(
     """Lay out chunks back to back; padding tokens write to the null page 0 and padded sequences are empty.
 
     Whole-batch numpy rather than a loop of small array writes per sequence: at 256 decoding sequences the loop
-    cost 2.1-4.4 ms of host time every step, this 0.2-0.3 ms (BENCHMARKS.md, host batch assembly)."""
+    cost milliseconds of host time every step (BENCHMARKS.md, "Host batch assembly", has the figures)."""
     num_seqs = len(chunks)
     lens = np.fromiter(map(len, (c.token_ids for c in chunks)), np.int64, count=num_seqs)
     starts = np.fromiter((c.start for c in chunks), np.int64, count=num_seqs)

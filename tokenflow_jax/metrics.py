@@ -1,4 +1,4 @@
-"""Streaming metrics: every number a user sees is computed here (DESIGN.md section 2).
+"""Streaming metrics: every number a user sees is computed here (docs/DESIGN.md section 2).
 
 Per request i with arrival a, rate r (tokens/s) and token generation times g_1..g_L:
 

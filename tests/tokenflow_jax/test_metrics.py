@@ -1,4 +1,4 @@
-"""Metrics against hand-computed cases and a brute-force transcription of DESIGN.md section 2."""
+"""Metrics against hand-computed cases and a brute-force transcription of docs/DESIGN.md section 2."""
 
 from __future__ import annotations
 

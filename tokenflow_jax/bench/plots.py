@@ -7,16 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tokenflow_jax.bench.results import SchedulerRun
 from tokenflow_jax.metrics import read_times
-
-if TYPE_CHECKING:
-    from tokenflow_jax.bench.schedulers import SchedulerRun
 
 
 def buffer_curve(token_times: Sequence[float], rate: float) -> tuple[np.ndarray, np.ndarray]:

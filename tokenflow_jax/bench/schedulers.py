@@ -32,25 +32,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenflow_jax.bench.results import SchedulerRun
 from tokenflow_jax.kv.pages import pages_for
-from tokenflow_jax.metrics import RequestRecord, summarize
+from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.interface import Executor
 from tokenflow_jax.scheduler.registry import POLICIES, make_policy
 from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, make_workload, trace
 
 DEFAULT_SCHEDULERS = "tokenflow,fcfs,sglang,andes"
 KV_FRACTION = 1 / 3  # default device pool: this share of the workload's total KV
-
-
-@dataclasses.dataclass
-class SchedulerRun:
-    """One scheduler's pass over the workload."""
-
-    name: str
-    records: list[RequestRecord]
-    summary: dict[str, Any]
-    start: float  # executor time at which the workload started (plots count from it)
-    wall_s: float
 
 
 # ---- workload and sizing
@@ -87,7 +77,7 @@ def engine_limits(args: argparse.Namespace, specs: Sequence[RequestSpec]) -> dic
 
 
 def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Executor, frozenset[int]]:
-    """(executor, EOS token ids). `kv_pages` counts usable device pages (the engine's pool adds the null page)."""
+    """(executor, EOS token ids); every page count is usable pages (each pool adds its null page)."""
     pools = dict(page_size=limits["page_size"], max_num_seqs=limits["max_num_seqs"],
                  max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
     if args.executor == "sim":
@@ -96,11 +86,11 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
         except ImportError as e:
             raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
         ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"], num_host_pages=limits["host_kv_pages"],
-                         **pools)  # fmt: skip (the simulator adds the null page itself)
+                         **pools)  # fmt: skip
         return ex, frozenset()
     from tokenflow_jax.engine.llm import LLM
 
-    llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"] + 1, host_kv_pages=limits["host_kv_pages"],
+    llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"], host_kv_pages=limits["host_kv_pages"],
               seed=args.seed, warmup=True, progress=args.progress, **pools)  # fmt: skip
     return llm.executor, frozenset(llm.tokenizer.eos_token_ids)
 

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from tokenflow_jax.engine.core import TokenEvent
+from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.llm import LLM
 from tokenflow_jax.metrics import RequestRecord, rebuffer_seconds
 from tokenflow_jax.request import Request
@@ -324,18 +325,7 @@ class AsyncEngine:
         if live is None:
             return
         live.completion_tokens += 1
-        detok = live.detokenizer
-        finished, reason = event.finished, event.finish_reason
-        if reason == "stop" and event.token_id in self.core.eos_token_ids:
-            text = detok.flush()  # EOS has no text of its own
-        else:
-            text = detok.push(event.token_id)
-            if detok.stopped:
-                if not finished:
-                    self.core.finish(event.request_id, "stop")
-                finished, reason = True, "stop"
-            elif finished:
-                text += detok.flush()
+        text, finished, reason = token_text(self.core, event, live.detokenizer)
         outbox.append((event.request_id, StreamDelta(
             event.request_id, event.token_id, text, finished, reason if finished else None,
             live.prompt_tokens, live.completion_tokens,
@@ -358,8 +348,7 @@ class AsyncEngine:
                 self.core.finish(request_id, "abort")
             except Exception:
                 logger.exception("could not release %s", request_id)
-                self.core.requests.pop(request_id, None)
-                self.core.draining.pop(request_id, None)
+                self.core.forget(request_id)
             outbox.append((request_id, error))
             self._retire(request_id, records)
 
@@ -367,7 +356,7 @@ class AsyncEngine:
         """Fold a finished request into the running totals; the core's record is dropped (a server runs
         forever)."""
         self._live.pop(request_id, None)
-        record = self.core.records.pop(request_id, None)
+        record = self.core.pop_record(request_id)
         if record is None:
             return
         self._finished_count += 1
@@ -378,7 +367,7 @@ class AsyncEngine:
         records.append(record)
 
     def _publish(self, outbox: _Outbox, records: list[RequestRecord]) -> None:
-        del self.core.scheduler_times_s[:-_SCHEDULER_TIMES_KEPT]
+        self.core.trim_scheduler_times(_SCHEDULER_TIMES_KEPT)
         self._stats = self._snapshot()
         if not (outbox or records) or self._loop is None:
             return
@@ -388,24 +377,18 @@ class AsyncEngine:
             pass
 
     def _snapshot(self) -> EngineStats:
-        core, blocks = self.core, self.executor.blocks
-        counts = {"running": 0, "waiting": 0, "paused": 0}
-        swap, recompute = self._finished_preemptions_swap, self._finished_preemptions_recompute
-        for request in core.requests.values():
-            status = request.status.value
-            if status in counts:
-                counts[status] += 1
-            swap += request.preemptions_swap
-            recompute += request.preemptions_recompute
-        live_rebuffer = sum(buffer.rebuffer_s for _, buffer in core.tracker.items())
+        live = self.core.stats()
+        device_used, device_total, host_used, host_total = self.executor.page_usage()
         return EngineStats(
-            **counts,
-            device_pages_used=blocks.device.num_used,
-            host_pages_used=blocks.host.num_used if blocks.host else 0,
-            device_pages_total=blocks.device.capacity,
-            host_pages_total=blocks.host.capacity if blocks.host else 0,
-            preemptions_swap=swap,
-            preemptions_recompute=recompute,
-            rebuffer_s=self._finished_rebuffer_s + live_rebuffer,
+            running=live.running,
+            waiting=live.waiting,
+            paused=live.paused,
+            device_pages_used=device_used,
+            host_pages_used=host_used,
+            device_pages_total=device_total,
+            host_pages_total=host_total,
+            preemptions_swap=self._finished_preemptions_swap + live.preemptions_swap,
+            preemptions_recompute=self._finished_preemptions_recompute + live.preemptions_recompute,
+            rebuffer_s=self._finished_rebuffer_s + live.rebuffer_s,
             finished_requests=self._finished_count,
         )

@@ -5,6 +5,7 @@ Shared by the real engine and the simulator (they differ only in the Executor).
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import time
 from collections.abc import Iterable
@@ -28,6 +29,18 @@ class TokenEvent(NamedTuple):
     time: float
     finished: bool
     finish_reason: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreStats:
+    """The live requests at a glance: how many in each queue, their preemptions and rebuffering so far."""
+
+    running: int = 0
+    waiting: int = 0
+    paused: int = 0
+    preemptions_swap: int = 0
+    preemptions_recompute: int = 0
+    rebuffer_s: float = 0.0
 
 
 class EngineCore:
@@ -143,6 +156,30 @@ class EngineCore:
 
     def abort(self, request_id: str) -> None:
         self.finish(request_id, "abort")
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request without releasing its pages (only after `finish` itself failed)."""
+        self.requests.pop(request_id, None)
+        self.draining.pop(request_id, None)
+
+    def pop_record(self, request_id: str) -> RequestRecord | None:
+        """Hand over a finished request's record (a server keeps none: it runs for days)."""
+        return self.records.pop(request_id, None)
+
+    def stats(self) -> CoreStats:
+        counts = {"running": 0, "waiting": 0, "paused": 0}
+        swap = recompute = 0
+        for req in self.requests.values():
+            status = req.status.value
+            if status in counts:
+                counts[status] += 1
+            swap += req.preemptions_swap
+            recompute += req.preemptions_recompute
+        rebuffer = sum(buffer.rebuffer_s for _, buffer in self.tracker.items())
+        return CoreStats(**counts, preemptions_swap=swap, preemptions_recompute=recompute, rebuffer_s=rebuffer)
+
+    def trim_scheduler_times(self, keep: int) -> None:
+        del self.scheduler_times_s[:-keep]
 
     # ---- one iteration
     def _apply_preemption_mode(self, plan: StepPlan) -> None:

@@ -13,6 +13,7 @@ from tokenflow_jax.engine.paged_executor import PagedExecutor, SamplingRow
 from tokenflow_jax.engine.runner import ModelRunner
 from tokenflow_jax.kv.block_manager import PageCopy
 from tokenflow_jax.kv.host_tier import HostKVTier
+from tokenflow_jax.kv.pages import pool_pages
 from tokenflow_jax.model import Params
 from tokenflow_jax.request import PENDING_TOKEN
 
@@ -37,7 +38,7 @@ class EngineExecutor(PagedExecutor):
         pipelined: bool = True,
     ) -> None:
         self.runner = ModelRunner(
-            cfg, params, num_pages=num_device_pages, page_size=page_size, max_num_seqs=max_num_seqs,
+            cfg, params, num_pages=pool_pages(num_device_pages), page_size=page_size, max_num_seqs=max_num_seqs,
             max_batch_tokens=max_batch_tokens, max_model_len=max_model_len, kv_dtype=kv_dtype,
             attention_impl=attention_impl,
         )  # fmt: skip
@@ -46,7 +47,7 @@ class EngineExecutor(PagedExecutor):
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
             write_through=write_through, max_transfer_pages=self.runner.buckets.transfer_pages[-1],
         )  # fmt: skip
-        self.host = HostKVTier(cfg, max(num_host_pages, 2), page_size, kv_dtype) if num_host_pages else None
+        self.host = HostKVTier(cfg, pool_pages(num_host_pages), page_size, kv_dtype) if num_host_pages else None
         self.pipelined = pipelined
 
     def now(self) -> float:

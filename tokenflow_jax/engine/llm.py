@@ -10,13 +10,16 @@ from typing import Any
 
 import jax
 
-from tokenflow_jax.engine.core import EngineCore, TokenEvent
+from checkpoints import load_model
+from tokenflow_jax.engine.core import EngineCore
+from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.scheduler.registry import make_policy
+from tokenflow_jax.tokenizer import IncrementalDetokenizer
 
 DEFAULT_RATE = 20.0  # tokens/s a reader consumes when a request does not say
 
@@ -47,7 +50,8 @@ def default_attention() -> str:
 class LLM:
     """Offline and streaming generation over one model.
 
-    `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output].
+    `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output]. `kv_pages` and
+    `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences, and twice that).
     """
 
     def __init__(
@@ -70,8 +74,6 @@ class LLM:
         warmup: bool = True,
         progress: bool = False,
     ) -> None:
-        from checkpoints import load_model
-
         if default_rate <= 0:
             raise ValueError(f"default_rate must be positive, got {default_rate}")
         enable_compilation_cache()
@@ -83,7 +85,7 @@ class LLM:
         max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 2048)
         pages_per_seq = pages_for(max_model_len, page_size)
         if kv_pages is None:
-            kv_pages = max_num_seqs * pages_per_seq + 1
+            kv_pages = max_num_seqs * pages_per_seq
         if host_kv_pages is None:
             host_kv_pages = 2 * kv_pages
         self.executor = EngineExecutor(
@@ -145,8 +147,6 @@ class LLM:
         *,
         rates: Sequence[float] | None = None,
     ) -> list[Output]:
-        from tokenflow_jax.tokenizer import IncrementalDetokenizer
-
         if isinstance(prompts, str):
             prompts = [prompts]
         samplings = sampling if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
@@ -162,18 +162,8 @@ class LLM:
             self.core.add_request(r)
         while any(self.core.is_live(r.request_id) for r in reqs):
             for ev in self.core.step():
-                self._on_token(ev, detoks[ev.request_id], texts[ev.request_id])
+                texts[ev.request_id].append(token_text(self.core, ev, detoks[ev.request_id])[0])
         return [self._output(r, "".join(texts[r.request_id])) for r in reqs]
-
-    def _on_token(self, ev: TokenEvent, detok: Any, text: list[str]) -> None:
-        if ev.finish_reason == "stop" and ev.token_id in self.core.eos_token_ids:
-            text.append(detok.flush())
-            return
-        text.append(detok.push(ev.token_id))
-        if detok.stopped and not ev.finished:
-            self.core.finish(ev.request_id, "stop")
-        elif ev.finished:
-            text.append(detok.flush())
 
     def _output(self, req: Request, text: str) -> Output:
         record = self.core.records.get(req.request_id)

@@ -151,6 +151,11 @@ class PagedExecutor:
     def free_host_pages(self) -> int:
         return self.blocks.host.num_free if self.blocks.host else 0
 
+    def page_usage(self) -> tuple[int, int, int, int]:
+        """(device used, device usable, host used, host usable) pages."""
+        device, host = self.blocks.device, self.blocks.host
+        return device.num_used, device.capacity, (host.num_used if host else 0), (host.capacity if host else 0)
+
     def estimates(self) -> CostEstimates:
         step = self._decode_step.value
         return CostEstimates(

@@ -25,10 +25,11 @@ class PageCopy:
 
 class KVBlockManager:
     def __init__(self, num_device_pages: int, num_host_pages: int, page_size: int) -> None:
+        """Usable pages per tier (each pool adds its null page)."""
         self.page_size = page_size
         self.device = PageAllocator(num_device_pages, tier="device")
         # A host tier of 0 pages disables write-through and swap (recompute only).
-        self.host = PageAllocator(max(num_host_pages, 2), tier="host") if num_host_pages else None
+        self.host = PageAllocator(num_host_pages, tier="host") if num_host_pages else None
 
     # ---- device tier
     def grow_device(self, req: Request, num_tokens: int) -> None:

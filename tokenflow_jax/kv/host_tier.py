@@ -1,7 +1,7 @@
 """The host KV tier: a page pool in host memory and a background thread that copies device pages into it.
 
 Copies run on their own thread because on a GPU a device->host copy issued from the compute thread queues
-behind the next step, while one issued from another thread overlaps it (../shared/DESIGN.md section 4).
+behind the next step, while one issued from another thread overlaps it (docs/DESIGN.md section 4).
 """
 
 from __future__ import annotations

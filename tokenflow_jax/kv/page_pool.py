@@ -1,6 +1,8 @@
-"""Page allocator with reference counts. Page 0 is the null page and is never handed out."""
+"""Page allocator with reference counts. Page 0 is the null page (`kv.pages`) and is never handed out."""
 
 from __future__ import annotations
+
+from tokenflow_jax.kv.pages import NULL_PAGE, pool_pages
 
 
 class OutOfPages(RuntimeError):
@@ -8,13 +10,13 @@ class OutOfPages(RuntimeError):
 
 
 class PageAllocator:
-    """Free list plus reference counts over pages 1..num_pages-1 (page 0 is reserved)."""
+    """Free list plus reference counts over `usable_pages` pages, ids 1..usable_pages (0 is the null page)."""
 
-    def __init__(self, num_pages: int, *, tier: str = "device") -> None:
-        if num_pages < 2:
-            raise ValueError(f"{tier} pool needs at least 2 pages (page 0 is the null page), got {num_pages}")
+    def __init__(self, usable_pages: int, *, tier: str = "device") -> None:
+        if usable_pages < 1:
+            raise ValueError(f"{tier} pool needs at least 1 usable page (besides the null page), got {usable_pages}")
         self.tier = tier
-        self.num_pages = num_pages
+        self.num_pages = num_pages = pool_pages(usable_pages)
         self._refcount = [0] * num_pages
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
 
@@ -46,7 +48,7 @@ class PageAllocator:
 
     def free(self, pages: list[int]) -> None:
         for p in pages:
-            if p == 0 or self._refcount[p] <= 0:
+            if p == NULL_PAGE or self._refcount[p] <= 0:
                 raise ValueError(f"{self.tier}: double free or null page {p}")
             self._refcount[p] -= 1
             if self._refcount[p] == 0:

@@ -43,9 +43,8 @@ class SimExecutor(PagedExecutor):
         self.profile = load_profile(profile)
         device = self.profile.device_pages(page_size) if num_device_pages is None else num_device_pages
         host = self.profile.host_pages(page_size) if num_host_pages is None else num_host_pages
-        # +1: the allocator keeps page 0 as the null page.
         super().__init__(
-            num_device_pages=device + 1, num_host_pages=host + 1 if host else 0, page_size=page_size,
+            num_device_pages=device, num_host_pages=host, page_size=page_size,
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
             write_through=write_through,
         )  # fmt: skip

@@ -4,7 +4,7 @@ A step costs  a + b * batch_tokens + c * context_tokens + p * prefill_tokens + q
 (context_tokens: KV length summed over the batch's sequences; a prefill chunk of n tokens after `start`
 contributes n * (start + n / 2) attention pairs). A transfer of n pages costs latency + n * page_bytes / bandwidth.
 
-Built-in profiles are fitted to ../shared/REFERENCE.md (one H100, naive XLA decode and cuDNN prefill of
+Built-in profiles are fitted to docs/REFERENCE.md (one H100, naive XLA decode and cuDNN prefill of
 Llama-3-8B) and scaled: memory-bound terms (a: weights, c: KV) by bytes / HBM bandwidth, compute terms
 (b, p, q) by FLOPs / matmul throughput. Names are `GPU-MODEL`, optionally with `-roofline`: the REFERENCE
 HBM floor (weights + KV read once) instead of the naive XLA decode, i.e. what a tuned engine approaches.
@@ -29,7 +29,7 @@ from tokenflow_jax.config import PRESETS, ModelConfig
 
 GIB = 1 << 30
 
-# REFERENCE.md, one H100, Llama-3-8B, in-place naive XLA decode: (batch, context, seconds).
+# docs/REFERENCE.md, one H100, Llama-3-8B, in-place naive XLA decode: (batch, context, seconds).
 H100_NAIVE_DECODE = [(1, 1024, 0.0157), (64, 1024, 0.0249), (256, 1024, 0.0531), (16, 2048, 0.0199),
                      (64, 2048, 0.0336), (32, 4096, 0.0331), (128, 512, 0.0254)]  # fmt: skip
 # HBM floor, weights + KV read once at ~3.35 TB/s.
@@ -156,7 +156,7 @@ def profile_from_engine_measurements(
 
 
 def builtin_profile(name: str) -> SimProfile:
-    """`h100-llama3-8b`, `h200-qwen2.5-32b`, `rtx4090-llama3-8b-roofline`, ...: REFERENCE.md fits, scaled."""
+    """`h100-llama3-8b`, `h200-qwen2.5-32b`, `rtx4090-llama3-8b-roofline`, ...: docs/REFERENCE.md fits, scaled."""
     base = name.removesuffix("-roofline")
     gpu, _, model = base.partition("-")
     if gpu not in HARDWARE or model not in MODELS:

@@ -1,4 +1,4 @@
-"""The paper's setups (issue list and REFERENCE.md) and their report, on the simulator."""
+"""The paper's setups (docs/REFERENCE.md) and their report, on the simulator."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 PAGE_SIZE = 4  # small pages: many page boundaries in short sequences
 ENGINE_KW = dict(
     scheduler="fcfs", page_size=PAGE_SIZE, max_num_seqs=4, max_batch_tokens=32, max_model_len=64,
-    kv_pages=48, host_kv_pages=96, warmup=False,
+    kv_pages=47, host_kv_pages=95, warmup=False,
 )  # fmt: skip
 MAX_TOKENS = 12
 

@@ -8,7 +8,7 @@ from tokenflow_jax.kv.page_pool import OutOfPages, PageAllocator
 
 
 def test_allocate_never_hands_out_the_null_page_and_runs_out_cleanly() -> None:
-    pool = PageAllocator(5)
+    pool = PageAllocator(4)
     pages = pool.allocate(4)
     assert sorted(pages) == [1, 2, 3, 4] and pool.num_free == 0 and pool.num_used == 4
     with pytest.raises(OutOfPages):
@@ -17,7 +17,7 @@ def test_allocate_never_hands_out_the_null_page_and_runs_out_cleanly() -> None:
 
 
 def test_a_retained_page_is_freed_only_by_its_last_owner() -> None:
-    pool = PageAllocator(4)
+    pool = PageAllocator(3)
     (page,) = pool.allocate(1)
     pool.retain([page])
     assert pool.refcount(page) == 2
@@ -32,5 +32,5 @@ def test_a_retained_page_is_freed_only_by_its_last_owner() -> None:
 
 
 def test_pool_needs_room_beyond_the_null_page() -> None:
-    with pytest.raises(ValueError, match="at least 2 pages"):
-        PageAllocator(1)
+    with pytest.raises(ValueError, match="at least 1 usable page"):
+        PageAllocator(0)

@@ -25,7 +25,7 @@ class VirtualClockExecutor(PagedExecutor):
     """The shared page bookkeeping on a virtual clock: every model step takes STEP_S and samples token 7."""
 
     def __init__(self) -> None:
-        super().__init__(num_device_pages=64, num_host_pages=0, page_size=16, max_num_seqs=8,
+        super().__init__(num_device_pages=63, num_host_pages=0, page_size=16, max_num_seqs=8,
                          max_batch_tokens=128, max_model_len=1024)  # fmt: skip
         self.clock = 0.0
 
@@ -107,7 +107,7 @@ def test_replay_on_the_real_engine() -> None:
     from tokenflow_jax import LLM
 
     # The same engine shapes as the baseline tests: their compilations are reused from the persistent cache.
-    llm = LLM("tiny", scheduler="fcfs", max_num_seqs=4, max_batch_tokens=32, max_model_len=128, kv_pages=9,
+    llm = LLM("tiny", scheduler="fcfs", max_num_seqs=4, max_batch_tokens=32, max_model_len=128, kv_pages=8,
               warmup=False)  # fmt: skip
     specs = [spec("a", 0.0, output_len=8), spec("b", 0.0, output_len=6), spec("c", 0.3, output_len=4)]
     t0 = llm.executor.now()
