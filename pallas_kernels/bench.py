@@ -30,6 +30,7 @@ from pallas_kernels.reference import (
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
 )
+from tokenflow_jax.kv.pages import pages_for
 
 # The XLA prefill reference gathers KV once per query token: skip it where that would not fit in memory.
 REFERENCE_PREFILL_MAX_BYTES = 8 << 30
@@ -71,7 +72,7 @@ def random_pool(
     rng: np.random.Generator, batch: int, context: int, shape: Shape
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """K/V pools holding `batch` sequences of `context` tokens on shuffled pages (page 0 is the null page)."""
-    pages_per_seq = -(-context // shape.page_size)
+    pages_per_seq = pages_for(context, shape.page_size)
     num_pages = 1 + batch * pages_per_seq
     pool_shape = (shape.num_kv_heads, num_pages, shape.page_size, shape.head_dim)
     k_pages = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), pool_shape, shape.dtype)

@@ -156,7 +156,7 @@ class LLM:
             self.make_request(p, s, rate=None if rates is None else rates[i])
             for i, (p, s) in enumerate(zip(prompts, samplings, strict=True))
         ]
-        detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r.sampling.stop) for r in reqs}
+        detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r.sampling.stop, r.prompt_ids) for r in reqs}
         texts = {r.request_id: [] for r in reqs}
         for r in reqs:
             self.core.add_request(r)
