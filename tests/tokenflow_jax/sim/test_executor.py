@@ -127,3 +127,49 @@ def test_replay_under_memory_pressure_leaks_no_pages_and_keeps_time_monotonic(po
     assert ex.free_device_pages() == ex.num_device_pages and ex.free_host_pages() == ex.num_host_pages
     if policy == "tokenflow":
         assert sum(r.preemptions_swap + r.preemptions_recompute for r in records) > 0
+
+
+def test_every_pool_counts_usable_pages_and_the_null_page_is_never_handed_out():
+    ex = SimExecutor("h100-llama3-8b", num_device_pages=5, num_host_pages=3)
+    assert (ex.num_device_pages, ex.num_host_pages) == (5, 3)
+    assert ex.free_device_pages() == 5 and ex.page_usage() == (0, 5, 0, 3)
+    reqs = {"a": _request("a", prompt=80)}  # 80 tokens: exactly the 5 usable pages of 16
+    ex.execute(StepPlan(schedule={"a": 80}), reqs)
+    assert sorted(reqs["a"].device_pages.tolist()) == [1, 2, 3, 4, 5] and ex.free_device_pages() == 0
+
+
+def test_a_swap_the_host_tier_cannot_hold_falls_back_to_recompute_and_is_reported():
+    ex = SimExecutor("h100-llama3-8b", num_device_pages=64, num_host_pages=2, write_through=False)
+    core = EngineCore(ex, make_policy("fcfs"))
+    small, big = _request("small", prompt=16), _request("big", prompt=100)  # 1 page and 7 pages
+    for req in (small, big):
+        core.add_request(req)
+    core.step()  # both prefill and sample their first token
+    result = ex.execute(StepPlan(swap_out=["small", "big"]), core.requests)
+    assert result.swap_fallbacks == ["big"]  # 7 pages do not fit 2 host pages; 1 does
+    assert big.num_computed == 0 and not big.host_pages and len(small.host_pages) >= 1
+    assert ex.free_device_pages() == 64
+
+    # Through the core, the fallback is counted as a recompute and the request waits to recompute.
+    ex2 = SimExecutor("h100-llama3-8b", num_device_pages=64, num_host_pages=2, write_through=False)
+    core2 = EngineCore(ex2, _SwapOutOnce("big"))
+    core2.add_request(big2 := _request("big", prompt=100))
+    core2.step()
+    core2.step()
+    assert big2.status.value == "waiting" and (big2.preemptions_swap, big2.preemptions_recompute) == (0, 1)
+
+
+class _SwapOutOnce:
+    """fcfs, except that its second plan pauses one request by swap."""
+
+    name = "swap-out-once"
+    uses_write_through = False
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id, self.plans, self.fcfs = request_id, 0, make_policy("fcfs")
+
+    def plan(self, state):
+        self.plans += 1
+        if self.plans == 2:
+            return StepPlan(swap_out=[self.request_id])
+        return self.fcfs.plan(state)
