@@ -1,6 +1,6 @@
 """The policy's vectorized decision against the same decision written plainly, one request at a time.
 
-`TokenFlowPolicy.rebalance` works on numpy arrays for speed (BENCHMARKS.md: 0.1-0.5 ms at 256 requests);
+`decision.decide` works on numpy arrays for speed (BENCHMARKS.md: 0.1-0.5 ms at 256 requests);
 `reference_decision` below is the DESIGN.md section 3 heuristic as straightforward Python over Request objects
 and their virtual buffers. On random scheduler states both must pick the same running set, in the same order,
 and the same requests to preempt.
@@ -17,6 +17,7 @@ from tests.tokenflow_jax.scheduler.tokenflow.test_policy import World
 from tokenflow_jax.reader import TAU1_FRACTION, TAU2_FRACTION
 from tokenflow_jax.request import RequestStatus
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
+from tokenflow_jax.scheduler.tokenflow.timing import resume_lead_s
 
 
 def weight(buffer_tokens: int, output_len: int) -> float:
@@ -28,10 +29,10 @@ def weight(buffer_tokens: int, output_len: int) -> float:
 
 def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], list[str]]:
     """(desired running set, most urgent first; running requests to preempt), given the working set W,
-    overload flag and spare rate the policy computed for this state."""
-    cfg, ex = policy.config, state.executor
+    overload flag and spare rate of the policy's decision for this state."""
+    cfg, ex, decision = policy.config, state.executor, policy.decision
     running, paused = RequestStatus.RUNNING, RequestStatus.PAUSED
-    lead, spare = policy.resume_lead_s(est), policy._spare_rate
+    lead, spare = resume_lead_s(cfg, est), decision.spare_rate
     contenders, newcomers = [], []
     for req in (*state.running, *state.paused, *state.waiting):
         buf = state.tracker[req.request_id]
@@ -47,7 +48,7 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
         else:
             sort_buffer = dry
             if not req.output_ids:
-                if policy.overloaded or req.rate > spare:
+                if decision.overloaded or req.rate > spare:
                     newcomers.append(c)
                     continue
                 spare -= req.rate
@@ -60,15 +61,18 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
 
     def locked(c, mu=None):  # b_j < mu r_j (t_evict + t_load + t_schedule), the cheaper of swap and recompute
         req = c["req"]
-        if policy.should_swap(req, est, ex.page_size, host_free):
-            round_trip = policy.swap_cost_s(req, est, ex.page_size)
-        else:
-            round_trip = policy.recompute_cost_s(req, est)
-        t_schedule = est.pending_transfer_s + policy.resume_lead_s(est)
+        total = -(-req.num_computed // ex.page_size)
+        swap = (est.pending_transfer_s + (total - req.num_host_synced // ex.page_size) * est.swap_out_per_page_s
+                + total * est.swap_in_per_page_s)  # fmt: skip
+        recompute = req.num_computed * est.prefill_per_token_s
+        can_swap = req.num_computed > 0 and total - len(req.host_pages) <= host_free and swap <= recompute
+        round_trip = swap if can_swap else recompute
+        t_schedule = est.pending_transfer_s + lead
         mu = cfg.mu if mu is None else mu
         return req.status is running and c["buffer"] < mu * req.rate * (round_trip + t_schedule)
 
-    limit, capacity, budget = policy._slot_limit(state), ex.num_device_pages, cfg.io_fraction * cfg.reschedule_interval
+    limit = min(ex.max_num_seqs, max(math.ceil(decision.working_set), len(state.running)))
+    capacity, budget = ex.num_device_pages, cfg.io_fraction * cfg.reschedule_interval
     chosen, used, count = [False] * len(contenders), 0, 0
     for i, c in enumerate(contenders):  # most urgent first, while slots, pages and the I/O budget allow
         if count >= limit or used + c["pages"] > capacity or c["load"] > budget:
@@ -156,5 +160,5 @@ def test_vectorized_decision_equals_the_plain_reference(specs, max_num_seqs, dev
         w.estimates(decode_capacity_tok_s=capacity)
     state, est = w.state(), w.ex.estimates()
     policy = TokenFlowPolicy(**config)
-    victims = [r.request_id for r in policy.rebalance(state, est)]
-    assert (policy._desired, victims) == reference_decision(policy, state, est)
+    decision = policy.rebalance(state, est)
+    assert (list(decision.running), list(decision.victims)) == reference_decision(policy, state, est)

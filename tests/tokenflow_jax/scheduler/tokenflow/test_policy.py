@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenflow_jax.reader import token_weights
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
 from tokenflow_jax.scheduler.interface import SchedulerState
 from tokenflow_jax.scheduler.registry import make_policy
-from tokenflow_jax.scheduler.tokenflow import Snapshot, TokenFlowConfig, TokenFlowPolicy, token_value
+from tokenflow_jax.scheduler.tokenflow import Snapshot, TokenFlowConfig, TokenFlowPolicy
+from tokenflow_jax.scheduler.tokenflow.decision import projected_peak_pages
 from tokenflow_jax.sim.executor import SimExecutor
 from tokenflow_jax.tracker import MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RequestTracker
 
@@ -29,8 +32,18 @@ class World:
         self.tracker = RequestTracker()
         self.requests: list[Request] = []
 
-    def add(self, rid: str, status: RequestStatus, *, rate: float = 20.0, buffer_s: float = 0.0,
-            generated: int | None = None, prompt: int = 32, arrival: float = 0.0, max_tokens: int = 512) -> Request:
+    def add(
+        self,
+        rid: str,
+        status: RequestStatus,
+        *,
+        rate: float = 20.0,
+        buffer_s: float = 0.0,
+        generated: int | None = None,
+        prompt: int = 32,
+        arrival: float = 0.0,
+        max_tokens: int = 512,
+    ) -> Request:
         req = Request(rid, [1] * prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), rate=rate,
                       arrival=arrival)  # fmt: skip
         req.status = status
@@ -82,10 +95,8 @@ def test_config_defaults_and_validation():
         TokenFlowConfig(reschedule_interval=0)
 
 
-def test_token_value_follows_the_metric_weights():
-    assert token_value(10, 1000) == 1.0
-    assert token_value(150, 1000) == pytest.approx(0.5)
-    assert token_value(250, 1000) == 0.0
+def test_token_weights_ramp_between_tau1_and_tau2():
+    assert token_weights(np.array([10.0, 150.0, 250.0]), 1000).tolist() == pytest.approx([1.0, 0.5, 0.0])
 
 
 def test_without_stress_it_is_fcfs():
@@ -118,8 +129,7 @@ def test_balancing_pauses_the_largest_buffer_for_a_newcomer():
     assert set(plan.schedule) == {"small", "new"}
 
 
-@pytest.mark.parametrize("fit_peak", [True, False])
-def test_working_set_covers_everyone_when_the_projected_peak_fits(fit_peak):
+def test_working_set_covers_everyone_when_the_projected_peak_fits():
     # Full length (32 + 512 tokens = 34 pages each), 4 requests need 136 of 100 pages, so floor(M / beta) = 2;
     # but 12, 112 and 412 tokens are left to the running ones: the footprint peaks at ~78 pages (all four run on).
     w = World(max_num_seqs=4, device_pages=100)
@@ -127,12 +137,10 @@ def test_working_set_covers_everyone_when_the_projected_peak_fits(fit_peak):
     w.add("b", RequestStatus.RUNNING, generated=400, buffer_s=8.0, arrival=-30.0)
     w.add("c", RequestStatus.RUNNING, generated=100, buffer_s=4.0, arrival=-30.0)
     w.add("new", RequestStatus.WAITING, arrival=5.0)
-    policy = TokenFlowPolicy(fit_projected_peak=fit_peak)
+    policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
-    if fit_peak:  # room for everyone: nobody is paused
-        assert policy.working_set > 3 and not preempted(plan) and set(plan.schedule) == {"a", "b", "c", "new"}
-    else:  # W = 0.8 * 2 + 0.2 * 3: the newcomer takes the largest buffer's slot
-        assert policy.working_set < 3 and plan.swap_out == ["a"] and "new" in plan.schedule
+    # Room for everyone (not W = 0.8 * 2 + 0.2 * 3, which would pause the largest buffer for the newcomer).
+    assert policy.decision.working_set > 3 and not preempted(plan) and set(plan.schedule) == {"a", "b", "c", "new"}
 
 
 @settings(max_examples=200, deadline=None)
@@ -144,8 +152,9 @@ def test_projected_peak_pages_bounds_a_token_by_token_replay(sizes, page_size):
     block = np.zeros((6, len(sizes)))
     block[PROMPT_LEN], block[MAX_TOKENS], block[NUM_GENERATED] = zip(*sizes, strict=True)
     context = block[PROMPT_LEN] + block[NUM_GENERATED]
-    snap = Snapshot([], [], 0, 0, block, np.zeros(len(sizes)), context, np.zeros(len(sizes)), page_size)
-    peak = TokenFlowPolicy.projected_peak_pages(snap)
+    snap = Snapshot([], [], 0, 0, block, np.zeros(len(sizes)), context, np.zeros(len(sizes)), now=NOW,
+                    page_size=page_size, num_device_pages=0, max_num_seqs=0, host_free=0)  # fmt: skip
+    peak = projected_peak_pages(snap)
     replay = max(sum(-(-(p + g + t) // page_size) for p, m, g in sizes if g + t < m) for t in range(301))
     assert replay <= peak <= replay + 2 * len(sizes)
 
@@ -160,7 +169,7 @@ def test_balancing_order_lowest_buffer_first_then_rate():
     w.ex.max_num_seqs = 3
     plan = policy.plan(w.state())
     # Newcomers (buffer 0) first, the faster reader ahead; then the lowest running buffer (r3).
-    assert policy._desired[:3] == ["fast", "slow", "r3"]
+    assert policy.decision.running[:3] == ("fast", "slow", "r3")
     assert preempted(plan) == {"r1", "r2"}
 
 
@@ -172,9 +181,9 @@ def test_local_search_trades_one_large_request_for_two_small_ones_within_the_slo
     for rid, prompt, rate in [("a", 400, 30.0), ("b", 100, 25.0), ("c", 16, 20.0), ("d", 16, 15.0)]:
         w.add(rid, RequestStatus.WAITING, prompt=prompt, rate=rate, max_tokens=1)
     policy = TokenFlowPolicy()
-    assert policy.rebalance(w.state(), w.ex.estimates()) == []
-    assert policy._slot_limit(w.state()) == max_num_seqs  # W (2.4 here) does not bind
-    assert policy._desired == desired
+    decision = policy.rebalance(w.state(), w.ex.estimates())
+    assert decision.victims == () and math.ceil(decision.working_set) >= max_num_seqs  # W (2.4 here) does not bind
+    assert list(decision.running) == desired
 
 
 def test_paused_stream_due_back_displaces_the_largest_buffer():
@@ -207,17 +216,17 @@ def test_schedulability_fallback_when_rates_exceed_capacity():
     w.estimates(decode_capacity_tok_s=50.0)
     policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
-    assert policy.overloaded and not policy.hopeless
+    assert policy.decision.overloaded and not policy.decision.hopeless
     assert not preempted(plan) and "new" not in plan.schedule
     # Hysteresis: back under capacity (62 > 60) but not under 0.9 of it keeps the fallback.
     w.estimates(decode_capacity_tok_s=62.0)
-    policy._last_decision = -1e9
+    policy.clock.last_decision = -1e9
     policy.plan(w.state())
-    assert policy.overloaded
+    assert policy.decision.overloaded
     w.estimates(decode_capacity_tok_s=100.0)
-    policy._last_decision = -1e9
+    policy.clock.last_decision = -1e9
     plan = policy.plan(w.state())
-    assert not policy.overloaded and plan.swap_out == ["b"] and "new" in plan.schedule
+    assert not policy.decision.overloaded and plan.swap_out == ["b"] and "new" in plan.schedule
 
 
 def test_schedulability_projects_capacity_to_the_context_outputs_will_reach():
@@ -230,11 +239,11 @@ def test_schedulability_projects_capacity_to_the_context_outputs_will_reach():
     w.estimates(decode_step_s=0.025, decode_step_model=(0.025, 0.0, 0.0002))
     policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
-    assert policy.overloaded and not preempted(plan) and "new" not in plan.schedule
+    assert policy.decision.overloaded and not preempted(plan) and "new" not in plan.schedule
     w.estimates(decode_step_s=0.025, decode_step_model=(0.025, 0.0, 0.0))  # contexts would not slow it down
-    policy._last_decision = -1e9
+    policy.clock.last_decision = -1e9
     policy.plan(w.state())
-    assert not policy.overloaded
+    assert not policy.decision.overloaded
 
 
 def test_fallback_still_admits_into_free_room():
@@ -249,7 +258,7 @@ def test_fallback_still_admits_into_free_room():
     w.estimates(decode_capacity_tok_s=100.0)  # flat 4 / 100 = 40 ms step
     policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
-    assert policy.overloaded and not policy.hopeless
+    assert policy.decision.overloaded and not policy.decision.hopeless
     assert "new" in plan.schedule and "p1" in plan.swap_in and not preempted(plan)
     assert "p2" not in plan.schedule
 
@@ -304,7 +313,7 @@ def test_hopeless_overload_plans_exactly_as_fcfs():
     w.estimates(decode_step_s=0.06, decode_step_model=(0.06, 0.0, 0.0))
     policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
-    assert policy.hopeless
+    assert policy.decision.hopeless
     assert plan == make_policy("fcfs").plan(w.state())
     assert not preempted(plan) and plan.schedule == {"a": 1, "b": 1}
 

@@ -1,0 +1,36 @@
+"""`TokenFlowConfig`: the policy's hyperparameters (docs/DESIGN.md section 3.14)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFlowConfig:
+    """Hyperparameters, with the defaults the paper found to work."""
+
+    reschedule_interval: float = 0.5  # s between rebalances under stress (shorter was marginally better)
+    mu: float = 1.5  # buffer conservativeness >= 1: high behaves like fcfs, low is agile but risks stutter
+    gamma: float = 1.0  # weight of buffer urgency phi(b) in U = v t - gamma phi(b); 0 balances by value alone
+    adaptation_rate: float = 0.2  # lambda: pull of the working set W toward the current running count
+    critical_buffer_s: float = 0.5  # a streaming request with less buffer than this signals stress
+    resume_margin_s: float = 0.25  # resume a paused stream this long (plus its load time) before it runs dry
+    local_search_iters: int = 4  # adjacent swaps tried after the greedy fill
+    stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
+    io_fraction: float = 0.5  # swap-ins a decision plans: at most this share of an interval in load time
+    capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
+
+    def __post_init__(self) -> None:
+        if not self.reschedule_interval > 0:
+            raise ValueError(f"reschedule_interval must be > 0 s, got {self.reschedule_interval!r}")
+        if not self.mu >= 1.0:
+            raise ValueError(f"mu (buffer conservativeness) must be >= 1, got {self.mu!r}")
+        if not 0.0 <= self.adaptation_rate <= 1.0:
+            raise ValueError(f"adaptation_rate (lambda) must be in [0, 1], got {self.adaptation_rate!r}")
+        if not 0.0 < self.capacity_hysteresis <= 1.0:
+            raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
+        nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
+                       "io_fraction")  # fmt: skip
+        for name in nonnegative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

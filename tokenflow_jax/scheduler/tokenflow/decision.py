@@ -1,0 +1,202 @@
+"""The decision (docs/DESIGN.md sections 3.3-3.7 and 3.10-3.13): a pure function from a snapshot of the live
+requests to a `Decision` value, who runs, who pauses and when to decide next. The policy checks stress and
+timing (`timing`) and carries the decision out a step at a time (`policy`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+
+import numpy as np
+
+from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.reader import TAU1_FRACTION
+from tokenflow_jax.scheduler.interface import CostEstimates
+from tokenflow_jax.scheduler.tokenflow.balancing import Gate, greedy_fill, local_search, rank
+from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
+from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
+from tokenflow_jax.scheduler.tokenflow.timing import resume_lead_s
+from tokenflow_jax.tracker import MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Who runs, who pauses, when to decide next, and the figures they came from."""
+
+    running: tuple[str, ...]  # the desired running set, most urgent first (newcomers let into free room last)
+    victims: tuple[str, ...]  # running requests left out, most urgent first: paused once an entrant needs room
+    give_way_at: float  # when a kept stream could give way to a waiting newcomer: decide again then (inf: no)
+    working_set: float  # W
+    overloaded: bool  # demand > Gamma: newcomers only take free room (with hysteresis)
+    hopeless: bool  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
+    spare_rate: float  # Gamma minus the working set's demand, tok/s
+
+
+def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_overloaded: bool) -> Decision:
+    """Choose the desired running set (most urgent first) and the running requests it leaves out.
+
+    Running requests sort as if their buffer were `stickiness_s` smaller, so that near-equal buffers do not
+    trade places every decision, and swap-ins are capped at `io_fraction` of an interval of load time
+    (streams about to run dry come back regardless). `was_overloaded` is the last decision's overload flag,
+    for hysteresis."""
+    cfg, lead_s = config, resume_lead_s(config, est)
+    # Working set: how many may run.
+    working_set = adapt_working_set(snap, cfg.adaptation_rate)
+    # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.
+    overloaded, hopeless, spare_rate = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
+    newcomers = held_newcomers(snap, overloaded, spare_rate)
+    # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
+    ranking, gate = rank(snap, est, cfg, lead_s, newcomers), Gate(est, cfg.mu, lead_s)
+    order, rids = ranking.order, snap.rids
+    chosen, used = greedy_fill(snap, ranking, slot_limit(snap, working_set), newcomers.size > 0,
+                               cfg.io_fraction * cfg.reschedule_interval, gate)  # fmt: skip
+    victims: tuple[str, ...] = ()
+    give_way_at = math.inf
+    if chosen is None:  # every contender fits: nobody to pause
+        running = list(map(rids.__getitem__, order.tolist()))
+        count = order.size
+    else:
+        used = local_search(snap, ranking, chosen, used, cfg.local_search_iters, gate)
+        running = list(map(rids.__getitem__, order[chosen].tolist()))
+        left_out = order[~chosen]
+        victims = tuple(map(rids.__getitem__, left_out[left_out < snap.num_running].tolist()))
+        # A newcomer waits (and the plan is not fcfs's, which admits by memory alone).
+        if not hopeless and left_out.size and left_out.max() >= snap.holding_kv:
+            give_way_at = snap.now + give_way_in_s(snap, ranking, chosen, est, cfg)
+        if newcomers.size:  # they get what is left after the room left-out paused streams will need back
+            left_out_paused = left_out[left_out >= snap.num_running]
+            left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
+            used += int(snap.pages.take(left_out_paused).sum())
+            count = int(chosen.sum()) + left_out_paused.size
+    # Newcomers held back by schedulability fill free room.
+    if newcomers.size:
+        running += fill_free_room(snap, newcomers, used, count)
+    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate)
+
+
+def adapt_working_set(snap: Snapshot, adaptation_rate: float) -> float:
+    """W: floor(M / beta) with beta the expected pages per live request (every live request when their projected
+    peak fits), pulled toward the running count with rate lambda."""
+    expected = int(snap.block[PROMPT_LEN : MAX_TOKENS + 1].sum()) / snap.page_size  # prompts + max_tokens
+    beta = max(1.0, expected / max(1, len(snap.reqs)))
+    static = math.floor(snap.num_device_pages / beta)
+    # Everyone at full length need not fit at once: finishes are staggered, so the footprint peaks lower.
+    if static < len(snap.reqs) and projected_peak_pages(snap) <= snap.num_device_pages:
+        static = len(snap.reqs)
+    return max(1.0, (1 - adaptation_rate) * static + adaptation_rate * snap.num_running)
+
+
+def projected_peak_pages(snap: Snapshot) -> float:
+    """Device pages the live requests would hold at their peak if all ran from now on, one token a step each: the
+    footprint grows until the first of them finishes, drops, grows again; its highest point is just before some
+    finish, where the requests still running hold their contexts plus that one's remaining tokens."""
+    remaining = snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED]
+    order = remaining.argsort(kind="stable")
+    remaining, context = remaining.take(order), snap.context.take(order)
+    alive = np.arange(len(order), 0, -1, dtype=np.float64)  # still running just before the j-th finish
+    tokens = context[::-1].cumsum()[::-1]
+    tokens += alive * remaining
+    return float((tokens / snap.page_size + alive).max()) if len(order) else 0.0  # + a partial page each
+
+
+def schedulability(
+    snap: Snapshot, est: CostEstimates, hysteresis: float, was_overloaded: bool
+) -> tuple[bool, bool, float]:
+    """(overloaded, hopeless, spare rate): the working set's rates against Gamma at its projected context;
+    hopeless when even its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
+    size = snap.holding_kv or len(snap.reqs)
+    hopeless, seqs, step_s = False, 0, 0.0
+    sums = snap.block[:, :size].sum(axis=1)
+    if size:
+        mean_context = float(sums[PROMPT_LEN] + (sums[NUM_GENERATED] + sums[MAX_TOKENS]) / 2) / size
+        seqs, step_s = projected_step(snap, est, size, mean_context)
+        hopeless = float(snap.block[RATE, :size].min()) * step_s >= 1.0
+    if not snap.num_running:
+        return False, hopeless, math.inf
+    demand, capacity = float(sums[RATE]), seqs / max(step_s, 1e-9)  # the working set's demand, Gamma
+    overloaded = True if demand > capacity else False if demand < hysteresis * capacity else was_overloaded
+    return overloaded, hopeless, capacity - demand
+
+
+def projected_step(snap: Snapshot, est: CostEstimates, num_requests: int, mean_context: float) -> tuple[int, float]:
+    """(sequences, seconds) of the decode step a working set will run: at the context it will hold on average
+    over the rest of its generation (`mean_context`: prompt + half-way between now and max_tokens), not at the
+    short contexts right after a burst (the step grows as outputs do), with as many of it in the batch as
+    sequence slots and device memory allow at that context."""
+    fits = max(1, int(snap.num_device_pages // pages_for(math.ceil(mean_context), snap.page_size)))
+    seqs = min(num_requests, snap.max_num_seqs, fits)
+    return seqs, est.decode_step_at(seqs, int(mean_context * seqs))
+
+
+def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.ndarray:
+    """Newcomers (no token yet) that may not displace anyone: all while overloaded; else, in arrival order, those
+    whose rate the spare capacity Gamma - demand no longer covers (snapshot indices)."""
+    first_waiting = snap.holding_kv
+    newcomers = (snap.block[NUM_GENERATED, first_waiting:] == 0).nonzero()[0]
+    newcomers += first_waiting
+    if not newcomers.size or overloaded:
+        return newcomers
+    rates = snap.block[RATE].take(newcomers)
+    total = float(rates.sum())
+    if spare_rate == math.inf or total + 1e-9 * (abs(spare_rate) + total) < spare_rate:  # all covered (with
+        return newcomers[:0]  # room for the rounding of subtracting one at a time)
+    slowest = float(rates.min())
+    if slowest > spare_rate:  # none covered
+        return newcomers
+    # The leading run the spare rate surely covers (cumulative rates clear of it by more than rounding) is
+    # admitted at once; its one-at-a-time subtraction is replayed exactly in C; the rest go one by one.
+    covered = int((rates.cumsum() < spare_rate - 1e-9 * (abs(spare_rate) + total)).argmin())
+    spare_rate = functools.reduce(operator.sub, rates[:covered].tolist(), spare_rate)
+    held: list[int] = []  # positions in `newcomers`
+    for k, rate in enumerate(rates[covered:].tolist(), covered):
+        if spare_rate < slowest:  # no one left fits: the rest are all held
+            return np.concatenate((newcomers.take(held), newcomers[k:])) if held else newcomers[k:]
+        if rate > spare_rate:
+            held.append(k)
+        else:
+            spare_rate -= rate
+    return newcomers.take(held)
+
+
+def slot_limit(snap: Snapshot, working_set: float) -> int:
+    """Sequence slots the fill may take: W bounds growth by preemptive admission; it never pauses what runs."""
+    return min(snap.max_num_seqs, max(math.ceil(working_set), snap.num_running))
+
+
+def give_way_in_s(
+    snap: Snapshot, ranking: Ranking, chosen: np.ndarray, est: CostEstimates, cfg: TokenFlowConfig
+) -> float:
+    """Seconds until the first stream the fill kept (running or entering) could give way to a newcomer: once
+    running, its buffer grows by a token per decode step less what its reader takes, until it is past where it
+    sorts after a newcomer (stickiness_s of buffer, or tau1 tokens: a lower value) and past its admission gate
+    (mu x the round trip; the gate's bound where the fill did not need the exact one). Streams already past both
+    are kept for other reasons and not counted, so a decision that cannot admit does not call the next one at
+    once."""
+    positions = chosen.nonzero()[0]
+    rows = ranking.order.take(positions)
+    rate, dry_in = snap.block[RATE].take(rows), snap.dry_in.take(rows)
+    sorts_after = snap.block[MAX_TOKENS].take(rows)
+    sorts_after *= TAU1_FRACTION
+    sorts_after /= rate
+    np.minimum(sorts_after, cfg.stickiness_s, out=sorts_after)
+    gate_s = np.fmin(ranking.gate_s.take(positions), ranking.gate_bound_s.take(positions))  # NaN: not computed
+    short_s = np.maximum(sorts_after, cfg.mu * gate_s, out=gate_s)
+    short_s -= dry_in
+    gain = 1.0 / (rate * max(est.decode_step_s, 1e-9))  # buffer seconds a second of running adds
+    gain -= 1.0  # less the second its reader reads
+    growing = (short_s > 0) & (gain > 0)
+    if not growing.any():
+        return math.inf
+    return max(float((short_s[growing] / gain[growing]).min()), est.decode_step_s)
+
+
+def fill_free_room(snap: Snapshot, newcomers: np.ndarray, used: int, count: int) -> list[str]:
+    """Newcomers held back by schedulability take whatever room is left, in arrival order (fcfs: as memory allows
+    now, beyond W), after the `used` pages and `count` slots the working set holds or will need back."""
+    new_pages = snap.pages.take(newcomers)
+    fits = used + new_pages.cumsum() <= snap.num_device_pages
+    fits[max(0, snap.max_num_seqs - count) :] = False
+    admitted = len(newcomers) if fits.all() else int(fits.argmin())
+    return list(map(snap.rids.__getitem__, newcomers[:admitted].tolist()))
