@@ -155,9 +155,7 @@ def bench_prefill(tokens: int, shape: Shape, *, on_gpu: bool, **timing: int) -> 
             )
     row: dict[str, Any] = {"kernel": "prefill", "size": tokens, "batch": 1}
     row["ours_ms"], row["ours_config"] = best_of(ours_configs, **timing)
-    row["dense_ms"] = time_ms(
-        functools.partial(jax.jit(dense_prefill), q, k_pages, v_pages, block_tables), **timing
-    )
+    row["dense_ms"] = time_ms(functools.partial(jax.jit(dense_prefill), q, k_pages, v_pages, block_tables), **timing)
     gathered_bytes = 2 * tokens * tokens * shape.num_kv_heads * shape.head_dim * 4
     row["xla_ms"] = (
         time_ms(functools.partial(jax.jit(paged_prefill_attention_reference), *args), **timing)
@@ -198,9 +196,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny shapes in interpret mode (CPU)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -225,14 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "timing": timing,
         "rows": rows,
     }
-    print(
-        f"device: {result['device']}  jax {jax.__version__}  interpret={not on_gpu}  shape={result['shape']}"
-    )
+    print(f"device: {result['device']}  jax {jax.__version__}  interpret={not on_gpu}  shape={result['shape']}")
     print_table(rows)
     if not on_gpu:
-        print(
-            "note: JAX's paged_attention (Triton) skipped on CPU; interpret-mode times say nothing about GPUs"
-        )
+        print("note: JAX's paged_attention (Triton) skipped on CPU; interpret-mode times say nothing about GPUs")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

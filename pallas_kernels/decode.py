@@ -124,9 +124,7 @@ def _decode_kernel(
     o_ref[...] = collapse_rows(normalize(acc, l_i), group).astype(o_ref.dtype)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sm_scale", "interpret", "pages_per_block", "num_warps", "num_stages")
-)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "pages_per_block", "num_warps", "num_stages"))
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,

@@ -125,9 +125,7 @@ def _prefill_kernel(
     out = normalize(acc, l_i).reshape(block_q, group, head_dim).astype(o_ref.dtype)
     row = load_start + jnp.arange(block_q, dtype=jnp.int32)
     owned = (row >= row_start) & (row < row_end)
-    plgpu.store(
-        o_ref.at[pl.ds(load_start, block_q)], out, mask=jnp.broadcast_to(owned[:, None, None], out.shape)
-    )
+    plgpu.store(o_ref.at[pl.ds(load_start, block_q)], out, mask=jnp.broadcast_to(owned[:, None, None], out.shape))
 
 
 @functools.partial(

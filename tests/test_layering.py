@@ -16,24 +16,75 @@ PACKAGES = ("tokenflow_jax", "serving", "checkpoints", "pallas_kernels")
 # Top to bottom: a module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("server", ("serving",)),
-    ("entry points", ("tokenflow_jax.bench", "tokenflow_jax.paper_setups", "tokenflow_jax.engine_bench",
-                      "tokenflow_jax.generate", "tokenflow_jax.__init__", "pallas_kernels.bench")),
-    ("engine front", ("tokenflow_jax.engine.llm", "tokenflow_jax.engine.async_engine",
-                      "tokenflow_jax.engine.detokenize", "tokenflow_jax.sim.replay", "tokenflow_jax.sim.__init__",
-                      "checkpoints")),
+    (
+        "entry points",
+        (
+            "tokenflow_jax.bench",
+            "tokenflow_jax.paper_setups",
+            "tokenflow_jax.engine_bench",
+            "tokenflow_jax.generate",
+            "tokenflow_jax.__init__",
+            "pallas_kernels.bench",
+        ),
+    ),
+    (
+        "engine front",
+        (
+            "tokenflow_jax.engine.llm",
+            "tokenflow_jax.engine.async_engine",
+            "tokenflow_jax.engine.detokenize",
+            "tokenflow_jax.sim.replay",
+            "tokenflow_jax.sim.__init__",
+            "checkpoints",
+        ),
+    ),
     ("engine core", ("tokenflow_jax.engine.core", "tokenflow_jax.engine.__init__")),
-    ("policies and executors", ("tokenflow_jax.scheduler", "tokenflow_jax.engine.paged_executor",
-                                "tokenflow_jax.engine.executor", "tokenflow_jax.sim.executor",
-                                "tokenflow_jax.sim.profiles")),
-    ("plan contract, buffers, metrics", ("tokenflow_jax.scheduler.interface", "tokenflow_jax.tracker",
-                                         "tokenflow_jax.metrics")),
-    ("device", ("tokenflow_jax.engine.runner", "tokenflow_jax.engine.buckets", "tokenflow_jax.model",
-                "tokenflow_jax.sampling", "tokenflow_jax.batching", "tokenflow_jax.kv.host_tier",
-                "tokenflow_jax.tokenizer")),
-    ("kv bookkeeping", ("tokenflow_jax.kv.block_manager", "tokenflow_jax.kv.page_pool", "tokenflow_jax.kv.__init__",
-                        "tokenflow_jax.request")),
-    ("base", ("tokenflow_jax.kv.pages", "tokenflow_jax.config", "tokenflow_jax.reader",
-              "tokenflow_jax.sampling_params", "tokenflow_jax.workloads", "pallas_kernels")),
+    (
+        "policies and executors",
+        (
+            "tokenflow_jax.scheduler",
+            "tokenflow_jax.engine.paged_executor",
+            "tokenflow_jax.engine.executor",
+            "tokenflow_jax.sim.executor",
+            "tokenflow_jax.sim.profiles",
+        ),
+    ),
+    (
+        "plan contract, buffers, metrics",
+        ("tokenflow_jax.scheduler.interface", "tokenflow_jax.tracker", "tokenflow_jax.metrics"),
+    ),
+    (
+        "device",
+        (
+            "tokenflow_jax.engine.runner",
+            "tokenflow_jax.engine.buckets",
+            "tokenflow_jax.model",
+            "tokenflow_jax.sampling",
+            "tokenflow_jax.batching",
+            "tokenflow_jax.kv.host_tier",
+            "tokenflow_jax.tokenizer",
+        ),
+    ),
+    (
+        "kv bookkeeping",
+        (
+            "tokenflow_jax.kv.block_manager",
+            "tokenflow_jax.kv.page_pool",
+            "tokenflow_jax.kv.__init__",
+            "tokenflow_jax.request",
+        ),
+    ),
+    (
+        "base",
+        (
+            "tokenflow_jax.kv.pages",
+            "tokenflow_jax.config",
+            "tokenflow_jax.reader",
+            "tokenflow_jax.sampling_params",
+            "tokenflow_jax.workloads",
+            "pallas_kernels",
+        ),
+    ),
 ]
 # Peers in one layer that must not know each other: policies decide, executors carry plans out.
 FORBIDDEN = [
@@ -138,7 +189,7 @@ def test_no_import_cycles(graph) -> None:
         stack.append(module)
         for target in sorted(edges.get(module, ())):
             if state.get(target) == 1:
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         stack.pop()

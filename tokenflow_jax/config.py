@@ -52,13 +52,15 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         archs = hf.get("architectures") or []
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            hf.get("model_type", ""), str(hf.get("model_type"))
+        arch = (
+            archs[0]
+            if archs
+            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+                hf.get("model_type", ""), str(hf.get("model_type"))
+            )
         )
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         # transformers 5 writes the scaling (and rope_theta) as `rope_parameters` instead of `rope_scaling`.

@@ -78,8 +78,10 @@ def validate_stream(token_times: Sequence[float], rate: float, arrival: float | 
         raise ValueError("token_times must be finite")
     if times.size > 1 and np.any(np.diff(times) < 0):
         bad = int(np.argmax(np.diff(times) < 0)) + 1
-        raise ValueError(f"token_times must be non-decreasing; token {bad + 1} at {times[bad]} "
-                         f"precedes token {bad} at {times[bad - 1]}")
+        raise ValueError(
+            f"token_times must be non-decreasing; token {bad + 1} at {times[bad]} "
+            f"precedes token {bad} at {times[bad - 1]}"
+        )
     if arrival is not None:
         if not math.isfinite(arrival):
             raise ValueError(f"arrival must be finite, got {arrival!r}")
@@ -185,8 +187,9 @@ def _qoe(arrival: float, rate: float, reads: np.ndarray, ttft_expected: float) -
     return float(min(1.0, max(0.0, digested / expected)))
 
 
-def andes_qoe(arrival: float, rate: float, token_times: Sequence[float],
-              ttft_expected: float = DEFAULT_TTFT_EXPECTED_S) -> float:
+def andes_qoe(
+    arrival: float, rate: float, token_times: Sequence[float], ttft_expected: float = DEFAULT_TTFT_EXPECTED_S
+) -> float:
     """Andes QoE in [0, 1]: digested area over expected area on [arrival, last read time]."""
     times = validate_stream(token_times, rate, arrival)
     if times.size == 0:

@@ -66,7 +66,7 @@ class Request:
         if stop <= p:
             return self.prompt_ids[start:stop]
         if start >= p:
-            return self.output_ids[start - p: stop - p]
+            return self.output_ids[start - p : stop - p]
         return self.prompt_ids[start:] + self.output_ids[: stop - p]
 
     @property

@@ -165,7 +165,7 @@ class RequestTracker:
         new = old + max(64, old)
         data = array("d", bytes(8 * 6 * new))
         for field in range(6):  # a new array rather than in-place growth: a live numpy view forbids resizing
-            data[field * new: field * new + old] = self._data[field * old: (field + 1) * old]
+            data[field * new : field * new + old] = self._data[field * old : (field + 1) * old]
         self._data, self._capacity = data, new
         self._block = np.frombuffer(data, dtype=np.float64).reshape(6, new)
         self._free_rows += range(new - 1, old - 1, -1)  # lowest row first

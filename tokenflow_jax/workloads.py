@@ -122,8 +122,10 @@ class RateMix:
         for entry in entries:
             parts = entry.split(":")
             if len(parts) != 2:
-                raise ValueError(f"malformed rate entry {entry!r} in spec {spec!r}: expected RATE:WEIGHT, "
-                                 "e.g. '15:0.4,20:0.6', or a single rate like '20'")
+                raise ValueError(
+                    f"malformed rate entry {entry!r} in spec {spec!r}: expected RATE:WEIGHT, "
+                    "e.g. '15:0.4,20:0.6', or a single rate like '20'"
+                )
             rates.append(_parse_number(parts[0], "rate", spec))
             weights.append(_parse_number(parts[1], "weight", spec))
         try:
@@ -157,13 +159,20 @@ def paper_lengths(setup: str, scale: float = 1.0) -> tuple[LengthDist, LengthDis
     return prompt.scaled(scale), output.scaled(scale)
 
 
-def scale_lengths(specs: Iterable[RequestSpec], *, prompt_scale: float = 1.0,
-                  output_scale: float = 1.0) -> list[RequestSpec]:
+def scale_lengths(
+    specs: Iterable[RequestSpec], *, prompt_scale: float = 1.0, output_scale: float = 1.0
+) -> list[RequestSpec]:
     """Specs with lengths scaled and rounded (at least 1 token), arrivals and rates unchanged."""
     if not (prompt_scale > 0 and output_scale > 0):
         raise ValueError(f"length scales must be > 0, got {prompt_scale!r}, {output_scale!r}")
-    return [replace(s, prompt_len=max(1, round(s.prompt_len * prompt_scale)),
-                    output_len=max(1, round(s.output_len * output_scale))) for s in specs]
+    return [
+        replace(
+            s,
+            prompt_len=max(1, round(s.prompt_len * prompt_scale)),
+            output_len=max(1, round(s.output_len * output_scale)),
+        )
+        for s in specs
+    ]
 
 
 def _as_lengths(value: LengthLike) -> LengthDist:
@@ -181,28 +190,44 @@ def _check_count(n: int) -> None:
         raise ValueError(f"number of requests must be >= 0, got {n}")
 
 
-def _assemble(arrivals: np.ndarray, rng: np.random.Generator, prompt: LengthLike,
-              output: LengthLike, rates: RateLike) -> list[RequestSpec]:
+def _assemble(
+    arrivals: np.ndarray, rng: np.random.Generator, prompt: LengthLike, output: LengthLike, rates: RateLike
+) -> list[RequestSpec]:
     n = arrivals.size
     # Draw order is fixed (arrivals, prompts, outputs, rates) so a seed always gives the same workload.
     prompt_lens = _as_lengths(prompt).sample(rng, n)
     output_lens = _as_lengths(output).sample(rng, n)
     request_rates = _as_rates(rates).sample(rng, n)
-    return [RequestSpec(f"req-{i}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]),
-                        float(request_rates[i])) for i in range(n)]
+    return [
+        RequestSpec(f"req-{i}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]), float(request_rates[i]))
+        for i in range(n)
+    ]
 
 
-def burst(n: int, *, prompt: LengthLike = DEFAULT_PROMPT, output: LengthLike = DEFAULT_OUTPUT,
-          rates: RateLike = DEFAULT_RATES, seed: int = 0) -> list[RequestSpec]:
+def burst(
+    n: int,
+    *,
+    prompt: LengthLike = DEFAULT_PROMPT,
+    output: LengthLike = DEFAULT_OUTPUT,
+    rates: RateLike = DEFAULT_RATES,
+    seed: int = 0,
+) -> list[RequestSpec]:
     """n requests all arriving at t = 0."""
     _check_count(n)
     rng = np.random.default_rng(seed)
     return _assemble(np.zeros(n), rng, prompt, output, rates)
 
 
-def gamma(n: int, request_rate: float, burstiness: float = 1.0, *, prompt: LengthLike = DEFAULT_PROMPT,
-          output: LengthLike = DEFAULT_OUTPUT, rates: RateLike = DEFAULT_RATES,
-          seed: int = 0) -> list[RequestSpec]:
+def gamma(
+    n: int,
+    request_rate: float,
+    burstiness: float = 1.0,
+    *,
+    prompt: LengthLike = DEFAULT_PROMPT,
+    output: LengthLike = DEFAULT_OUTPUT,
+    rates: RateLike = DEFAULT_RATES,
+    seed: int = 0,
+) -> list[RequestSpec]:
     """Gamma arrivals like vLLM's `--burstiness`: inter-arrivals ~ Gamma(k, 1/(rate k)), first at t = 0.
 
     burstiness k = 1 is Poisson; k < 1 is burstier (CV^2 = 1/k); request_rate = inf is a burst.
@@ -221,15 +246,20 @@ def gamma(n: int, request_rate: float, burstiness: float = 1.0, *, prompt: Lengt
     return _assemble(arrivals, rng, prompt, output, rates)
 
 
-def poisson(n: int, request_rate: float, *, prompt: LengthLike = DEFAULT_PROMPT,
-            output: LengthLike = DEFAULT_OUTPUT, rates: RateLike = DEFAULT_RATES,
-            seed: int = 0) -> list[RequestSpec]:
+def poisson(
+    n: int,
+    request_rate: float,
+    *,
+    prompt: LengthLike = DEFAULT_PROMPT,
+    output: LengthLike = DEFAULT_OUTPUT,
+    rates: RateLike = DEFAULT_RATES,
+    seed: int = 0,
+) -> list[RequestSpec]:
     """Poisson arrivals at `request_rate` requests/s (exponential inter-arrivals), first at t = 0."""
     return gamma(n, request_rate, 1.0, prompt=prompt, output=output, rates=rates, seed=seed)
 
 
-_TIMESTAMP = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$")
+_TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$")
 
 
 def parse_timestamp(text: str) -> tuple[int, float]:
@@ -261,9 +291,18 @@ def parse_timestamp(text: str) -> tuple[int, float]:
 TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
-def trace(path: str | Path, *, time_scale: float = 1.0, max_requests: int | None = None, start: int = 0,
-          length_scale: float = 1.0, rates: RateLike = DEFAULT_RATES, seed: int = 0,
-          max_prompt_len: int | None = None, max_output_len: int | None = None) -> list[RequestSpec]:
+def trace(
+    path: str | Path,
+    *,
+    time_scale: float = 1.0,
+    max_requests: int | None = None,
+    start: int = 0,
+    length_scale: float = 1.0,
+    rates: RateLike = DEFAULT_RATES,
+    seed: int = 0,
+    max_prompt_len: int | None = None,
+    max_output_len: int | None = None,
+) -> list[RequestSpec]:
     """Replay an Azure LLM trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens).
 
     Rows are sorted by time; `start` rows are skipped and at most `max_requests` kept. Arrivals are
@@ -284,13 +323,18 @@ def trace(path: str | Path, *, time_scale: float = 1.0, max_requests: int | None
     if not rows:
         return []
     first_whole, first_fraction = rows[0][1]
-    arrivals = np.array([((whole - first_whole) + (fraction - first_fraction)) / time_scale
-                         for _, (whole, fraction), _, _ in rows])
+    arrivals = np.array(
+        [((whole - first_whole) + (fraction - first_fraction)) / time_scale for _, (whole, fraction), _, _ in rows]
+    )
     prompt_lens = _scaled_lengths([row[2] for row in rows], length_scale, max_prompt_len)
     output_lens = _scaled_lengths([row[3] for row in rows], length_scale, max_output_len)
     request_rates = _as_rates(rates).sample(np.random.default_rng(seed), len(rows))
-    return [RequestSpec(f"trace-{row[0]}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]),
-                        float(request_rates[i])) for i, row in enumerate(rows)]
+    return [
+        RequestSpec(
+            f"trace-{row[0]}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]), float(request_rates[i])
+        )
+        for i, row in enumerate(rows)
+    ]
 
 
 def _scaled_lengths(lengths: Sequence[int], scale: float, max_len: int | None) -> np.ndarray:
@@ -321,10 +365,20 @@ def _read_trace_rows(path: Path) -> list[tuple[int, tuple[int, float], int, int]
     return rows
 
 
-def make_workload(kind: str, n: int | None = None, *, request_rate: float = 1.0, burstiness: float = 1.0,
-                  prompt: LengthLike = DEFAULT_PROMPT, output: LengthLike = DEFAULT_OUTPUT,
-                  rates: RateLike = DEFAULT_RATES, seed: int = 0, time_scale: float = 1.0, start: int = 0,
-                  length_scale: float = 1.0) -> list[RequestSpec]:
+def make_workload(
+    kind: str,
+    n: int | None = None,
+    *,
+    request_rate: float = 1.0,
+    burstiness: float = 1.0,
+    prompt: LengthLike = DEFAULT_PROMPT,
+    output: LengthLike = DEFAULT_OUTPUT,
+    rates: RateLike = DEFAULT_RATES,
+    seed: int = 0,
+    time_scale: float = 1.0,
+    start: int = 0,
+    length_scale: float = 1.0,
+) -> list[RequestSpec]:
     """Dispatch on kind "burst", "poisson", "gamma" or "trace:PATH" (n caps the trace's requests).
 
     `length_scale` multiplies prompt and output lengths for every kind.
@@ -333,14 +387,19 @@ def make_workload(kind: str, n: int | None = None, *, request_rate: float = 1.0,
         path = kind.removeprefix("trace:")
         if not path:
             raise ValueError("trace workload needs a path: 'trace:PATH'")
-        return trace(path, time_scale=time_scale, max_requests=n, start=start, length_scale=length_scale,
-                     rates=rates, seed=seed)
+        return trace(
+            path, time_scale=time_scale, max_requests=n, start=start, length_scale=length_scale, rates=rates, seed=seed
+        )
     if kind not in ("burst", "poisson", "gamma"):
         raise ValueError(f"unknown workload kind {kind!r}; expected burst, poisson, gamma or trace:PATH")
     if n is None:
         raise ValueError(f"workload {kind!r} needs a number of requests n")
-    common = {"prompt": _as_lengths(prompt).scaled(length_scale),
-              "output": _as_lengths(output).scaled(length_scale), "rates": rates, "seed": seed}
+    common = {
+        "prompt": _as_lengths(prompt).scaled(length_scale),
+        "output": _as_lengths(output).scaled(length_scale),
+        "rates": rates,
+        "seed": seed,
+    }
     if kind == "burst":
         return burst(n, **common)
     if kind == "poisson":

@@ -134,6 +134,4 @@ def test_decode_lowers_to_triton_at_llama_shape() -> None:
     spec = jax.ShapeDtypeStruct
     q = spec((64, 32, 128), jnp.bfloat16)
     pages = spec((8, 4096, 16, 128), jnp.bfloat16)
-    assert lowers_to_triton(
-        paged_decode_attention, q, pages, pages, spec((64,), jnp.int32), spec((64, 128), jnp.int32)
-    )
+    assert lowers_to_triton(paged_decode_attention, q, pages, pages, spec((64,), jnp.int32), spec((64, 128), jnp.int32))

@@ -62,9 +62,7 @@ def test_prefill_matches_reference(case: PrefillCase) -> None:
         rng, kv_lens, case.num_kv_heads, case.head_dim, case.page_size, max_pages, case.dtype
     )
     num_real = sum(case.q_lens)
-    q = jnp.asarray(
-        rng.standard_normal((num_real + case.padding, case.num_q_heads, case.head_dim)), case.dtype
-    )
+    q = jnp.asarray(rng.standard_normal((num_real + case.padding, case.num_q_heads, case.head_dim)), case.dtype)
     cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(case.q_lens)]), jnp.int32)
     kv_lens_arr = jnp.asarray(kv_lens, jnp.int32)
 

@@ -67,7 +67,6 @@ def test_request_tracker():
         tracker.on_token("a", 2.0)
 
 
-
 def test_tracker_columns_follow_the_buffers_through_growth_and_row_reuse():
     tracker, sizes = RequestTracker(), {}
     rng = np.random.default_rng(0)

@@ -80,15 +80,18 @@ def test_rate_mix_proportions():
     assert {s.rate for s in workloads.burst(20, rates=30)} == {30.0}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("15:0.4,20:0.5", "sum to 1"),
-    ("15:0.4,20", "RATE:WEIGHT"),
-    ("x", "not a number"),
-    ("-5", "> 0"),
-    ("15:0.5:1", "RATE:WEIGHT"),
-    ("0:1", "> 0"),
-    ("15:-0.5,20:1.5", ">= 0"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("15:0.4,20:0.5", "sum to 1"),
+        ("15:0.4,20", "RATE:WEIGHT"),
+        ("x", "not a number"),
+        ("-5", "> 0"),
+        ("15:0.5:1", "RATE:WEIGHT"),
+        ("0:1", "> 0"),
+        ("15:-0.5,20:1.5", ">= 0"),
+    ],
+)
 def test_malformed_rate_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         RateMix.parse(spec)
@@ -185,8 +188,11 @@ def test_make_workload_dispatch(tmp_path):
     assert {(s.prompt_len, s.output_len) for s in scaled} == {(64, 128)}
     replay = workloads.make_workload(f"trace:{AZURE_TRACE}", 10, time_scale=2.0)
     assert len(replay) == 10 and replay[0].arrival == 0.0
-    for kind, n, message in [("zipf", 5, "unknown workload"), ("burst", None, "number of requests"),
-                             ("trace:", 5, "needs a path")]:
+    for kind, n, message in [
+        ("zipf", 5, "unknown workload"),
+        ("burst", None, "number of requests"),
+        ("trace:", 5, "needs a path"),
+    ]:
         with pytest.raises(ValueError, match=message):
             workloads.make_workload(kind, n)
     with pytest.raises(ValueError, match="request_rate"):

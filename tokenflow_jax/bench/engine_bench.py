@@ -42,8 +42,10 @@ def decode_step_time(ex: EngineExecutor, batch: int, context: int, repeats: int,
     pages_per_seq = pages_for(context, s)
     pages = ex.blocks.device.allocate(batch * pages_per_seq)
     host = ex.blocks.host.allocate(batch * pages_per_seq) if write_through else []
-    chunks = [SequenceChunk([1], context - 1, page_ids(pages[i * pages_per_seq : (i + 1) * pages_per_seq]))
-              for i in range(batch)]  # as the executor passes them
+    chunks = [
+        SequenceChunk([1], context - 1, page_ids(pages[i * pages_per_seq : (i + 1) * pages_per_seq]))
+        for i in range(batch)
+    ]  # as the executor passes them
     rows = [(0.0, 0, 1.0, 0, 0)] * batch
     cursor = [0]
 
@@ -194,8 +196,10 @@ def write_sim_profile(ex: EngineExecutor, cfg: Any, args: argparse.Namespace, re
 
 def print_report(r: dict[str, Any]) -> None:
     print(f"{r['model']} {r['dtype']} on {r['device']} ({r['backend']}), jax {r['jax']}, attention={r['attention']}")
-    print(f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'+write-through':>15} {'ratio':>6} {'tok/s':>9} "
-          f"{'of which host batch ms':>22}")
+    print(
+        f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'+write-through':>15} {'ratio':>6} {'tok/s':>9} "
+        f"{'of which host batch ms':>22}"
+    )
     for d in r["decode"]:
         print(f"{d['batch']:>6} {r['context']:>6} {d['step_ms']:>9.2f} {d['step_ms_write_through']:>15.2f} "
               f"{d['write_through_ratio']:>6.2f} {d['tokens_per_s']:>9.0f} {d['host_batch_ms']:>22.3f}")  # fmt: skip
@@ -222,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--offline-requests", type=int, default=32)
     p.add_argument("--offline-tokens", type=int, default=128)
     p.add_argument("--out")
-    p.add_argument("--profile-out", "--profile", dest="profile_out",
-                   help="also fit and write a simulator cost profile (JSON) for --sim-profile")
+    p.add_argument(
+        "--profile-out",
+        "--profile",
+        dest="profile_out",
+        help="also fit and write a simulator cost profile (JSON) for --sim-profile",
+    )
     args = p.parse_args(argv)
     result = run(args)
     print_report(result)

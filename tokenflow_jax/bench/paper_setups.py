@@ -186,8 +186,13 @@ def meets_targets(row: dict[str, Any]) -> list[str]:
     return misses
 
 
-def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages: int | None = None,
-                       staggered: bool = False, steps_between: int = 0) -> dict[str, Any]:
+def decision_benchmark(
+    num_requests: int = 256,
+    repeats: int = 500,
+    device_pages: int | None = None,
+    staggered: bool = False,
+    steps_between: int = 0,
+) -> dict[str, Any]:
     """Seconds of one full tokenflow decision (`rebalance`) with `num_requests` live requests: about half
     running mid-stream, a quarter paused, the rest waiting. `device_pages` shrinks the device pool so that the
     fill must leave requests out (a memory-bound decision: victims, locked checks). A burst leaves the running
@@ -208,7 +213,7 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages
     started = specs[: 3 * num_requests // 4]
     per_step = 3 if staggered else len(started)
     for first in range(0, len(started), per_step):
-        for spec in started[first: first + per_step]:
+        for spec in started[first : first + per_step]:
             core.add_request(spec_request(spec, executor.now()))
         if staggered:
             core.step()
@@ -217,7 +222,7 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages
     for req in core.running[::3][: num_requests // 4]:
         executor.swap_out(req)
         req.status = type(req.status).PAUSED
-    for spec in specs[3 * num_requests // 4:]:
+    for spec in specs[3 * num_requests // 4 :]:
         core.add_request(spec_request(spec, executor.now()))
     state = SchedulerState(executor.now(), core.waiting, core.running, core.paused, core.tracker, executor)
     est = executor.estimates()
@@ -242,8 +247,9 @@ def decision_benchmark(num_requests: int = 256, repeats: int = 500, device_pages
             "p90_ms": 1e3 * times[int(0.9 * len(times))]}  # fmt: skip
 
 
-def decisions_in_replay(setup_name: str = "h200 llama3-8b burst 400 short", rates: str = "15:0.4,20:0.6",
-                        live: tuple[int, int] = (192, 320)) -> dict[str, Any]:
+def decisions_in_replay(
+    setup_name: str = "h200 llama3-8b burst 400 short", rates: str = "15:0.4,20:0.6", live: tuple[int, int] = (192, 320)
+) -> dict[str, Any]:
     """Seconds per tokenflow decision as they ran in a simulated replay of a paper setup (engine steps, and the
     cache misses they leave, between decisions), over the decisions that saw `live` requests (lo, hi)."""
     setup = next(s for s in paper_setups(("llama3-8b", "qwen2.5-32b")) if s.name == setup_name)
@@ -273,8 +279,10 @@ def run_sweep(plan: Sequence[tuple[PaperSetup, str]], kernels: str, jobs: int, p
     return results
 
 
-PAPER = ("Paper, TokenFlow vs SGLang (its best setups; per-setup figures are not published): effective throughput "
-         "up to 1.825x, P99 TTFT down to 0.198x, token throughput kept")
+PAPER = (
+    "Paper, TokenFlow vs SGLang (its best setups; per-setup figures are not published): effective throughput "
+    "up to 1.825x, P99 TTFT down to 0.198x, token throughput kept"
+)
 
 
 def versus(rows: Sequence[dict[str, Any]], baseline: str) -> dict[str, float] | None:
@@ -322,8 +330,12 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m tokenflow_jax.paper_setups", description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="every rate mix and Qwen2.5-32B everywhere it fits")
-    p.add_argument("--kernels", choices=("naive", "roofline"), default="naive",
-                   help="cost profile: REFERENCE.md naive XLA decode fit, or the HBM floor")
+    p.add_argument(
+        "--kernels",
+        choices=("naive", "roofline"),
+        default="naive",
+        help="cost profile: REFERENCE.md naive XLA decode fit, or the HBM floor",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--only", default="", help="keep setups whose name contains this text")
@@ -336,17 +348,22 @@ def main(argv: Sequence[str] | None = None) -> str:
         # Everyone fits the H200's pool; then a pool of 4,000 pages (~2/3 of the live KV) forces a choice; each
         # after a burst (few distinct buffers) and with staggered arrivals (all distinct); the staggered ones also
         # with 3 engine steps before each decision (caches as a serving loop leaves them).
-        text = json.dumps({"fits": decision_benchmark(), "memory_bound": decision_benchmark(device_pages=4000),
-                           "fits_staggered": decision_benchmark(staggered=True),
-                           "memory_bound_staggered": decision_benchmark(device_pages=4000, staggered=True),
-                           "fits_staggered_in_loop": decision_benchmark(staggered=True, repeats=200,
-                                                                        steps_between=3),
-                           "memory_bound_staggered_in_loop": decision_benchmark(
-                               device_pages=4000, staggered=True, repeats=200, steps_between=3),
-                           "in_replay": decisions_in_replay(),
-                           # Memory bound in a replay: Qwen2.5-32B's KV leaves the fill choosing at most decisions.
-                           "in_replay_memory_bound": decisions_in_replay("h200 qwen2.5-32b burst 400 short")},
-                          indent=2)
+        text = json.dumps(
+            {
+                "fits": decision_benchmark(),
+                "memory_bound": decision_benchmark(device_pages=4000),
+                "fits_staggered": decision_benchmark(staggered=True),
+                "memory_bound_staggered": decision_benchmark(device_pages=4000, staggered=True),
+                "fits_staggered_in_loop": decision_benchmark(staggered=True, repeats=200, steps_between=3),
+                "memory_bound_staggered_in_loop": decision_benchmark(
+                    device_pages=4000, staggered=True, repeats=200, steps_between=3
+                ),
+                "in_replay": decisions_in_replay(),
+                # Memory bound in a replay: Qwen2.5-32B's KV leaves the fill choosing at most decisions.
+                "in_replay_memory_bound": decisions_in_replay("h200 qwen2.5-32b burst 400 short"),
+            },
+            indent=2,
+        )
         print(text)
         return text
     plan = [(s, r) for s, r in default_plan(args.full) if args.only in s.name and (not args.rates or r in args.rates)]

@@ -205,15 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     rates.add_argument("--rate", type=float, default=20.0, help="tokens/s every reader consumes")
     rates.add_argument("--rate-mix", default=None, help="RATE:WEIGHT,... e.g. 15:0.4,20:0.6")
     p.add_argument("--schedulers", default=DEFAULT_SCHEDULERS, help="comma-separated policy names")
-    p.add_argument("--scheduler-config", default="{}",
-                   help='JSON {name: {option: value}}, e.g. {"andes": {"interval": 4}}')
+    p.add_argument(
+        "--scheduler-config", default="{}", help='JSON {name: {option: value}}, e.g. {"andes": {"interval": 4}}'
+    )
     p.add_argument("--executor", choices=("engine", "sim"), default="engine")
     p.add_argument("--sim-profile", default="h100-llama3-8b", help="cost profile of the simulator")
-    p.add_argument("--paper-setup", default=None,
-                   help="with --executor sim: the paper setup whose name contains this text, e.g. 'rtx4090 "
-                        "llama3-8b burst 80 long' (its workload, profile and limits replace the workload flags)")
-    p.add_argument("--sim-kernels", choices=("naive", "roofline"), default="naive",
-                   help="--paper-setup profile: this engine's naive XLA decode, or the HBM floor")
+    p.add_argument(
+        "--paper-setup",
+        default=None,
+        help="with --executor sim: the paper setup whose name contains this text, e.g. 'rtx4090 "
+        "llama3-8b burst 80 long' (its workload, profile and limits replace the workload flags)",
+    )
+    p.add_argument(
+        "--sim-kernels",
+        choices=("naive", "roofline"),
+        default="naive",
+        help="--paper-setup profile: this engine's naive XLA decode, or the HBM floor",
+    )
     p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (default: 1/3 of the workload)")
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (default: the whole workload)")
     p.add_argument("--page-size", type=int, default=16)
@@ -244,8 +252,14 @@ def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Execut
     setup = matches[0]
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
     ex = SimExecutor(setup.profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN)
-    limits = dict(kv_pages=ex.num_device_pages, host_kv_pages=ex.num_host_pages, max_model_len=ex.max_model_len,
-                  page_size=ex.page_size, max_num_seqs=ex.max_num_seqs, max_batch_tokens=ex.max_batch_tokens)
+    limits = dict(
+        kv_pages=ex.num_device_pages,
+        host_kv_pages=ex.num_host_pages,
+        max_model_len=ex.max_model_len,
+        page_size=ex.page_size,
+        max_num_seqs=ex.max_num_seqs,
+        max_batch_tokens=ex.max_batch_tokens,
+    )
     print(f"paper setup: {setup.name} (profile {setup.profile(args.sim_kernels)})")
     return specs, ex, limits
 
@@ -265,8 +279,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config = {**{k: v for k, v in vars(args).items() if k not in ("plots", "progress")}, **limits,
               "num_specs": len(specs), "total_output_tokens": sum(s.output_len for s in specs)}  # fmt: skip
-    print(f"{len(specs)} requests ({args.workload}), schedulers {', '.join(names)}, executor {args.executor}, "
-          f"{limits['kv_pages']} device / {limits['host_kv_pages']} host KV pages of {args.page_size} tokens")
+    print(
+        f"{len(specs)} requests ({args.workload}), schedulers {', '.join(names)}, executor {args.executor}, "
+        f"{limits['kv_pages']} device / {limits['host_kv_pages']} host KV pages of {args.page_size} tokens"
+    )
     t0 = time.perf_counter()
     executor, eos = (executor, frozenset()) if executor is not None else build_executor(args, limits)
     print(f"executor ready in {time.perf_counter() - t0:.1f} s")

@@ -128,8 +128,9 @@ class EngineCore:
             )
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
-        self.tracker.add(req.request_id, req.rate, req.arrival, prompt_len=len(req.prompt_ids),
-                         max_tokens=req.sampling.max_tokens)
+        self.tracker.add(
+            req.request_id, req.rate, req.arrival, prompt_len=len(req.prompt_ids), max_tokens=req.sampling.max_tokens
+        )
 
     def finish(self, request_id: str, reason: str) -> None:
         """End a request (stop string, abort, length or EOS) and free its pages on both tiers."""

@@ -203,9 +203,7 @@ class ModelRunner:
             n = self.buckets.token_bucket(num_tokens)
             if len(chunks) > self.max_num_seqs:
                 raise CompileDuringServing(f"{len(chunks)} sequences exceed max_num_seqs {self.max_num_seqs}")
-            b = build_ragged_batch(
-                chunks, self.page_size, pad_tokens=n, pad_seqs=self.max_num_seqs, pad_pages=width
-            )
+            b = build_ragged_batch(chunks, self.page_size, pad_tokens=n, pad_seqs=self.max_num_seqs, pad_pages=width)
             num_seqs = self.max_num_seqs
         feed_rows, previous_tokens = None, None
         if previous is not None:

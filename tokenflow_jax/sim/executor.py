@@ -100,8 +100,9 @@ class SimExecutor(PagedExecutor):
                 pairs += n * (c.start + n / 2)
         return self.profile.step_time(tokens, context, prefill, pairs)
 
-    def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow],
-                 request_ids: list[str] | None = None) -> Any:
+    def _compute(
+        self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str] | None = None
+    ) -> Any:
         elapsed = self.step_time(chunks)
         end = self.clock + elapsed
         if self._loads_pending:  # the loaded requests cannot run before their pages land

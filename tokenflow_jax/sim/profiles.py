@@ -88,8 +88,9 @@ class SimProfile:
     device_kv_bytes: float
     host_kv_bytes: float
 
-    def step_time(self, batch_tokens: int, context_tokens: int, prefill_tokens: int = 0,
-                  prefill_pairs: float = 0.0) -> float:
+    def step_time(
+        self, batch_tokens: int, context_tokens: int, prefill_tokens: int = 0, prefill_pairs: float = 0.0
+    ) -> float:
         return (self.step_base_s + self.step_per_token_s * batch_tokens
                 + self.step_per_context_token_s * context_tokens + self.prefill_per_token_s * prefill_tokens
                 + self.prefill_per_token_pair_s * prefill_pairs)  # fmt: skip
