@@ -10,7 +10,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.kv.pages import NULL_PAGE, pages_for
+
+assert NULL_PAGE == 0, "block tables and padding slots start as zeros"
 
 
 class SequenceChunk(NamedTuple):
@@ -53,7 +55,7 @@ def build_ragged_batch(
     pad_seqs: int | None = None,
     pad_pages: int | None = None,
 ) -> RaggedBatch:
-    """Lay out chunks back to back; padding tokens write to the null page 0 and padded sequences are empty.
+    """Lay out chunks back to back; padding tokens write to the null page and padded sequences are empty.
 
     Whole-batch numpy rather than a loop of small array writes per sequence: at 256 decoding sequences the loop
     cost milliseconds of host time every step (BENCHMARKS.md, "Host batch assembly", has the figures)."""
@@ -86,7 +88,7 @@ def build_ragged_batch(
     flat_pages = _flat_page_ids(pages, int(page_offsets[-1]))
     where = (np.arange(num_seqs) * p_pad - page_offsets[:-1]).repeat(page_counts)  # row start - first page
     where += np.arange(flat_pages.size)
-    flat_tables = np.zeros(b_pad * p_pad, np.int32)
+    flat_tables = np.zeros(b_pad * p_pad, np.int32)  # zeros: NULL_PAGE
     flat_tables[where] = flat_pages
     tables = flat_tables.reshape(b_pad, p_pad)
     # Tokens back to back; each one's position and KV slot follow from its sequence's start and block table.
@@ -99,7 +101,7 @@ def build_ragged_batch(
                                       count=num_tokens)  # fmt: skip
     positions = np.zeros(t_pad, np.int32)
     positions[:num_tokens] = pos
-    slots = np.arange(t_pad, dtype=np.int32) % page_size  # padding lands in page 0
+    slots = np.arange(t_pad, dtype=np.int32) % page_size  # padding lands in NULL_PAGE (0)
     slots[:num_tokens] = flat_tables[seq_of * p_pad + pos // page_size] * page_size + pos % page_size
     cu = np.full(b_pad + 1, num_tokens, np.int32)
     cu[:num_seqs] = offsets[:-1]

@@ -18,7 +18,7 @@ import numpy as np
 from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
-from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.kv.pages import NULL_PAGE, pages_for
 from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward, init_kv_cache
 from tokenflow_jax.sampling import sample
 
@@ -220,7 +220,7 @@ class ModelRunner:
     # ---- page transfers
     def _padded_ids(self, page_ids: Sequence[int]) -> np.ndarray:
         n = self.buckets.transfer_bucket(len(page_ids))
-        ids = np.zeros(n, np.int32)  # padding reads / writes the null page
+        ids = np.full(n, NULL_PAGE, np.int32)  # padding reads / writes the null page
         ids[: len(page_ids)] = page_ids
         return ids
 
