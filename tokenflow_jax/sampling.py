@@ -23,8 +23,26 @@ def sample(
     The key of row b is fold_in(PRNGKey(seed_b), step_b): a request samples the same tokens whatever batch it
     shares, which keeps outputs identical across preemption and resumption.
     """
-    vocab = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # An all-greedy batch (the common serving case) skips the full-vocabulary sort and the draw.
+    return jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: _draw(logits, temperature, top_k, top_p, seeds, steps, greedy),
+        lambda: greedy,
+    )
+
+
+def _draw(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seeds: jax.Array,
+    steps: jax.Array,
+    greedy: jax.Array,
+) -> jax.Array:
+    """Temperature, top-k and top-p draws for the rows that sample; greedy rows keep `greedy`."""
+    vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     # top-k: keep logits >= the k-th largest (k = 0 keeps everything).

@@ -1,4 +1,4 @@
-"""The paper's evaluation setups (REFERENCE.md, "Published figures of peers") replayed on the simulator.
+"""The paper's evaluation setups (docs/REFERENCE.md, section 2) replayed on the simulator.
 
     python -m tokenflow_jax.paper_setups [--full] [--kernels naive|roofline] [--jobs 2] [--markdown PATH]
 
@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "--kernels",
         choices=("naive", "roofline"),
         default="naive",
-        help="cost profile: REFERENCE.md naive XLA decode fit, or the HBM floor",
+        help="cost profile: docs/REFERENCE.md naive XLA decode fit, or the HBM floor",
     )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--policies", default=",".join(POLICIES))

@@ -1,7 +1,7 @@
 """The policy's vectorized decision against the same decision written plainly, one request at a time.
 
 `decision.decide` works on numpy arrays for speed (BENCHMARKS.md: 0.1-0.5 ms at 256 requests);
-`reference_decision` below is the DESIGN.md section 3 heuristic as straightforward Python over Request objects
+`reference_decision` below is the docs/DESIGN.md section 3 heuristic as straightforward Python over Request objects
 and their virtual buffers. On random scheduler states both must pick the same running set, in the same order,
 and the same requests to preempt.
 """

@@ -1,4 +1,4 @@
-"""DESIGN.md section 3's worked example, run on the simulator.
+"""docs/DESIGN.md section 3's worked example, run on the simulator.
 
 Two slots that each decode 40 tok/s. R1 (20 tok/s) and R2 (30 tok/s) arrive at t=0; R3 (25 tok/s) arrives at
 t=2 and waits; at t~3 R1's buffer covers the round trip and R1 is paused for R3; at t~5 R1's reader is about to
