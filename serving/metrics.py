@@ -52,6 +52,12 @@ class EngineCollector(Collector):
         )  # fmt: skip
         yield CounterMetricFamily("tokenflow_requests_finished", "Requests the engine finished.",
                                   value=s.finished_requests)  # fmt: skip
+        by_reason = CounterMetricFamily("tokenflow_requests_finished_by_reason",
+                                        "Finished requests by how they ended: stop, length, abort, error.",
+                                        labels=["reason"])  # fmt: skip
+        for reason in ("stop", "length", "abort", "error"):
+            by_reason.add_metric([reason], dict(s.finished_by_reason).get(reason, 0))
+        yield by_reason
 
 
 class ServingMetrics:

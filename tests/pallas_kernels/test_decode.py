@@ -20,8 +20,8 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
 def fresh_seed() -> int:
-    """New entropy every run; set PALLAS_TEST_SEED to replay a failure."""
-    return int(os.environ.get("PALLAS_TEST_SEED", np.random.SeedSequence().entropy))
+    """A fixed seed, so every run checks the same data; set PALLAS_TEST_SEED to try others."""
+    return int(os.environ.get("PALLAS_TEST_SEED", 20261204))
 
 
 def relative_error(out: jax.Array, ref: jax.Array) -> float:

@@ -179,15 +179,18 @@ def metric_values(base_url: str) -> dict[str, float]:
     return out
 
 
-def wait_for_idle_pages(base_url: str, timeout: float = 5.0) -> dict[str, float]:
-    """Poll /metrics until no request is unfinished and both KV tiers are empty."""
+def wait_for_idle_pages(base_url: str, timeout: float = 60.0) -> dict[str, float]:
+    """Poll /metrics until no request is unfinished and both KV tiers are empty; fail if that never comes (the
+    deadline is generous: it guards against a leak, it does not time anything)."""
     deadline = time.monotonic() + timeout
     while True:
         m = metric_values(base_url)
         idle = (m['tokenflow_kv_pages_used{tier="device"}'] == 0 and m['tokenflow_kv_pages_used{tier="host"}'] == 0
                 and m["tokenflow_requests_unfinished"] == 0)  # fmt: skip
-        if idle or time.monotonic() > deadline:
+        if idle:
             return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server did not go idle within {timeout} s: {m}")
         time.sleep(0.05)
 
 

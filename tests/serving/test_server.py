@@ -7,7 +7,6 @@ import asyncio
 import json
 import random
 import signal
-import time
 from typing import Any
 
 import aiohttp
@@ -187,11 +186,12 @@ def test_disconnect_mid_stream_frees_pages(server: ServerProcess) -> None:
             assert m['tokenflow_kv_pages_used{tier="device"}'] > 0
             resp.close()  # drops the connection mid-stream
 
+    aborted = 'tokenflow_requests_finished_by_reason_total{reason="abort"}'
+    before = metric_values(server.base_url)[aborted]
     asyncio.run(run())
-    t0 = time.monotonic()
-    m = wait_for_idle_pages(server.base_url)
+    m = wait_for_idle_pages(server.base_url)  # raises unless the disconnect ended the request
     assert m['tokenflow_kv_pages_used{tier="device"}'] == 0 and m['tokenflow_kv_pages_used{tier="host"}'] == 0
-    assert time.monotonic() - t0 < 1.0
+    assert m[aborted] == before + 1  # ended by the disconnect, not by running to its 190 tokens
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, rng: random.Random, i: int) -> dict[str, Any]:
@@ -245,21 +245,18 @@ def test_200_concurrent_streams_with_disconnects(server: ServerProcess) -> None:
 def test_sigterm_mid_stream_exits_cleanly(server: ServerProcess) -> None:
     """Runs last in this module: it stops the module's server."""
 
-    async def run() -> float:
+    async def run() -> None:
         body = {"prompt": "Hello", "max_tokens": 200, "stream": True, "ignore_eos": True, "pace": True,
                 "stream_rate": 20}  # fmt: skip
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{server.base_url}{COMPLETIONS}", json=body) as resp:
                 await resp.content.readuntil(b"\n\n")
-                t0 = time.monotonic()
                 server.proc.send_signal(signal.SIGTERM)
                 rest = await resp.read()  # the stream ends (aborted) instead of hanging
-        assert b"aborted" in rest
-        return t0
+        assert b"aborted" in rest  # the stream ends (10 s of paced tokens left) instead of running on
 
-    t0 = asyncio.run(run())
-    assert server.proc.wait(timeout=10) == 0
-    assert time.monotonic() - t0 < 5
+    asyncio.run(run())
+    assert server.proc.wait(timeout=60) == 0
     log = server.log()
     assert "Traceback" not in log, log[-3000:]
     assert "shutting down" in log

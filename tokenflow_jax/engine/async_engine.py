@@ -14,6 +14,7 @@ the deltas back to per-request `asyncio.Queue`s with one `loop.call_soon_threads
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -65,6 +66,7 @@ class EngineStats:
     preemptions_recompute: int = 0
     rebuffer_s: float = 0.0
     finished_requests: int = 0
+    finished_by_reason: tuple[tuple[str, int], ...] = ()  # ("stop" | "length" | "abort" | "error", count)
 
 
 class EngineStopped(RuntimeError):
@@ -165,6 +167,7 @@ class AsyncEngine:
         self._finished_preemptions_recompute = 0
         self._finished_rebuffer_s = 0.0
         self._finished_count = 0
+        self._finished_by_reason: collections.Counter[str] = collections.Counter()
         self._stats = self._snapshot()  # replaced whole by the engine thread: readers see one snapshot
 
     # ---- lifecycle
@@ -331,7 +334,7 @@ class AsyncEngine:
             live.prompt_tokens, live.completion_tokens,
         )))  # fmt: skip
         if finished:
-            self._retire(event.request_id, records)
+            self._retire(event.request_id, records, reason or "stop")
 
     def _end(self, request_id: str, reason: str, outbox: _Outbox, records: list[RequestRecord]) -> None:
         """Finish a request the engine did not end itself (abort) and close its stream."""
@@ -340,7 +343,7 @@ class AsyncEngine:
         outbox.append((request_id, StreamDelta(
             request_id, None, "", True, reason, live.prompt_tokens, live.completion_tokens,
         )))  # fmt: skip
-        self._retire(request_id, records)
+        self._retire(request_id, records, reason)
 
     def _fail_all(self, error: BaseException, outbox: _Outbox, records: list[RequestRecord]) -> None:
         for request_id in set(self._live) | set(self.core.live_ids()):
@@ -350,9 +353,9 @@ class AsyncEngine:
                 logger.exception("could not release %s", request_id)
                 self.core.forget(request_id)
             outbox.append((request_id, error))
-            self._retire(request_id, records)
+            self._retire(request_id, records, "error")
 
-    def _retire(self, request_id: str, records: list[RequestRecord]) -> None:
+    def _retire(self, request_id: str, records: list[RequestRecord], reason: str) -> None:
         """Fold a finished request into the running totals; the core's record is dropped (a server runs
         forever)."""
         self._live.pop(request_id, None)
@@ -360,6 +363,7 @@ class AsyncEngine:
         if record is None:
             return
         self._finished_count += 1
+        self._finished_by_reason[reason] += 1
         self._finished_preemptions_swap += record.preemptions_swap
         self._finished_preemptions_recompute += record.preemptions_recompute
         if record.token_times:
@@ -391,4 +395,5 @@ class AsyncEngine:
             preemptions_recompute=self._finished_preemptions_recompute + live.preemptions_recompute,
             rebuffer_s=self._finished_rebuffer_s + live.rebuffer_s,
             finished_requests=self._finished_count,
+            finished_by_reason=tuple(sorted(self._finished_by_reason.items())),
         )
