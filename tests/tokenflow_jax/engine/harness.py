@@ -6,6 +6,7 @@ running request and admits waiting ones in order (the fcfs admission helpers), l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -43,6 +44,16 @@ def reference_outputs() -> tuple[tuple[int, ...], ...]:
     llm = small_llm()
     sp = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     return tuple(tuple(llm.generate([p], sp)[0].token_ids) for p in prompt_pool())
+
+
+@functools.lru_cache(maxsize=1)
+def sampled_reference_outputs() -> tuple[tuple[int, ...], ...]:
+    """Seeded sampled outputs of the pool, each request alone and never preempted (seed: its index + 1)."""
+    llm = small_llm()
+    return tuple(
+        tuple(llm.generate([p], dataclasses.replace(SAMPLED, seed=i + 1))[0].token_ids)
+        for i, p in enumerate(prompt_pool())
+    )
 
 
 class ScriptedPolicy:
@@ -84,8 +95,21 @@ def scripted_core(executor: EngineExecutor, eos: frozenset[int] = frozenset()) -
     return EngineCore(executor, policy, eos_token_ids=eos), policy
 
 
-def add(core: EngineCore, rid: str, prompt: list[int], max_tokens: int = MAX_TOKENS) -> Request:
-    req = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 20.0, core.executor.now())
+# Seeded sampling: each request of the pool draws with its own seed (its index + 1).
+SAMPLED = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.95)
+
+
+def add(
+    core: EngineCore,
+    rid: str,
+    prompt: list[int],
+    max_tokens: int = MAX_TOKENS,
+    *,
+    sampling: SamplingParams | None = None,
+    seed: int = 0,
+) -> Request:
+    sampling = sampling or SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    req = Request(rid, list(prompt), sampling, 20.0, core.executor.now(), seed=seed)
     core.add_request(req)
     return req
 

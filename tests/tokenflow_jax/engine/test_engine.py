@@ -14,11 +14,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tests.tokenflow_jax.engine.harness import (
     ENGINE_KW,
     MAX_TOKENS,
+    SAMPLED,
     add,
     check_host_copies,
     check_page_ownership,
     prompt_pool,
     reference_outputs,
+    sampled_reference_outputs,
     scripted_core,
     small_llm,
 )
@@ -28,12 +30,16 @@ from tokenflow_jax.request import PENDING_TOKEN, Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
 
 
-def run_with_random_preemptions(mode: str, seed: int) -> tuple[dict[str, list[int]], int]:
-    """Run the pool with a preemption at random points; paused requests resume a few steps later."""
+def run_with_random_preemptions(mode: str, seed: int, sampled: bool = False) -> tuple[dict[str, list[int]], int]:
+    """Run the pool with a preemption at random points; paused requests resume a few steps later. Sampled:
+    every request draws with temperature, top-k and top-p, seeded by its index + 1."""
     ex = small_llm().executor
     core, policy = scripted_core(ex)
     rng = np.random.default_rng(seed)
-    reqs = {f"{mode}-{i}": add(core, f"{mode}-{i}", p) for i, p in enumerate(prompt_pool())}
+    reqs = {
+        f"{mode}-{i}": add(core, f"{mode}-{i}", p, sampling=SAMPLED if sampled else None, seed=i + 1)
+        for i, p in enumerate(prompt_pool())
+    }
     paused_for: dict[str, int] = {}
     preemptions = 0
     while core.has_work():
@@ -53,12 +59,15 @@ def run_with_random_preemptions(mode: str, seed: int) -> tuple[dict[str, list[in
     return {rid: r.output_ids for rid, r in reqs.items()}, preemptions
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded-sampling"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preempted_outputs_identical_to_uninterrupted(mode: str) -> None:
-    expected = reference_outputs()
+def test_preempted_outputs_identical_to_uninterrupted(mode: str, sampled: bool) -> None:
+    expected = sampled_reference_outputs() if sampled else reference_outputs()
+    if sampled:  # sampling really draws: the seeded outputs are not the greedy ones
+        assert expected != reference_outputs()
     total = 0
     for seed in range(3):
-        outputs, preemptions = run_with_random_preemptions(mode, seed)
+        outputs, preemptions = run_with_random_preemptions(mode, seed, sampled)
         total += preemptions
         for i, out in enumerate(outputs.values()):
             assert tuple(out) == expected[i], f"{mode} seed {seed} request {i}"
