@@ -1,0 +1,123 @@
+"""Realistic bugs, planted one at a time in a copy of the tree: the suite must catch every one.
+
+    python tools/mutants.py [--only NAME] [--list]
+
+Each mutant replaces one exact piece of source text (the run stops if the text is gone: the list must follow
+the code) and runs the tests that should catch it in a copy of the committed tree (`git archive HEAD`), with
+that copy first on PYTHONPATH. A mutant the tests do not catch is a hole in the suite; the run exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: the tests that must fail
+
+
+MUTANTS = [
+    Mutant("sampling ignores temperature", "tokenflow_jax/sampling.py",
+           "scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]", "scaled = logits",
+           ("tests/tokenflow_jax/test_sampling.py",)),
+    Mutant("sampling ignores top-k", "tokenflow_jax/sampling.py",
+           "k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)", "k = jnp.full_like(top_k, vocab)",
+           ("tests/tokenflow_jax/test_sampling.py",)),
+    Mutant("sampling ignores top-p", "tokenflow_jax/sampling.py",
+           "keep_sorted = mass_before < top_p[:, None]", "keep_sorted = mass_before < 2.0",
+           ("tests/tokenflow_jax/test_sampling.py",)),
+    Mutant("a disconnect no longer aborts", "serving/streaming.py",
+           "    except ConnectionError:  # the client went away (aiohttp's ClientConnectionResetError is one)\n"
+           "        stream.abort()",
+           "    except ConnectionError:  # the client went away (aiohttp's ClientConnectionResetError is one)\n"
+           "        pass",
+           ("tests/serving/test_server.py", "-k", "disconnect")),
+    Mutant("the reader never waits a period", "tokenflow_jax/reader.py",
+           "return generated if previous_read is None else max(generated, previous_read + period)",
+           "return generated if previous_read is None else max(generated, previous_read)",
+           ("tests/tokenflow_jax/test_metrics.py", "tests/tokenflow_jax/test_tracker.py")),
+    Mutant("token weights ramp the wrong way", "tokenflow_jax/reader.py",
+           "ramp = unread - tau2", "ramp = tau2 - unread",
+           ("tests/tokenflow_jax/test_metrics.py",)),
+    Mutant("write-through syncs the smallest buffers first", "tokenflow_jax/scheduler/budget.py",
+           "key=unread.__getitem__, reverse=True)", "key=unread.__getitem__, reverse=False)",
+           ("tests/tokenflow_jax/scheduler/test_budget.py",)),
+    Mutant("a swap the host cannot hold is not reported", "tokenflow_jax/engine/paged_executor.py",
+           "fallbacks = [rid for rid in plan.swap_out if not self.swap_out(requests[rid])]",
+           "fallbacks = [rid for rid in plan.swap_out if not self.swap_out(requests[rid]) and False]",
+           ("tests/tokenflow_jax/sim/test_executor.py",)),
+    Mutant("the admission gate ignores mu", "tokenflow_jax/scheduler/tokenflow/decision.py",
+           "Gate(est, cfg.mu, lead_s)", "Gate(est, 1.0, lead_s)",
+           ("tests/tokenflow_jax/scheduler/tokenflow",)),
+    Mutant("the allocator hands out the null page", "tokenflow_jax/kv/page_pool.py",
+           "self._free = list(range(num_pages - 1, 0, -1))", "self._free = list(range(num_pages - 2, -1, -1))",
+           ("tests/tokenflow_jax/kv/test_page_pool.py",)),
+    Mutant("the unread buffer counts one token too many", "tokenflow_jax/tracker.py",
+           "return generated - bisect.bisect_right(self._read_times, now)",
+           "return generated - bisect.bisect_right(self._read_times, now) + 1",
+           ("tests/tokenflow_jax/test_tracker.py",)),
+    Mutant("a swap-out forgets the unsynced tail", "tokenflow_jax/kv/block_manager.py",
+           "        req.num_host_synced = req.num_computed\n        if last <= first:",
+           "        req.num_host_synced = req.num_computed\n        last = first\n        if last <= first:",
+           ("tests/tokenflow_jax/engine/test_engine.py", "-k", "preempted")),
+]  # fmt: skip
+
+
+def copy_of_head(dest: Path) -> None:
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
+def run(mutant: Mutant) -> tuple[bool, float]:
+    """(caught, seconds): plant the mutant in a fresh copy and run its tests there."""
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        copy = Path(tmp)
+        copy_of_head(copy)
+        target = copy / mutant.path
+        source = target.read_text()
+        if source.count(mutant.old) != 1:
+            raise SystemExit(f"{mutant.name}: the text to replace is not in {mutant.path} exactly once")
+        target.write_text(source.replace(mutant.old, mutant.new))
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        t0 = time.perf_counter()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                                cwd=copy, env=env, capture_output=True, text=True)  # fmt: skip
+        return result.returncode != 0, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="run the mutants whose name contains this text")
+    p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.only in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.path} -> {' '.join(m.tests)}")
+        return 0
+    missed = []
+    for m in chosen:
+        caught, seconds = run(m)
+        print(f"{'caught' if caught else 'MISSED'}  {m.name}  ({' '.join(m.tests)}, {seconds:.0f} s)", flush=True)
+        if not caught:
+            missed.append(m.name)
+    print(f"{len(chosen) - len(missed)} of {len(chosen)} mutants caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
