@@ -10,7 +10,13 @@ import aiohttp
 import openai
 import pytest
 
-from tests.serving.conftest import InProcessApps, assert_openai_error, http_request, wait_for_idle_pages
+from tests.serving.conftest import (
+    InProcessApps,
+    assert_openai_error,
+    http_request,
+    metric_values,
+    wait_for_idle_pages,
+)
 
 PROMPT = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
 
@@ -112,3 +118,25 @@ def test_loadtest_script_runs_against_a_server(apps: InProcessApps, capsys: pyte
     assert loadtest.main(["--url", url, "--num-requests", "12", "--concurrency", "4", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "requests: 12 completed, 0 errors" in out and "TTFT p50" in out
+
+
+def test_metrics_match_a_known_workload(apps: InProcessApps) -> None:
+    """After N requests of k tokens each (ignore_eos), /metrics says exactly that: N finished by length, N first
+    tokens, N (k - 1) inter-token gaps, nothing left on either KV tier."""
+    url = apps.serve()
+    n, k = 5, 6
+    length = 'tokenflow_requests_finished_by_reason_total{reason="length"}'
+    before = metric_values(url)
+    for i in range(n):
+        body = {"model": "tiny", "prompt": f"request {i}", "max_tokens": k, "ignore_eos": True, "stream": i % 2 == 0}
+        assert http_request(url, "POST", "/v1/completions", body).status == 200
+    after = wait_for_idle_pages(url)
+    assert after[length] - before[length] == n
+    assert after["tokenflow_requests_finished_total"] - before["tokenflow_requests_finished_total"] == n
+    assert (
+        after["tokenflow_time_to_first_token_seconds_count"] - before["tokenflow_time_to_first_token_seconds_count"]
+        == n
+    )
+    itl = "tokenflow_inter_token_latency_seconds_count"
+    assert after[itl] - before[itl] == n * (k - 1)
+    assert after['tokenflow_kv_pages_used{tier="device"}'] == 0 and after['tokenflow_kv_pages_used{tier="host"}'] == 0
