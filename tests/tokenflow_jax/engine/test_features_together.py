@@ -35,3 +35,14 @@ def test_a_burst_with_every_feature_on_matches_each_request_alone() -> None:
     for prompt, sampling, out in zip(prompts, samplings, outs, strict=True):
         assert out.token_ids == alone.generate([prompt], sampling)[0].token_ids
         assert out.finish_reason == "length" and out.metrics is not None
+
+
+def test_the_pallas_kernels_in_interpret_mode_serve_the_same_tokens_as_the_xla_path() -> None:
+    """The kernels a GPU runs, interpreted on CPU inside the real engine (prefill and decode, several pages)."""
+    prompts = [[5, 17, 42, 99, 3, 250, 7, 8, 9], [1, 2, 3]]
+    sampling = SamplingParams(max_tokens=6, ignore_eos=True)
+    small = dict(ENGINE, max_num_seqs=2, max_batch_tokens=16, max_model_len=32)
+    pallas = LLM("tiny", scheduler="fcfs", attention="pallas_interpret", kv_pages=16, host_kv_pages=0, **small)
+    xla = LLM("tiny", scheduler="fcfs", attention="reference", kv_pages=16, host_kv_pages=0, **small)
+    got = [o.token_ids for o in pallas.generate(prompts, sampling)]
+    assert got == [o.token_ids for o in xla.generate(prompts, sampling)]
