@@ -1,6 +1,6 @@
 """The policy's vectorized decision against the same decision written plainly, one request at a time.
 
-`decision.decide` works on numpy arrays for speed (BENCHMARKS.md: 0.1-0.5 ms at 256 requests);
+`decision.decide` works on numpy arrays for speed (BENCHMARKS.md, "Scheduler time per decision");
 `reference_decision` below is the docs/DESIGN.md section 3 heuristic as straightforward Python over Request objects
 and their virtual buffers. On random scheduler states both must pick the same running set, in the same order,
 and the same requests to preempt.
