@@ -225,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attention", choices=["reference", "pallas", "pallas_interpret"])
     p.add_argument("--offline-requests", type=int, default=32)
     p.add_argument("--offline-tokens", type=int, default=128)
+    p.add_argument("--vs-hf", action="store_true", help="engine against HF transformers' generate (see bench.vs_hf)")
+    p.add_argument("--vs-hf-batch", type=int, default=32, help="--vs-hf: requests in the fixed and mixed workloads")
+    p.add_argument("--vs-hf-tokens", type=int, default=128, help="--vs-hf: tokens per request (fixed, batch 1)")
+    p.add_argument("--vs-hf-rounds", type=int, default=3, help="--vs-hf: alternating rounds per workload")
     p.add_argument("--out")
     p.add_argument(
         "--profile-out",
@@ -233,8 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also fit and write a simulator cost profile (JSON) for --sim-profile",
     )
     args = p.parse_args(argv)
-    result = run(args)
-    print_report(result)
+    if args.vs_hf:
+        from tokenflow_jax.bench import vs_hf
+
+        result = vs_hf.compare(args.vs_hf_batch, args.vs_hf_tokens, args.vs_hf_rounds)
+        vs_hf.print_report(result)
+    else:
+        result = run(args)
+        print_report(result)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
