@@ -173,7 +173,7 @@ def format_table(title: str, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def meets_targets(row: dict[str, Any]) -> list[str]:
-    """Which of the brief's targets a tokenflow row misses."""
+    """Which of the TokenFlow targets (`TARGETS`) a tokenflow row misses."""
     misses = []
     if not row["effective_x"] >= 1.8:
         misses.append(f"effective {row['effective_x']:.2f}x < 1.8x")

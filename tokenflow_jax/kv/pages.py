@@ -1,4 +1,4 @@
-"""Page arithmetic shared by every tier: the null page, ceiling division, page ids as int32 arrays.
+"""Page arithmetic shared by every tier: the null page, pages for a count (ceiling division), page ids as int32 arrays.
 
 Page 0 of every pool is the null page: padding tokens write there and nothing valid reads it, so a pool of
 `n` usable pages holds `n + 1` (`pool_pages`). Every count of pages a user or a policy sees is usable pages.
@@ -10,10 +10,6 @@ from array import array
 from collections.abc import Iterable
 
 NULL_PAGE = 0
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:

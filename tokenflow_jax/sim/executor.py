@@ -21,7 +21,7 @@ from typing import Any
 from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.engine.paged_executor import PagedExecutor, SamplingRow
 from tokenflow_jax.kv.block_manager import PageCopy
-from tokenflow_jax.kv.pages import ceil_div
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request
 from tokenflow_jax.sim.profiles import SimProfile, load_profile
 
@@ -74,7 +74,7 @@ class SimExecutor(PagedExecutor):
 
     def _pending_to_host_pages(self) -> int:
         backlog = self.copy_free_at - self.clock
-        return 0 if backlog <= 0 else int(ceil_div(backlog, self._d2h_page_s))
+        return 0 if backlog <= 0 else int(pages_for(backlog, self._d2h_page_s))  # pages the backlog still holds
 
     # (Policies ask for estimates every iteration: these override the parts, not `dataclasses.replace` the
     # whole, which costs tens of microseconds.)

@@ -152,7 +152,7 @@ def local_search(snap: Snapshot, ranking: Ranking, chosen: np.ndarray, used: int
 
     The extra request may go past W, which bounds the fill, but not past the sequence slots. Held to W as well,
     the simulator's RTX 4090 bursts and Poisson 4/s lost 6-14% of their token throughput (fewer requests run
-    while pages are free) and preempted 1.1-5x as often (docs/DESIGN.md, "Designs tried and not kept")."""
+    while pages are free) and preempted 1.1-5x as often (docs/DESIGN.md section 7)."""
     capacity, pages = snap.num_device_pages, ranking.pages
     count = int(chosen.sum())
     # Per pair (k, k + 1) with some k + 2 after it: pages a swap frees, and whether k + 1 is the smaller.
