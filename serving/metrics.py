@@ -2,7 +2,9 @@
 
 Gauges and counters are read from `AsyncEngine.stats()` at scrape time (one consistent snapshot); TTFT and
 ITL histograms are fed per finished request from `tokenflow_jax.metrics.request_metrics`, the one place
-those numbers are computed.
+those numbers are computed. Where vLLM exports the same quantity, it is also exported under vLLM's name
+(`vllm:num_requests_running`, `vllm:time_to_first_token_seconds`, ...) with its `model_name` label, so that
+dashboards built for vLLM work unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenflow_jax.engine.async_engine import AsyncEngine
+from tokenflow_jax.engine.async_engine import AsyncEngine, EngineStats
 from tokenflow_jax.metrics import RequestRecord, request_metrics
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -23,8 +25,8 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 class EngineCollector(Collector):
     """Engine gauges and counters, read from one stats snapshot per scrape."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterator[Metric]:
         s = self.engine.stats()
@@ -58,6 +60,31 @@ class EngineCollector(Collector):
         for reason in ("stop", "length", "abort", "error"):
             by_reason.add_metric([reason], dict(s.finished_by_reason).get(reason, 0))
         yield by_reason
+        yield from self._vllm_names(s)
+
+    def _vllm_names(self, s: EngineStats) -> Iterator[Metric]:
+        """The same snapshot under vLLM's names. vLLM keeps preempted requests in its waiting queue."""
+        label = [self.model_name]
+
+        def family(kind: type, name: str, doc: str, value: float) -> Metric:
+            metric = kind(name, doc, labels=["model_name"])
+            metric.add_metric(label, value)
+            return metric
+
+        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Requests decoding on the device.", s.running)
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting, paused ones included.",
+                     s.waiting + s.paused)  # fmt: skip
+        yield family(GaugeMetricFamily, "vllm:num_requests_swapped", "Requests paused with KV on host.", s.paused)
+        usage = s.device_pages_used / s.device_pages_total if s.device_pages_total else 0.0
+        yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "Device KV pages in use (1 = all).", usage)
+        yield family(GaugeMetricFamily, "vllm:gpu_cache_usage_perc", "Device KV pages in use (1 = all).", usage)
+        yield family(CounterMetricFamily, "vllm:num_preemptions", "Preemptions (swap and recompute).",
+                     s.preemptions_swap + s.preemptions_recompute)  # fmt: skip
+        success = CounterMetricFamily("vllm:request_success", "Finished requests by finish reason.",
+                                      labels=["model_name", "finished_reason"])  # fmt: skip
+        for reason in ("stop", "length", "abort", "error"):
+            success.add_metric([self.model_name, reason], dict(s.finished_by_reason).get(reason, 0))
+        yield success
 
 
 class ServingMetrics:
@@ -65,24 +92,50 @@ class ServingMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine))
+        self.model_name = model_name or engine.llm.model_name
+        self.registry.register(EngineCollector(engine, self.model_name))
         self.ttft = Histogram("tokenflow_time_to_first_token_seconds", "Time to first token (engine clock).",
                               buckets=TTFT_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.itl = Histogram("tokenflow_inter_token_latency_seconds", "Gap between consecutive tokens.",
                              buckets=ITL_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.http_responses = Counter("tokenflow_http_responses", "HTTP responses by route and status.",
                                       ["route", "status"], registry=self.registry)  # fmt: skip
+        self.vllm = self._vllm_request_metrics()
         engine.add_finish_listener(self.observe_finished)
+
+    def _vllm_request_metrics(self) -> dict[str, Histogram | Counter]:
+        """vLLM's per-request metrics, fed from the same `request_metrics` as ours (tokens counted at finish)."""
+        r, labels = self.registry, ["model_name"]
+        return {
+            "ttft": Histogram("vllm:time_to_first_token_seconds", "Time to first token (engine clock).", labels,
+                              buckets=TTFT_BUCKETS_S, registry=r),
+            "itl": Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive tokens.", labels,
+                             buckets=ITL_BUCKETS_S, registry=r),
+            "tpot": Histogram("vllm:time_per_output_token_seconds", "Gap between consecutive tokens.", labels,
+                              buckets=ITL_BUCKETS_S, registry=r),
+            "e2e": Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token.", labels,
+                             buckets=TTFT_BUCKETS_S, registry=r),
+            "prompt": Counter("vllm:prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r),
+            "generation": Counter("vllm:generation_tokens", "Tokens generated by finished requests.", labels,
+                                  registry=r),
+        }  # fmt: skip
 
     def observe_finished(self, record: RequestRecord) -> None:
         if not record.token_times:
             return
         m = request_metrics(record)
+        vllm = {name: metric.labels(self.model_name) for name, metric in self.vllm.items()}
         self.ttft.observe(m.ttft)
+        vllm["ttft"].observe(m.ttft)
+        vllm["e2e"].observe(m.e2e)
+        vllm["prompt"].inc(record.prompt_len)
+        vllm["generation"].inc(m.output_len)
         for gap in m.itls:
             self.itl.observe(gap)
+            vllm["itl"].observe(gap)
+            vllm["tpot"].observe(gap)
 
     def observe_response(self, route: str, status: int) -> None:
         self.http_responses.labels(route, str(status)).inc()
