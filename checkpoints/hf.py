@@ -1,4 +1,5 @@
-"""Load an HF Llama-3 / Qwen2 safetensors folder into the params pytree of `tokenflow_jax.model`.
+"""Load an HF Llama / Qwen2 / Mistral safetensors folder into the params pytree of `tokenflow_jax.model`, and
+write params back as such a folder.
 
 HF stores linear weights `[out, in]`; the model multiplies `x @ w`, so every projection is transposed to
 `[in, out]`. Tensors are read one at a time (memory-mapped), moved to the default device in their
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.model import Params
@@ -22,6 +24,7 @@ from tokenflow_jax.model import Params
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 # Tensors some checkpoints carry that the model recomputes or never uses.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -162,3 +165,44 @@ def load_hf_model(path: str | Path, dtype: Any = "float32") -> tuple[ModelConfig
             else:
                 params[tree_path[0]] = value
     return cfg, params
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The `config.json` transformers reads as `cfg` (and `ModelConfig.from_hf_dict` reads back as `cfg`)."""
+    return {
+        "architectures": [cfg.architecture],
+        "model_type": _MODEL_TYPES[cfg.architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling_dict,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "sliding_window": cfg.sliding_window,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+        "torch_dtype": "float32",
+    }
+
+
+def save_hf_model(cfg: ModelConfig, params: Params, path: str | Path) -> Path:
+    """Write `params` as an HF folder (`config.json` + float32 `model.safetensors`) under `path` (created)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, (tree_path, _, transpose) in hf_tensor_layout(cfg).items():
+        value = params["layers"][int(tree_path[1])][tree_path[2]] if tree_path[0] == "layers" else params[tree_path[0]]
+        value = np.asarray(value, dtype=np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+    save_file(tensors, str(path / SAFETENSORS_FILE), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
+    return path

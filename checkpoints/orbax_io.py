@@ -40,6 +40,10 @@ def is_orbax_model_dir(directory: str | Path) -> bool:
     return (directory / CONFIG_FILE).is_file() and (directory / PARAMS_SUBDIR).is_dir()
 
 
+def read_config(directory: str | Path) -> ModelConfig:
+    return config_from_dict(json.loads((Path(directory) / CONFIG_FILE).read_text()))
+
+
 def save_params(params: Params, cfg: ModelConfig, directory: str | Path) -> Path:
     """Write params and config under `directory` (created; an existing checkpoint there is replaced)."""
     import orbax.checkpoint as ocp
@@ -60,7 +64,7 @@ def restore_params(directory: str | Path) -> tuple[ModelConfig, Params]:
     directory = Path(directory).absolute()
     if not is_orbax_model_dir(directory):
         raise FileNotFoundError(f"no orbax checkpoint ({CONFIG_FILE} + {PARAMS_SUBDIR}/) in {directory}")
-    cfg = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    cfg = read_config(directory)
     checkpointer = ocp.StandardCheckpointer()
     stored = checkpointer.metadata(directory / PARAMS_SUBDIR).item_metadata.tree
     # An explicit target keeps restore independent of the device the checkpoint was saved from.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tokenflow_jax.sampling_params import SamplingParams
@@ -73,6 +73,8 @@ class ModelInfo:
     vocab_size: int
     encode: Callable[[str], list[int]]  # prompt text -> ids (with the tokenizer's special tokens)
     encode_chat: Callable[[list[dict[str, Any]]], list[int]]  # messages -> templated prompt ids
+    # The checkpoint's temperature / top_p / top_k (`LLM.generation.sampling`) for requests that leave them out.
+    sampling_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,12 +272,13 @@ def parse_generation(body: Any, model: ModelInfo, *, chat: bool) -> GenerationRe
                        f"{room} in this model's context of {model.max_model_len} tokens",
                        param=max_name, code="context_length_exceeded")  # fmt: skip
 
-    top_k = read_int(body, "top_k", 0, low=-1)
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, **model.sampling_defaults}
+    top_k = read_int(body, "top_k", int(defaults["top_k"]), low=-1)
     seed = read_int(body, "seed", None)
     sampling = SamplingParams(
         max_tokens=max_tokens,
-        temperature=read_number(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=read_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
+        temperature=read_number(body, "temperature", defaults["temperature"], low=0.0, high=2.0),
+        top_p=read_number(body, "top_p", defaults["top_p"], low=0.0, high=1.0, low_open=True),
         top_k=max(top_k, 0),  # vLLM's -1 means "off", like our 0
         seed=seed,
         stop=_read_stop(body),

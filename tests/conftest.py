@@ -1,4 +1,5 @@
-"""Shared fixtures: small random HF models (Llama-3 / Qwen2) saved as safetensors folders, and HF greedy output.
+"""Shared fixtures: small random HF models (Llama / Qwen2 / Mistral) saved as safetensors folders, and HF greedy
+output.
 
 `hf_checkpoint(variant)` builds (once per session) and returns an `HFCheckpoint(path, model)`. The configs use
 the byte vocabulary's BOS 256 / EOS 257 with a 300-token vocab, so byte-tokenized prompts work with them.
@@ -52,9 +53,20 @@ def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     and norms/biases are non-trivial so that every parameter is exercised.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[family]
     kwargs: dict[str, Any] = dict(
         vocab_size=HF_VOCAB_SIZE,
         hidden_size=64,

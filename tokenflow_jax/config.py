@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+_ARCHITECTURE_OF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+# `dynamic` NTK equals plain RoPE up to max_position_embeddings, the longest context the engine serves.
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a decoder-only transformer (Llama-3 or Qwen2 family)."""
+    """Shape and numerics of a decoder-only transformer (Llama, Qwen2 or Mistral family)."""
 
     architecture: str
     vocab_size: int
@@ -31,6 +34,8 @@ class ModelConfig:
     max_position_embeddings: int = 8192
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mistral's and Qwen2's sliding-window attention: equal to full attention for contexts up to the window.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -45,38 +50,44 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     @property
+    def max_context(self) -> int:
+        """The longest sequence the model computes as HF does: positions it was configured for, and no longer
+        than a sliding window (the engine attends to the whole context)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+    @property
+    def num_params(self) -> int:
+        """Weights in the params pytree (`model.init_params`, `checkpoints.load_hf_model`)."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = 2 * d + 2 * d * q + 2 * d * kv + 3 * d * self.intermediate_size
+        per_layer += (q + 2 * kv) if self.attention_bias else 0
+        embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return embeddings + d + self.num_layers * per_layer
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """K and V bytes one token occupies across all layers, per byte of element size."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> ModelConfig:
+        """An HF `config.json`; ValueError naming any architecture or option the model code does not implement."""
         archs = hf.get("architectures") or []
-        arch = (
-            archs[0]
-            if archs
-            else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-                hf.get("model_type", ""), str(hf.get("model_type"))
-            )
-        )
+        model_type = str(hf.get("model_type"))
+        arch = archs[0] if archs else _ARCHITECTURE_OF.get(model_type, model_type)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-        num_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         # transformers 5 writes the scaling (and rope_theta) as `rope_parameters` instead of `rope_scaling`.
-        rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
-        if rope_scaling:
-            rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if rope_type not in (None, "default", "llama3"):
-                raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
-            rope_scaling = None if rope_type in (None, "default") else rope_scaling
-        rope_theta = hf.get("rope_theta")
-        if rope_theta is None:
-            # transformers 5 moved rope_theta into rope_parameters.
-            rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        rope_theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        rope.pop("rope_theta", None)
+        rope_type = rope.get("rope_type", rope.get("type")) or "default"
+        unsupported = _unsupported_options(hf, arch, rope, rope_type)
+        if unsupported:
+            raise ValueError(f"{arch} with {'; '.join(unsupported)} is not implemented")
+        num_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        uses_window = arch == "MistralForCausalLM" or hf.get("use_sliding_window", False)
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -85,15 +96,16 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rope_theta=float(rope_theta),
-            rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+            rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            attention_bias=arch == "Qwen2ForCausalLM",
             max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
             bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            sliding_window=hf.get("sliding_window") if uses_window else None,
         )
 
     @classmethod
@@ -102,13 +114,33 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
 
+def _unsupported_options(hf: dict[str, Any], arch: str, rope: dict[str, Any], rope_type: str) -> list[str]:
+    """The options of an HF config that the model code would silently compute differently."""
+    found = []
+    if hf.get("hidden_act", "silu") != "silu":
+        found.append(f"hidden_act {hf['hidden_act']!r} (only silu)")
+    if hf.get("mlp_bias"):
+        found.append("mlp_bias")
+    if hf.get("attention_bias") and arch == "LlamaForCausalLM":
+        found.append("attention_bias (an o_proj bias)")
+    if hf.get("quantization_config"):
+        found.append(f"quantization_config ({hf['quantization_config'].get('quant_method', 'unknown method')})")
+    if rope_type not in ROPE_TYPES:
+        found.append(f"rope_scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        found.append("partial_rotary_factor")
+    return found
+
+
 # Byte-level vocabulary for presets: 256 bytes plus BOS (256), EOS (257) and padding up to 512.
 BYTE_VOCAB_SIZE = 512
 BYTE_BOS_ID = 256
 BYTE_EOS_ID = 257
 
+# Random-weight presets (byte tokenizer): `tiny-random` for tests, the real shapes for benchmarks. The default
+# model `tiny` is a trained model folder with tiny-random's shapes (`checkpoints.presets.EMBEDDED_MODELS`).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
+    "tiny-random": ModelConfig(
         architecture="LlamaForCausalLM",
         vocab_size=BYTE_VOCAB_SIZE,
         hidden_size=128,

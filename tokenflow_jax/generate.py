@@ -1,12 +1,13 @@
 """Command-line generation through the `LLM` facade (a contract other scripts and tests rely on).
 
     python -m tokenflow_jax.generate --model tiny|PRESET|DIR (--prompt TEXT | --prompt-ids 1,2,3)
-        --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S]
+        --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ignore-eos]
         [--dtype float32|bfloat16] [--json]
 
-`--seed` seeds both sampling and a preset's random weights. With `--json` exactly one JSON object
-`{"token_ids": [...generated ids...], "text": "..."}` is printed; otherwise the text. Bad arguments and
-unknown models print one line on stderr and exit 2.
+Sampling flags left out take the checkpoint's `generation_config.json` values, else greedy. `--seed` seeds both
+sampling and a preset's random weights. With `--json` exactly one JSON object
+`{"token_ids": [...generated ids...], "text": "..."}` is printed; otherwise the text. Bad arguments, unknown
+models and models that do not fit the device print one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -35,17 +36,25 @@ def _prompt_ids(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tokenflow_jax.generate", description="Generate text.")
-    parser.add_argument("--model", required=True, help="preset name, HF model folder or orbax folder")
+    models = "model name (tiny, tiny-random, llama3-8b, ...), HF model folder or orbax folder (required)"
+    parser.add_argument("--model", required=True, help=models)
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
-    prompt.add_argument("--prompt-ids", type=_prompt_ids, help="prompt token ids, e.g. 1,2,3")
-    parser.add_argument("--max-tokens", type=int, required=True)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
+    prompt.add_argument(
+        "--prompt", help="prompt text, tokenized by the model's tokenizer (required: this or --prompt-ids)"
+    )
+    prompt.add_argument(
+        "--prompt-ids", type=_prompt_ids, help="prompt token ids, e.g. 1,2,3 (required: this or --prompt)"
+    )
+    parser.add_argument("--max-tokens", type=int, required=True, help="tokens to generate at most (required)")
+    from_checkpoint = "default: the checkpoint's generation_config.json, else"
+    parser.add_argument("--temperature", type=float, help=f"0 is greedy ({from_checkpoint} 0)")
+    parser.add_argument("--top-p", type=float, help=f"nucleus sampling mass ({from_checkpoint} 1: off)")
+    parser.add_argument("--top-k", type=int, help=f"sample among the k likeliest tokens ({from_checkpoint} 0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed and a preset's weight seed (default: 0)")
+    parser.add_argument("--ignore-eos", action="store_true", help="run to --max-tokens past EOS (default: stop)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weight and KV cache dtype (default: float32)")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text} (default: text)")
     return parser
 
 
@@ -55,11 +64,11 @@ def _validate(args: argparse.Namespace) -> None:
 
     if args.max_tokens < 1:
         raise _UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if not 0.0 <= args.temperature <= 100.0:
+    if args.temperature is not None and not 0.0 <= args.temperature <= 100.0:
         raise _UsageError(f"--temperature must be in [0, 100], got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise _UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         raise _UsageError(f"--top-k must be >= 0, got {args.top_k}")
     if args.seed < 0:
         raise _UsageError(f"--seed must be >= 0, got {args.seed}")
@@ -77,17 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
-    from tokenflow_jax import LLM, SamplingParams
+    from tokenflow_jax import LLM
 
-    sampling = SamplingParams(
+    try:
+        # One request: compile only the shapes it uses instead of warming up every bucket.
+        llm = LLM(args.model, dtype=args.dtype, seed=args.seed, warmup=False)
+    except ValueError as e:  # an unsupported checkpoint, or a model the device cannot hold
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    sampling = llm.generation.sampling_params(
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
         seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        **{k: v for k, v in given.items() if v is not None},
     )
-    # One request: compile only the shapes it uses instead of warming up every bucket.
-    llm = LLM(args.model, dtype=args.dtype, seed=args.seed, warmup=False)
     prompt = args.prompt_ids if args.prompt_ids is not None else args.prompt
     (output,) = llm.generate([prompt], sampling)
     if args.json:

@@ -1,4 +1,4 @@
-"""Llama-3 / Qwen2 decoder as pure functions over a params pytree, reading and writing a paged KV cache.
+"""Llama / Qwen2 / Mistral decoder as pure functions over a params pytree, reading and writing a paged KV cache.
 
 Params pytree (weights stored `[in, out]`):
     {"embed": [V, d], "final_norm": [d], "lm_head": [d, V] (absent when tied),
@@ -43,7 +43,7 @@ class AttentionMetadata:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
-    """Deterministic random weights (the `tiny` preset and dummy-weight benchmarks)."""
+    """Deterministic random weights (the `tiny-random` preset and dummy-weight benchmarks)."""
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     # Per layer: 7 weight matrices + 3 attention biases (Qwen2); plus embed and lm_head.
     keys = iter(jax.random.split(key, 10 * cfg.num_layers + 2))
@@ -84,12 +84,20 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any =
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies, with Llama-3's frequency-dependent scaling when configured."""
+def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """(inverse RoPE frequencies, scale of cos and sin), as transformers computes them for each rope type.
+
+    `dynamic` NTK scaling only changes frequencies past `max_position_embeddings`, which the engine never serves
+    (`config.max_context`), so it is plain RoPE here as in HF.
+    """
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    scaling = cfg.rope_scaling_dict
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    scaling = cfg.rope_scaling_dict or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    scale = 1.0
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_ctx = scaling["original_max_position_embeddings"]
@@ -99,14 +107,43 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         inv_freq = np.where(
             wavelen > old_ctx / low, inv_freq / factor, np.where(wavelen < old_ctx / high, inv_freq, smoothed)
         )
-    return inv_freq.astype(np.float32)
+    elif rope_type == "yarn":
+        inv_freq, scale = _yarn(inv_freq, scaling, cfg)
+    return inv_freq.astype(np.float32), scale
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (the HF convention). x [T, H, D], positions [T]."""
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(inv_freq: np.ndarray, scaling: dict[str, Any], cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """YaRN (Qwen2.5's long context): interpolate low frequencies, keep high ones, ramp between; scale cos/sin."""
+    old_ctx = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / old_ctx
+    scale = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if scale is None and mscale and mscale_all_dim:
+        scale = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    elif scale is None:
+        scale = _yarn_mscale(factor)
+    dim, base = cfg.head_dim, cfg.rope_theta
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(scale)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> jax.Array:
+    """Rotate-half RoPE (the HF convention), cos and sin times `scale`. x [T, H, D], positions [T]."""
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :] * scale
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :] * scale
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
@@ -162,7 +199,7 @@ def forward(
     sequence contributes exactly one token (T == B) and the decode attention kernel is used.
     """
     decode_attn, prefill_attn = attention_functions(attention_impl)
-    inv_freq = rope_inv_freq(cfg)
+    inv_freq, rope_scale = rope_frequencies(cfg)
     t = tokens.shape[0]
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     x = params["embed"][tokens]
@@ -172,8 +209,8 @@ def forward(
         q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
         if cfg.attention_bias:
             q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
-        q = apply_rope(q.reshape(t, hq, hd), positions, inv_freq)
-        k = apply_rope(k.reshape(t, hkv, hd), positions, inv_freq)
+        q = apply_rope(q.reshape(t, hq, hd), positions, inv_freq, rope_scale)
+        k = apply_rope(k.reshape(t, hkv, hd), positions, inv_freq, rope_scale)
         v = v.reshape(t, hkv, hd)
         k_pages, v_pages = attention_reference.write_kv_pages(k_pages, v_pages, k, v, meta.slot_mapping)
         new_cache.append((k_pages, v_pages))

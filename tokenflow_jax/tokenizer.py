@@ -1,4 +1,5 @@
-"""Tokenizers (byte-level for presets, HF `tokenizer.json` for real models) and streaming detokenization.
+"""Tokenizers (byte-level for the random presets, transformers' `AutoTokenizer` for model folders) and streaming
+detokenization.
 
 `IncrementalDetokenizer` turns a stream of sampled token ids into text deltas that are safe to send to a
 client: never half a UTF-8 character, never text that a stop string might still swallow.
@@ -8,9 +9,7 @@ from __future__ import annotations
 
 import abc
 import codecs
-import json
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,126 +43,88 @@ class Tokenizer(abc.ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255, BOS 256, EOS 257; ids above 257 (vocab padding) decode to nothing."""
+    """UTF-8 bytes as ids 0..255, then BOS and EOS (256 and 257 for the presets); other ids decode to nothing.
 
-    def __init__(self, vocab_size: int = BYTE_VOCAB_SIZE) -> None:
-        self.bos_token_id = BYTE_BOS_ID
-        self.eos_token_ids = (BYTE_EOS_ID,)
+    Also the fallback for a model folder without tokenizer files, with the checkpoint's BOS and EOS ids.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = BYTE_VOCAB_SIZE,
+        bos_token_id: int | None = BYTE_BOS_ID,
+        eos_token_ids: Sequence[int] = (BYTE_EOS_ID,),
+    ) -> None:
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
-        return [BYTE_BOS_ID, *ids] if add_special_tokens else ids
+        return [self.bos_token_id, *ids] if add_special_tokens and self.bos_token_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    @staticmethod
-    def decode_bytes(ids: Sequence[int]) -> bytes:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256)
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        special = (self.bos_token_id, *self.eos_token_ids)
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256 and int(i) not in special)
 
 
-def _special_token_text(value: Any) -> str | None:
-    """tokenizer_config.json writes special tokens as a string or as an AddedToken dict."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    return json.dumps(value, indent=indent, ensure_ascii=False)
-
-
-def _raise_template_error(message: str) -> None:
-    raise ValueError(f"chat template error: {message}")
+# The files from which transformers can build a tokenizer (fast, SentencePiece, or GPT-2 style BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 class HFTokenizer(Tokenizer):
-    """A `tokenizers.Tokenizer` plus the special tokens and jinja chat template of an HF model folder."""
+    """An HF model folder's tokenizer through transformers' `AutoTokenizer`: special and added tokens, the chat
+    template (`apply_chat_template`), decoding.
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        bos_token: str | None = None,
-        eos_tokens: Sequence[str] = (),
-        extra_eos_token_ids: Sequence[int] = (),
-        chat_template: str | None = None,
-    ) -> None:
-        self._tokenizer = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.bos_token = bos_token
-        self.eos_token = eos_tokens[0] if eos_tokens else None
-        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
-        eos_ids = [tokenizer.token_to_id(t) for t in eos_tokens]
-        eos_ids += list(extra_eos_token_ids)
-        self.eos_token_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
-        self.chat_template = chat_template
-        self._compiled_template: Any = None
+    Streaming decodes a short window per token; a fast tokenizer's Rust backend does that with the same text as
+    `AutoTokenizer.decode` (which adds Python overhead per call), so it is used unless the tokenizer cleans up
+    spaces after decoding, which only the transformers side does.
+    """
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf = hf_tokenizer
+        self.vocab_size = len(hf_tokenizer)
+        self.bos_token_id = hf_tokenizer.bos_token_id
+        eos = hf_tokenizer.eos_token_id
+        self.eos_token_ids = () if eos is None else (int(eos),)
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        cleans_up = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
+        self._backend = None if cleans_up else backend
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.hf.chat_template
 
     @classmethod
     def from_folder(cls, path: str | Path) -> HFTokenizer:
-        """Read `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template),
-        `chat_template.jinja` (where transformers 5 saves the template) and `generation_config.json`
-        (extra EOS ids)."""
-        from tokenizers import Tokenizer as RawTokenizer
+        from transformers import AutoTokenizer
 
-        path = Path(path)
-        raw = RawTokenizer.from_file(str(path / "tokenizer.json"))
-        tok_cfg = _read_json(path / "tokenizer_config.json")
-        gen_cfg = _read_json(path / "generation_config.json")
-        template = tok_cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default", next(iter(named.values()), None))
-        if template is None and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
-        eos = _special_token_text(tok_cfg.get("eos_token"))
-        gen_eos = gen_cfg.get("eos_token_id")
-        extra_eos = gen_eos if isinstance(gen_eos, list) else ([] if gen_eos is None else [gen_eos])
-        return cls(
-            raw,
-            bos_token=_special_token_text(tok_cfg.get("bos_token")),
-            eos_tokens=[eos] if eos else [],
-            extra_eos_token_ids=extra_eos,
-            chat_template=template,
-        )
+        return cls(AutoTokenizer.from_pretrained(str(path)))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        ids = [int(i) for i in ids]
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
+        return self.hf.decode(ids, skip_special_tokens=True)
 
     def apply_chat_template(self, messages: Sequence[Message]) -> str:
-        """Render the model's jinja template the way transformers does; the built-in format without one.
+        """The model's template rendered by transformers; the built-in format when it has none.
 
         The rendered text already holds any BOS the template writes: encode it with add_special_tokens=False.
         """
         if self.chat_template is None:
             return builtin_chat_template(messages)
-        if self._compiled_template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
 
-            # Same environment options as transformers' chat templating, so templates render identically.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_template_error
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._compiled_template = env.from_string(self.chat_template)
-        return self._compiled_template.render(
-            messages=list(messages),
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            add_generation_prompt=True,
-        )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with open(path) as f:
-        return json.load(f)
+        try:
+            return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # the template's raise_exception(): a conversation it refuses
+            raise ValueError(f"chat template error: {e}") from e
 
 
 # How many already-emitted tokens are re-decoded as context, so tokenizers whose decoding depends on
@@ -212,7 +173,7 @@ class IncrementalDetokenizer:
     def _detokenize(self, token_id: int) -> str:
         """Newly complete text from one more token (before stop-string handling)."""
         if self._byte_decoder is not None:
-            return self._byte_decoder.decode(ByteTokenizer.decode_bytes([token_id]))
+            return self._byte_decoder.decode(self.tokenizer.decode_bytes([token_id]))
         self._ids.append(token_id)
         prefix = self.tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
         window = self.tokenizer.decode(self._ids[self._prefix_offset :])

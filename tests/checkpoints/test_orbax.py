@@ -20,7 +20,7 @@ def assert_bit_identical(a, b) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_round_trip(tmp_path, dtype):
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["tiny-random"]
     params = random_params(cfg, dtype, seed=3)
     save_params(params, cfg, tmp_path / "ckpt")
     restored_cfg, restored = restore_params(tmp_path / "ckpt")
@@ -40,7 +40,7 @@ def test_hf_converted_round_trip_and_load_model(tmp_path, hf_checkpoint):
 
 
 def test_save_overwrites(tmp_path):
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["tiny-random"]
     save_params(random_params(cfg, seed=0), cfg, tmp_path)
     second = random_params(cfg, seed=1)
     save_params(second, cfg, tmp_path)

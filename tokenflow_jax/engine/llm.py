@@ -10,11 +10,13 @@ from typing import Any
 
 import jax
 
-from checkpoints import load_model
+from checkpoints import load_model, resolve_dtype
+from checkpoints.presets import model_config
+from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
-from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.kv.pages import pages_for, pool_pages
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling_params import SamplingParams
@@ -42,6 +44,38 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def device_memory_bytes() -> int | None:
+    """Bytes free on the default device: its allocator's limit less what is in use on an accelerator, the
+    available RAM on the CPU; None when unknown."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_pages: int, page_size: int) -> None:
+    """ValueError naming the bytes the weights and KV pages need and the bytes the device has, before anything
+    is allocated (on the CPU the host tier shares the same memory)."""
+    itemsize = resolve_dtype(dtype).itemsize
+    weights = cfg.num_params * itemsize
+    page_bytes = page_size * cfg.kv_bytes_per_token * itemsize
+    kv = pool_pages(kv_pages) * page_bytes
+    on_cpu = jax.default_backend() == "cpu"
+    host = pool_pages(host_kv_pages) * page_bytes if on_cpu and host_kv_pages else 0
+    have = device_memory_bytes()
+    if have is not None and weights + kv + host > have:
+        parts = f"{weights:,} bytes of {resolve_dtype(dtype).name} weights + {kv:,} bytes of device KV pages"
+        parts += f" + {host:,} bytes of host KV pages" if host else ""
+        raise ValueError(
+            f"model {model!r} does not fit: it needs {weights + kv + host:,} bytes ({parts}), and the "
+            f"{jax.devices()[0].platform} device has {have:,} bytes free; use a smaller dtype, fewer KV pages "
+            "(kv_pages, max_num_seqs, max_model_len) or a smaller model"
+        )
+
+
 def default_attention() -> str:
     # Interpret-mode Pallas is too slow to serve on CPU; the XLA reference is the CPU path.
     return "pallas" if jax.default_backend() == "gpu" else "reference"
@@ -52,6 +86,8 @@ class LLM:
 
     `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output]. `kv_pages` and
     `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences, and twice that).
+    EOS and sampling defaults are the checkpoint's (`self.generation`, see `checkpoints.generation`); a model
+    whose weights and KV pages exceed the device's free memory is refused before anything is allocated.
     """
 
     def __init__(
@@ -77,17 +113,25 @@ class LLM:
         if default_rate <= 0:
             raise ValueError(f"default_rate must be positive, got {default_rate}")
         enable_compilation_cache()
-        loaded = load_model(model, dtype=dtype, seed=seed)
-        self.cfg, self.tokenizer = loaded.cfg, loaded.tokenizer
-        self.model_name = model
-        self.seed = seed
-        self.default_rate = default_rate
-        max_model_len = max_model_len or min(self.cfg.max_position_embeddings, 2048)
+        cfg = model_config(model)
+        max_model_len = max_model_len or min(cfg.max_context, 2048)
+        if max_model_len > cfg.max_context:
+            limits = f"max_position_embeddings {cfg.max_position_embeddings}, sliding_window {cfg.sliding_window}"
+            raise ValueError(
+                f"max_model_len {max_model_len} is past {model!r}'s context of {cfg.max_context} tokens ({limits}); "
+                "longer contexts (dynamic rope rescaling, sliding-window attention) are not implemented"
+            )
         pages_per_seq = pages_for(max_model_len, page_size)
         if kv_pages is None:
             kv_pages = max_num_seqs * pages_per_seq
         if host_kv_pages is None:
             host_kv_pages = 2 * kv_pages
+        check_fits(model, cfg, dtype, kv_pages, host_kv_pages, page_size)
+        loaded = load_model(model, dtype=dtype, seed=seed)
+        self.cfg, self.tokenizer, self.generation = loaded.cfg, loaded.tokenizer, loaded.generation
+        self.model_name = model
+        self.seed = seed
+        self.default_rate = default_rate
         self.executor = EngineExecutor(
             self.cfg, loaded.params, num_device_pages=kv_pages, num_host_pages=host_kv_pages,
             page_size=page_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
@@ -98,7 +142,7 @@ class LLM:
         self.core = EngineCore(
             self.executor,
             make_policy(scheduler, **(scheduler_config or {})),
-            eos_token_ids=self.tokenizer.eos_token_ids,
+            eos_token_ids=self.generation.eos_token_ids,
             preemption=preemption,
         )
         self._ids = itertools.count()
@@ -149,7 +193,9 @@ class LLM:
     ) -> list[Output]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        samplings = sampling if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
+        if sampling is None:
+            sampling = self.generation.sampling_params()  # the checkpoint's sampling defaults
+        samplings = sampling if isinstance(sampling, Sequence) else [sampling] * len(prompts)
         if len(samplings) != len(prompts) or (rates is not None and len(rates) != len(prompts)):
             raise ValueError("prompts, sampling and rates must have the same length")
         reqs = [

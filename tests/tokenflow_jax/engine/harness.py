@@ -30,7 +30,8 @@ MAX_TOKENS = 12
 
 @functools.lru_cache(maxsize=1)
 def small_llm() -> LLM:
-    return LLM("tiny", **ENGINE_KW)
+    # Random weights: every token depends on the whole context, so any damage to the KV pages shows.
+    return LLM("tiny-random", **ENGINE_KW)
 
 
 def prompt_pool(n: int = 6, seed: int = 7) -> list[list[int]]:

@@ -23,7 +23,7 @@ def test_a_burst_with_every_feature_on_matches_each_request_alone() -> None:
     # Readers at 2 tok/s: a running stream builds seconds of buffer at once, so newcomers take its place.
     # preemption="swap": every pause tries the host tier first; with 12 host pages some find it full and fall
     # back to recompute, so both kinds happen.
-    llm = LLM("tiny", scheduler="tokenflow", preemption="swap", kv_pages=24, host_kv_pages=12, **ENGINE,
+    llm = LLM("tiny-random", scheduler="tokenflow", preemption="swap", kv_pages=24, host_kv_pages=12, **ENGINE,
               scheduler_config={"reschedule_interval": 0.05})  # fmt: skip
     outs = llm.generate(prompts, samplings, rates=[2.0] * len(prompts))
     records = list(llm.core.records.values())
@@ -31,7 +31,7 @@ def test_a_burst_with_every_feature_on_matches_each_request_alone() -> None:
     recomputes = sum(r.preemptions_recompute for r in records)
     assert swaps > 0 and recomputes > 0, f"{swaps} swaps, {recomputes} recomputes: a path went unexercised"
     assert llm.executor.page_usage()[0] == 0 and llm.executor.page_usage()[2] == 0  # nothing leaked
-    alone = LLM("tiny", scheduler="fcfs", kv_pages=64, host_kv_pages=0, **ENGINE)
+    alone = LLM("tiny-random", scheduler="fcfs", kv_pages=64, host_kv_pages=0, **ENGINE)
     for prompt, sampling, out in zip(prompts, samplings, outs, strict=True):
         assert out.token_ids == alone.generate([prompt], sampling)[0].token_ids
         assert out.finish_reason == "length" and out.metrics is not None
@@ -42,7 +42,7 @@ def test_the_pallas_kernels_in_interpret_mode_serve_the_same_tokens_as_the_xla_p
     prompts = [[5, 17, 42, 99, 3, 250, 7, 8, 9], [1, 2, 3]]
     sampling = SamplingParams(max_tokens=6, ignore_eos=True)
     small = dict(ENGINE, max_num_seqs=2, max_batch_tokens=16, max_model_len=32)
-    pallas = LLM("tiny", scheduler="fcfs", attention="pallas_interpret", kv_pages=16, host_kv_pages=0, **small)
-    xla = LLM("tiny", scheduler="fcfs", attention="reference", kv_pages=16, host_kv_pages=0, **small)
+    pallas = LLM("tiny-random", scheduler="fcfs", attention="pallas_interpret", kv_pages=16, host_kv_pages=0, **small)
+    xla = LLM("tiny-random", scheduler="fcfs", attention="reference", kv_pages=16, host_kv_pages=0, **small)
     got = [o.token_ids for o in pallas.generate(prompts, sampling)]
     assert got == [o.token_ids for o in xla.generate(prompts, sampling)]

@@ -66,7 +66,7 @@ def finishes(fn, timeout: float = 30.0) -> bool:
 
 @pytest.fixture
 def tier():
-    t = HostKVTier(PRESETS["tiny"], 8, PAGE_SIZE, jnp.float32)
+    t = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
     yield t
     t.close()
 

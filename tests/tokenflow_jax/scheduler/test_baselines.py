@@ -213,7 +213,7 @@ def llm():
     from tokenflow_jax import LLM
 
     # 9 pages of 16 tokens (8 usable) for six requests of ~40-56 tokens: about half fit at once.
-    return LLM("tiny", scheduler="fcfs", max_num_seqs=4, max_batch_tokens=32, max_model_len=128, kv_pages=8,
+    return LLM("tiny-random", scheduler="fcfs", max_num_seqs=4, max_batch_tokens=32, max_model_len=128, kv_pages=8,
                warmup=False)  # fmt: skip
 
 

@@ -337,8 +337,8 @@ def test_real_engine_burst_preempts_and_matches_fcfs_outputs():
         # Decisions every 50 ms: the first streams' 32 tokens take longer than that however fast the host is (at
         # the default 0.5 s they could all finish before a decision would pause any of them).
         config = {"reschedule_interval": 0.05} if scheduler == "tokenflow" else None
-        llm = LLM("tiny", scheduler=scheduler, max_num_seqs=4, max_batch_tokens=32, max_model_len=128, kv_pages=11,
-                  warmup=False, scheduler_config=config)  # fmt: skip
+        llm = LLM("tiny-random", scheduler=scheduler, max_num_seqs=4, max_batch_tokens=32, max_model_len=128,
+                  kv_pages=11, warmup=False, scheduler_config=config)  # fmt: skip
         try:
             out = llm.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True), rates=[5.0] * len(prompts))
             outputs[scheduler] = [o.token_ids for o in out]
