@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,27 +30,35 @@ logger = logging.getLogger("serving")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving", description="OpenAI-compatible streaming LLM server.")
-    p.add_argument("--model", default="tiny", help="preset name, HF model folder or orbax folder")
+    models = "model name (tiny, tiny-random, llama3-8b, ...), HF model folder or orbax folder"
+    p.add_argument("--model", default="tiny", help=f"{models} (default: tiny)")
     p.add_argument("--served-model-name", help="the model id clients use (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--api-key", default=os.environ.get("TOKENFLOW_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENFLOW_API_KEY)")  # fmt: skip
-    p.add_argument("--max-queue", type=int, default=256, help="unfinished requests before answering 503")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--default-rate", type=float, default=20.0, help="tokens/s a client reads unless it says")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, localhost only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: 8000)")
+    key_help = "require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENFLOW_API_KEY, else no key)"
+    p.add_argument("--api-key", default=os.environ.get("TOKENFLOW_API_KEY"), help=key_help)
+    p.add_argument("--max-queue", type=int, default=256, help="unfinished requests before answering 503 (default: 256)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1048576)")
+    rate_help = "tokens/s a client reads unless its request sets stream_rate (default: 20)"
+    p.add_argument("--default-rate", type=float, default=20.0, help=rate_help)
     engine = p.add_argument_group("engine")
-    engine.add_argument("--scheduler", default="tokenflow", help="tokenflow, fcfs, sglang or andes")
-    engine.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto")
+    engine.add_argument(
+        "--scheduler", default="tokenflow", help="tokenflow, fcfs, sglang or andes (default: tokenflow)"
+    )
+    preemption_help = "how a paused request's KV is kept; auto picks the cheaper (default: auto)"
+    engine.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto", help=preemption_help)
     engine.add_argument("--kv-pages", type=int, help="usable device KV pages (default: max-num-seqs full sequences)")
     engine.add_argument("--host-kv-pages", type=int, help="host-tier KV pages (default: 2x device)")
-    engine.add_argument("--page-size", type=int, default=16)
-    engine.add_argument("--max-num-seqs", type=int, default=32)
-    engine.add_argument("--max-batch-tokens", type=int, default=256)
-    engine.add_argument("--max-model-len", type=int)
-    engine.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    engine.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="INFO")
+    engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
+    engine.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once (default: 32)")
+    engine.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step (default: 256)")
+    context = "the model's context, at most 2048"
+    engine.add_argument("--max-model-len", type=int, help=f"prompt + output tokens per request (default: {context})")
+    dtype_help = "weight and KV cache dtype (default: float32)"
+    engine.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=dtype_help)
+    seed_help = "seeds requests that set no seed, and a preset's random weights (default: 0)"
+    engine.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     return p
 
 
@@ -83,6 +92,24 @@ async def serve(llm: LLM, config: ServerConfig) -> None:
     await stop_server(runner, engine)
 
 
+def start_engine(args: argparse.Namespace) -> LLM:
+    """Load the model and compile every step shape, saying what it is doing (a cold start takes a while)."""
+    from tokenflow_jax.engine.llm import LLM
+
+    start = time.perf_counter()
+    logger.info("loading %s (%s)", args.model, args.dtype)
+    llm = LLM(args.model, scheduler=args.scheduler, kv_pages=args.kv_pages, host_kv_pages=args.host_kv_pages,
+              preemption=args.preemption, seed=args.seed, dtype=args.dtype, page_size=args.page_size,
+              max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+              max_model_len=args.max_model_len, default_rate=args.default_rate, warmup=False)  # fmt: skip
+    logger.info("loaded in %.1f s; compiling the engine's step shapes (cached for the next start) ...",
+                time.perf_counter() - start)  # fmt: skip
+    start = time.perf_counter()
+    shapes = llm.executor.warmup(progress=sys.stderr.isatty())
+    logger.info("compiled %d step shapes in %.1f s", shapes, time.perf_counter() - start)
+    return llm
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,14 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
-    from tokenflow_jax.engine.llm import LLM
-
     try:
-        llm = LLM(args.model, scheduler=args.scheduler, kv_pages=args.kv_pages, host_kv_pages=args.host_kv_pages,
-                  preemption=args.preemption, seed=args.seed, dtype=args.dtype, page_size=args.page_size,
-                  max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                  max_model_len=args.max_model_len, default_rate=args.default_rate)  # fmt: skip
-    except ValueError as e:  # unknown model or scheduler, bad sizes
+        llm = start_engine(args)
+    except ValueError as e:  # unknown model or scheduler, bad sizes, a model the device cannot hold
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
     try:
