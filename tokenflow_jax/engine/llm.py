@@ -72,7 +72,7 @@ def check_fits(model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_
         raise ValueError(
             f"model {model!r} does not fit: it needs {weights + kv + host:,} bytes ({parts}), and the "
             f"{jax.devices()[0].platform} device has {have:,} bytes free; use a smaller dtype, fewer KV pages "
-            "(kv_pages, max_num_seqs, max_model_len) or a smaller model"
+            "(kv_pages, host_kv_pages, max_num_seqs, max_model_len) or a smaller model"
         )
 
 
