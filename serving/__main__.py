@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     preemption_help = "how a paused request's KV is kept; auto picks the cheaper (default: auto)"
     engine.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto", help=preemption_help)
     engine.add_argument("--kv-pages", type=int, help="usable device KV pages (default: max-num-seqs full sequences)")
-    engine.add_argument("--host-kv-pages", type=int, help="host-tier KV pages (default: 2x device)")
+    host_help = "host-tier KV pages (default: 2x device, or 4 GiB if more, at most 1/4 of host memory)"
+    engine.add_argument("--host-kv-pages", type=int, help=host_help)
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
     engine.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once (default: 32)")
     engine.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step (default: 256)")

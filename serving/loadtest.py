@@ -1,26 +1,39 @@
-"""A short load run against a running server, measured through HTTP as a client sees it.
+"""A load run against a running server, measured through HTTP as a client sees it.
 
     python -m serving.loadtest --url http://127.0.0.1:8000 --num-requests 200 --concurrency 32
+    python -m serving.loadtest --arrivals burst --num-requests 96 --max-tokens 96 [--contention 2] [--pace]
 
-Each client streams one completion at a time (`--concurrency` clients in parallel); every SSE chunk is one
-token and its arrival time is that token's time. The figures come from `tokenflow_jax.metrics.summarize`
-over those client-side timings (so TTFT includes HTTP and queueing).
+Closed loop (`--arrivals closed`, the default): `--concurrency` clients each stream one completion at a time.
+Open loop: every request is sent at its own arrival time, whatever the server does: all at t = 0 (`burst`),
+or Poisson / gamma arrivals at `--request-rate` (`--burstiness` as vLLM's). Every SSE chunk that carries a
+choice is one token and its arrival time at the client is that token's time; each reader starts at its
+first chunk and reads `--stream-rate` tokens/s. The figures come from `tokenflow_jax.metrics.summarize` over
+those client-side timings (so TTFT includes HTTP and queueing), the same fields the bench reports.
+
+`--contention N` runs N CPU-bound processes for the whole run, as a noisy neighbour on a shared host would.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import multiprocessing
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
 
+from tokenflow_jax import workloads
 from tokenflow_jax.metrics import RequestRecord, summarize
+
+ARRIVALS = ("closed", "burst", "poisson", "gamma")
+WORDS = ("stream", "token", "buffer", "burst", "page")
 
 
 async def stream_one(
@@ -48,76 +61,172 @@ async def stream_one(
     return record, None
 
 
+def request_body(args: argparse.Namespace, i: int, rng: random.Random) -> dict[str, Any]:
+    words = " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
+    body = {"model": args.model, "prompt": f"{i}: {words}", "max_tokens": args.max_tokens, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "stream_rate": args.stream_rate,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    if args.pace:
+        body["pace"] = True
+    return body
+
+
+def arrival_times(args: argparse.Namespace) -> list[float]:
+    """Seconds after the start at which each request of an open-loop run is sent."""
+    if args.arrivals == "burst":
+        return [0.0] * args.num_requests
+    burstiness = 1.0 if args.arrivals == "poisson" else args.burstiness
+    specs = workloads.gamma(args.num_requests, args.request_rate, burstiness, seed=args.seed)
+    return [s.arrival for s in specs]
+
+
 async def run_load(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(args.num_requests):
-        queue.put_nowait(i)
+    bodies = [request_body(args, i, rng) for i in range(args.num_requests)]
     records: list[RequestRecord] = []
     errors: list[str] = []
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
-    async def client(session: aiohttp.ClientSession) -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            words = " ".join(
-                rng.choice(("stream", "token", "buffer", "burst", "page")) for _ in range(args.prompt_words)
-            )
-            body = {"model": args.model, "prompt": f"{i}: {words}", "max_tokens": args.max_tokens, "stream": True,
-                    "temperature": 0.0, "ignore_eos": True, "stream_rate": args.stream_rate,
-                    "stream_options": {"include_usage": True}}  # fmt: skip
-            record, error = await stream_one(session, args.url, body, f"load-{i}", args.stream_rate)
-            records.append(record)
-            if error:
-                errors.append(error)
+    async def send(session: aiohttp.ClientSession, i: int) -> None:
+        record, error = await stream_one(session, args.url, bodies[i], f"load-{i}", args.stream_rate)
+        records.append(record)
+        if error:
+            errors.append(error)
 
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    open_loop = args.arrivals != "closed"
+    connector = aiohttp.TCPConnector(limit=args.num_requests if open_loop else args.concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         start = time.monotonic()
-        await asyncio.gather(*(client(session) for _ in range(args.concurrency)))
+        if open_loop:
+
+            async def send_at(i: int, at: float) -> None:
+                await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+                await send(session, i)
+
+            await asyncio.gather(*(send_at(i, at) for i, at in enumerate(arrival_times(args))))
+        else:
+            queue = list(range(args.num_requests))[::-1]
+
+            async def client() -> None:
+                while queue:
+                    await send(session, queue.pop())
+
+            await asyncio.gather(*(client() for _ in range(args.concurrency)))
         wall = time.monotonic() - start
     result = summarize(records)
-    result.update(wall_s=wall, errors=len(errors), error_examples=errors[:3])
+    result.update(wall_s=wall, errors=len(errors), error_examples=errors[:3], arrivals=args.arrivals,
+                  contention=args.contention, pace=args.pace)  # fmt: skip
     return result
+
+
+def _spin(stop: Any) -> None:
+    """A CPU-bound loop until `stop` is set (a competing process)."""
+    x = 0
+    while not stop.is_set():
+        for _ in range(100_000):
+            x = (x * 1103515245 + 12345) & 0xFFFFFFFF
+
+
+@contextlib.contextmanager
+def contention(num_processes: int) -> Iterator[None]:
+    """`num_processes` CPU-bound processes running for the duration of the block."""
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(num_processes)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving.loadtest", description="Streaming load run over HTTP.")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--num-requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt-words", type=int, default=8)
-    p.add_argument("--stream-rate", type=float, default=20.0, help="tokens/s each client reads")
-    p.add_argument("--api-key")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    p.add_argument("--model", default="tiny", help="model id sent in each request (default: %(default)s)")
+    p.add_argument("--num-requests", type=int, default=200, help="requests in all (default: %(default)s)")
+    p.add_argument("--arrivals", choices=ARRIVALS, default="closed",
+                   help="closed: --concurrency clients, one request at a time each; burst: all at t = 0; "
+                        "poisson / gamma: open-loop arrivals at --request-rate (default: %(default)s)")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=32, help="clients of a closed-loop run (default: %(default)s)")
+    p.add_argument("--request-rate", type=float, default=4.0,
+                   help="requests/s of poisson and gamma arrivals (default: %(default)s)")  # fmt: skip
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape k (1: Poisson, < 1: burstier) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default: %(default)s)")
+    p.add_argument("--prompt-words", type=int, default=8, help="words per prompt (default: %(default)s)")
+    p.add_argument(
+        "--stream-rate",
+        type=float,
+        default=20.0,
+        help="tokens/s each client reads, sent as the request's stream_rate (default: %(default)s)",
+    )
+    p.add_argument("--pace", action="store_true", help="ask the server to release tokens at the stream rate")
+    p.add_argument(
+        "--contention",
+        type=int,
+        default=0,
+        help="CPU-bound processes competing for the cores during the run (default: %(default)s)",
+    )
+    p.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--seed", type=int, default=0, help="prompts and arrival times (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the whole summary as JSON")
     return p
 
 
+def check(args: argparse.Namespace) -> None:
+    if args.num_requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
+        raise ValueError("--num-requests, --concurrency and --max-tokens must be >= 1")
+    if args.contention < 0 or args.prompt_words < 0:
+        raise ValueError("--contention and --prompt-words must be >= 0")
+    if not (math.isfinite(args.stream_rate) and args.stream_rate > 0):
+        raise ValueError(f"--stream-rate must be a positive number, got {args.stream_rate}")
+    if args.arrivals in ("poisson", "gamma") and not (math.isfinite(args.request_rate) and args.request_rate > 0):
+        raise ValueError(f"--request-rate must be a positive number, got {args.request_rate}")
+    if not (math.isfinite(args.burstiness) and args.burstiness > 0):
+        raise ValueError(f"--burstiness must be a positive number, got {args.burstiness}")
+
+
+def load(args: argparse.Namespace) -> dict[str, Any]:
+    """One load run (with its competing processes, if asked)."""
+    with contention(args.contention):
+        return asyncio.run(run_load(args))
+
+
+def report(result: dict[str, Any]) -> str:
+    return "\n".join([
+        f"requests: {result['completed']} completed, {result['errors']} errors in {result['wall_s']:.2f} s",
+        f"requests/s: {result['completed'] / result['wall_s']:.2f}",
+        f"output tokens/s: {result['total_output_tokens'] / result['wall_s']:.1f}",
+        f"TTFT p50: {result['median_ttft_ms']:.1f} ms   p99: {result['p99_ttft_ms']:.1f} ms",
+        f"ITL mean: {result['mean_itl_ms']:.2f} ms   p99: {result['p99_itl_ms']:.2f} ms",
+        f"rebuffer total: {result['rebuffer_s']:.2f} s   effective tokens/s: {result['effective_throughput']:.1f}",
+        *(f"error: {example}" for example in result["error_examples"]),
+    ])  # fmt: skip
+
+
+PER_REQUEST = ("request_ids", "ttfts", "itls", "rebuffer_per_request_s", "qoes")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
-        print("error: --num-requests, --concurrency and --max-tokens must be >= 1", file=sys.stderr)
+    try:
+        check(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    result = asyncio.run(run_load(args))
+    result = load(args)
     if args.json:
-        per_request = {"request_ids", "ttfts", "itls", "rebuffer_per_request_s", "qoes"}
-        print(json.dumps({k: v for k, v in result.items() if k not in per_request}, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k not in PER_REQUEST}, indent=2))
     else:
-        print(f"requests: {result['completed']} completed, {result['errors']} errors in {result['wall_s']:.2f} s")
-        print(f"requests/s: {result['completed'] / result['wall_s']:.2f}")
-        print(f"output tokens/s: {result['total_output_tokens'] / result['wall_s']:.1f}")
-        print(f"TTFT p50: {result['median_ttft_ms']:.1f} ms   p99: {result['p99_ttft_ms']:.1f} ms")
-        print(f"ITL mean: {result['mean_itl_ms']:.2f} ms   p99: {result['p99_itl_ms']:.2f} ms")
-        print(
-            f"rebuffer total: {result['rebuffer_s']:.2f} s   effective tokens/s: {result['effective_throughput']:.1f}"
-        )
-        for example in result["error_examples"]:
-            print(f"error: {example}")
+        print(report(result))
     return 1 if result["errors"] else 0
 
 

@@ -76,6 +76,8 @@ async def stream_events(
                 out += SSE_DONE
             await response.write(bytes(out))
             out.clear()
+            if not clock:  # paced, the server holds the buffer itself: what it sends is on time by design
+                stream.engine.report_delivery(last)
             if last.finished:
                 break
             try:

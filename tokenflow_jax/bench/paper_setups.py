@@ -172,6 +172,26 @@ def format_table(title: str, rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NO_HARM = (
+    "token and effective throughput >= 0.97x fcfs, P99 TTFT <= 1.05x, no request rebuffering more than 10% of "
+    "its playback time beyond fcfs"
+)
+
+
+def harms(row: dict[str, Any]) -> list[str]:
+    """Which of the do-no-harm rules (`NO_HARM`) a tokenflow row breaks against fcfs."""
+    broken = []
+    if not row["output_x"] >= 0.97:
+        broken.append(f"tokens {row['output_x']:.2f}x")
+    if not row["effective_x"] >= 0.97:
+        broken.append(f"effective {row['effective_x']:.2f}x")
+    if not row["p99_ttft_x"] <= 1.05:
+        broken.append(f"P99 TTFT {row['p99_ttft_x']:.2f}x")
+    if row["max_rebuffer_increase"] > 0.10:
+        broken.append(f"rebuffer +{100 * row['max_rebuffer_increase']:.0f}%")
+    return broken
+
+
 def meets_targets(row: dict[str, Any]) -> list[str]:
     """Which of the TokenFlow targets (`TARGETS`) a tokenflow row misses."""
     misses = []
@@ -298,7 +318,7 @@ def versus(rows: Sequence[dict[str, Any]], baseline: str) -> dict[str, float] | 
 def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, str]], kernels: str) -> str:
     """One table per (setup, rate mix), each followed by tokenflow against the targets and against SGLang (the
     paper's baseline), after a summary of tokenflow's ratios everywhere."""
-    tables, summary = [], []
+    tables, summary, harmed, compared = [], [], [], 0
     for setup, rates in plan:
         runs = [r for r in results if r["setup"] == setup.name and r["rates"] == rates]
         if not any(r["policy"] == "fcfs" for r in runs):
@@ -310,6 +330,9 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
         if tf is None:
             continue
         misses = meets_targets(tf)
+        compared += 1
+        if broken := harms(tf):
+            harmed.append(f"{setup.name} at {rates}: {', '.join(broken)}")
         vs = versus(rows, "sglang")
         vs_text = ("Against sglang (the paper's baseline): effective {effective:.2f}x, P99 TTFT {p99_ttft:.2f}x, "
                    "tokens {tokens:.2f}x.".format(**vs) if vs else "No sglang run.")  # fmt: skip
@@ -324,7 +347,9 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
             "| setup | rates tok/s | effective x fcfs | P99 TTFT x fcfs | tokens x fcfs | max rebuffer increase | "
             "vs sglang: effective / P99 TTFT / tokens | swaps/recomputes | targets missed |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    return "\n".join(head + summary + [""] + tables)
+    no_harm = [f"Do no harm ({NO_HARM}): holds on {compared - len(harmed)} of {compared} setup x rate pairs.",
+               *(f"- breaks on {h}" for h in harmed), ""]  # fmt: skip
+    return "\n".join(head + summary + [""] + no_harm + tables)
 
 
 def main(argv: Sequence[str] | None = None) -> str:

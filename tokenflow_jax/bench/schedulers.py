@@ -86,7 +86,7 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
         except ImportError as e:
             raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
         ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"], num_host_pages=limits["host_kv_pages"],
-                         **pools)  # fmt: skip
+                         slowdown=args.sim_slowdown, **pools)  # fmt: skip
         return ex, frozenset()
     from tokenflow_jax.engine.llm import LLM
 
@@ -222,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="naive",
         help="--paper-setup profile: this engine's naive XLA decode, or the HBM floor",
     )
+    p.add_argument(
+        "--sim-slowdown",
+        type=parse_slowdown,
+        default=(),
+        help="with --executor sim: T:FACTOR,... from T s on, every step costs FACTOR times the profile's "
+        "(e.g. 1:3 for a machine 3x slower after 1 s), as contention does; the policies only measure it",
+    )
     p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (default: 1/3 of the workload)")
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (default: the whole workload)")
     p.add_argument("--page-size", type=int, default=16)
@@ -235,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
+
+
+def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
+    """'T:FACTOR,...' -> ((T, FACTOR), ...)."""
+    try:
+        pairs = tuple((float(t), float(f)) for t, f in (item.split(":") for item in text.split(",") if item))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T:FACTOR,... (seconds:multiplier), got {text!r}") from None
+    if any(not (f > 0 and t >= 0) for t, f in pairs):
+        raise argparse.ArgumentTypeError(f"times must be >= 0 and factors > 0, got {text!r}")
+    return pairs
 
 
 def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
@@ -251,7 +269,7 @@ def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Execut
         raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
     setup = matches[0]
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
-    ex = SimExecutor(setup.profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN)
+    ex = SimExecutor(setup.profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
     limits = dict(
         kv_pages=ex.num_device_pages,
         host_kv_pages=ex.num_host_pages,

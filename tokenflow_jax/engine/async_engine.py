@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from tokenflow_jax.engine.core import TokenEvent
@@ -49,6 +50,21 @@ class StreamDelta:
     finish_reason: str | None  # "stop" (EOS or stop string), "length", "abort"
     prompt_tokens: int
     completion_tokens: int
+    created_at: float = 0.0  # time.monotonic() when the engine read the token
+
+
+class DeliveryLag:
+    """How far behind the engine clients receive their tokens: a peak that rises at once and decays slowly
+    (`decay` of the gap per sample), so a resume margin built on it covers the lag's recent swings."""
+
+    def __init__(self, decay: float = 0.02) -> None:
+        self.decay = decay
+        self.peak_s = 0.0
+
+    def add(self, lag_s: float) -> float:
+        lag_s = max(0.0, lag_s)
+        self.peak_s = lag_s if lag_s > self.peak_s else self.peak_s + self.decay * (lag_s - self.peak_s)
+        return self.peak_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +177,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # loop side: unfinished requests
         self._finish_listeners: list[Callable[[RequestRecord], None]] = []
+        self.delivery_lag = DeliveryLag()
         # Engine-thread side.
         self._live: dict[str, _LiveRequest] = {}
         self._finished_preemptions_swap = 0
@@ -228,6 +245,12 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def report_delivery(self, delta: StreamDelta) -> None:
+        """A server wrote `delta` to its client just now: fold the lag into what the policy sees (the engine thread
+        reads one float; no lock needed)."""
+        if delta.created_at:
+            self.core.delivery_lag_s = self.delivery_lag.add(time.monotonic() - delta.created_at)
 
     def add_finish_listener(self, listener: Callable[[RequestRecord], None]) -> None:
         """Call `listener(record)` on the loop for every request that ends (finished or aborted)."""
@@ -331,7 +354,7 @@ class AsyncEngine:
         text, finished, reason = token_text(self.core, event, live.detokenizer)
         outbox.append((event.request_id, StreamDelta(
             event.request_id, event.token_id, text, finished, reason if finished else None,
-            live.prompt_tokens, live.completion_tokens,
+            live.prompt_tokens, live.completion_tokens, time.monotonic(),
         )))  # fmt: skip
         if finished:
             self._retire(event.request_id, records, reason or "stop")

@@ -65,6 +65,7 @@ class EngineCore:
         # Requests whose last token is sampled but not read yet: nothing left to compute, pages already freed.
         self.draining: dict[str, Request] = {}
         self.tracker = RequestTracker()
+        self.delivery_lag_s = 0.0  # set by a server (`AsyncEngine`): how far behind the engine clients get tokens
         self.records: dict[str, RequestRecord] = {}
         self.scheduler_times_s: list[float] = []
         self.bytes_to_host = 0
@@ -216,7 +217,7 @@ class EngineCore:
 
     def step(self) -> list[TokenEvent]:
         now = self.executor.now()
-        state = SchedulerState(now, *self._queues(), self.tracker, self.executor)
+        state = SchedulerState(now, *self._queues(), self.tracker, self.executor, self.delivery_lag_s)
         t0 = time.perf_counter()
         plan = self.policy.plan(state)
         self.scheduler_times_s.append(time.perf_counter() - t0)

@@ -16,7 +16,7 @@ from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
-from tokenflow_jax.kv.pages import pages_for, pool_pages
+from tokenflow_jax.kv.pages import default_host_pages, pages_for, pool_pages
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling_params import SamplingParams
@@ -85,9 +85,10 @@ class LLM:
     """Offline and streaming generation over one model.
 
     `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output]. `kv_pages` and
-    `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences, and twice that).
-    EOS and sampling defaults are the checkpoint's (`self.generation`, see `checkpoints.generation`); a model
-    whose weights and KV pages exceed the device's free memory is refused before anything is allocated.
+    `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences; and
+    `kv.pages.default_host_pages`: twice that, or 4 GiB if more). EOS and sampling defaults are the
+    checkpoint's (`self.generation`, see `checkpoints.generation`); a model whose weights and KV pages exceed the
+    device's free memory is refused before anything is allocated.
     """
 
     def __init__(
@@ -125,7 +126,8 @@ class LLM:
         if kv_pages is None:
             kv_pages = max_num_seqs * pages_per_seq
         if host_kv_pages is None:
-            host_kv_pages = 2 * kv_pages
+            page_bytes = cfg.kv_bytes_per_token * resolve_dtype(dtype).itemsize * page_size
+            host_kv_pages = default_host_pages(kv_pages, page_bytes)
         check_fits(model, cfg, dtype, kv_pages, host_kv_pages, page_size)
         loaded = load_model(model, dtype=dtype, seed=seed)
         self.cfg, self.tokenizer, self.generation = loaded.cfg, loaded.tokenizer, loaded.generation

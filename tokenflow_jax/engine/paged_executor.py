@@ -36,20 +36,56 @@ class InFlightStep:
 
 class DecodeStepModel:
     """Least-squares fit of decode step time to (sequences, context tokens) over recent steps, so a policy can
-    predict the step, and so the decode capacity Gamma, at contexts the batch has not reached yet."""
+    predict the step, and so the decode capacity Gamma, at contexts the batch has not reached yet.
 
-    def __init__(self, window: int = 512, refit_every: int = 32) -> None:
+    The fit looks back `window` steps; the machine's speed (contention, clocks, long prefills beside the batch)
+    changes faster than that. `speed` follows it within a few steps: a moving average of measured over
+    predicted time, which scales the coefficients a policy sees (`coefficients`)."""
+
+    def __init__(
+        self,
+        window: int = 512,
+        refit_every: int | None = 32,
+        speed_weight: float = 0.2,
+        fitted: tuple[float, float, float] | None = None,
+    ) -> None:
+        """`fitted`: coefficients known beforehand; with `refit_every` None they are kept (only the speed moves)."""
         self.samples: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=window)
         self.refit_every = refit_every
-        self.coefficients: tuple[float, float, float] | None = None
+        self.fitted = fitted
+        self.speed = MovingAverage(1.0, speed_weight)
         self._since_fit = 0
+
+    @property
+    def coefficients(self) -> tuple[float, float, float] | None:
+        if self.fitted is None:
+            return None
+        slowdown = self.speed.value
+        return self.fitted[0] * slowdown, self.fitted[1] * slowdown, self.fitted[2] * slowdown
+
+    def predict(self, num_seqs: int, context_tokens: int) -> float | None:
+        if self.fitted is None:
+            return None
+        base, per_seq, per_context = self.fitted
+        return base + per_seq * num_seqs + per_context * context_tokens
 
     def add(self, num_seqs: int, context_tokens: int, seconds: float) -> None:
         self.samples.append((num_seqs, context_tokens, seconds))
+        predicted = self.predict(num_seqs, context_tokens)
+        if predicted is not None and predicted > 0:
+            self.speed.update(seconds / predicted)
         self._since_fit += 1
+        if self.refit_every is None:
+            return
         if self._since_fit >= self.refit_every and len(self.samples) >= 2 * self.refit_every:
             self._since_fit = 0
-            self.coefficients = self.fit(list(self.samples))
+            fitted = self.fit(list(self.samples))
+            if fitted is not None:
+                self.fitted = fitted
+                # Re-anchor the speed on the newest steps against the new fit (which averages older speeds in).
+                recent = [(t, self.predict(b, c)) for b, c, t in list(self.samples)[-8:]]
+                ratios = [t / p for t, p in recent if p]
+                self.speed.value = float(np.median(ratios)) if ratios else 1.0
 
     @staticmethod
     def fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:

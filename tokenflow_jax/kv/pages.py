@@ -6,10 +6,13 @@ Page 0 of every pool is the null page: padding tokens write there and nothing va
 
 from __future__ import annotations
 
+import os
 from array import array
 from collections.abc import Iterable
 
 NULL_PAGE = 0
+# The host tier's default size: vLLM's default swap space per device, capped at a quarter of the host's memory.
+HOST_TIER_BYTES = 4 << 30
 
 
 def pages_for(num_tokens: int, page_size: int) -> int:
@@ -26,3 +29,14 @@ def page_ids(pages: Iterable[int] = ()) -> array:
     """Device page ids as a flat int32 array: every step lays out the pages of every sequence it computes, and
     arrays join into one buffer in C where lists of ints convert one by one (~70x slower at 16k pages)."""
     return array("i", pages)
+
+
+def default_host_pages(device_pages: int, page_bytes: int) -> int:
+    """Usable host-tier pages when none are asked for: twice the device pool (SGLang HiCache's ratio), or as many as
+    HOST_TIER_BYTES holds, whichever is more. A paused stream keeps its KV there; a host tier too small for
+    the streams a burst starts turns every further pause into a recompute (docs/DESIGN.md section 3.15)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX host: assume the default fits
+        physical = 4 * HOST_TIER_BYTES
+    return max(2 * device_pages, min(HOST_TIER_BYTES, physical // 4) // max(1, page_bytes))

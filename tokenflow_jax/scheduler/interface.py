@@ -114,6 +114,9 @@ class SchedulerState:
     paused: Sequence[Request]
     tracker: RequestTracker
     executor: Executor
+    # How far behind the engine its clients receive tokens (a recent peak, s): a server measures it where it
+    # writes each chunk; the lag's swings are stalls the tracker cannot see, so resumes come this much earlier.
+    delivery_lag_s: float = 0.0
 
     def extra_pages_for(self, request: Request, num_new_tokens: int) -> int:
         """Device pages `request` must gain to compute `num_new_tokens` more tokens."""

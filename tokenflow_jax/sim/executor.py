@@ -11,15 +11,20 @@ a policy cannot tell the two apart except by speed. Time has three timelines:
   (Simplification: that holds back the whole batch, which only matters when a load outlasts a step; a
   2k-token Llama-3-8B request loads in ~6 ms.)
 Sampled tokens are dummies (`token_id`); give requests `ignore_eos` or a length and they run to max_tokens.
+
+`slowdown` makes the machine slower (or faster) part way through a run, as contention or thermal limits do: from
+each listed time on, every step costs that factor times the profile's. A policy learns it only by measuring.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenflow_jax.batching import SequenceChunk
-from tokenflow_jax.engine.paged_executor import PagedExecutor, SamplingRow
+from tokenflow_jax.engine.paged_executor import DecodeStepModel, PagedExecutor, SamplingRow
 from tokenflow_jax.kv.block_manager import PageCopy
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request
@@ -39,8 +44,12 @@ class SimExecutor(PagedExecutor):
         max_model_len: int = 8192,
         write_through: bool = True,
         token_id: int = 1,
+        slowdown: Sequence[tuple[float, float]] = (),
     ) -> None:
         self.profile = load_profile(profile)
+        self.slowdown = sorted((float(t), float(f)) for t, f in slowdown)
+        if any(not f > 0 for _, f in self.slowdown):
+            raise ValueError(f"slowdown factors must be > 0, got {slowdown!r}")
         device = self.profile.device_pages(page_size) if num_device_pages is None else num_device_pages
         host = self.profile.host_pages(page_size) if num_host_pages is None else num_host_pages
         super().__init__(
@@ -64,6 +73,11 @@ class SimExecutor(PagedExecutor):
         # Until a pure decode step is measured, assume a full batch at 1k context: Gamma starts conservative.
         self._decode_step.value = self.profile.step_time(max_num_seqs, max_num_seqs * 1024)
         self._prefill_per_token.value = self.profile.step_time(512, 512, 512, 512 * 512 / 2) / 512
+        # The simulator knows its own cost model: only the machine's speed is measured.
+        prof = self.profile
+        self.decode_model = DecodeStepModel(
+            refit_every=None, fitted=(prof.step_base_s, prof.step_per_token_s, prof.step_per_context_token_s)
+        )
 
     # ---- time
     def now(self) -> float:
@@ -82,10 +96,10 @@ class SimExecutor(PagedExecutor):
         # Loads queue too: a new swap waits for both engines' backlogs.
         return super()._pending_transfer_s() + max(0.0, self.load_free_at - self.clock)
 
-    def _decode_step_model(self) -> tuple[float, float, float]:
-        # The simulator knows its own cost model exactly: decode step = base + per token + per context token.
-        prof = self.profile
-        return prof.step_base_s, prof.step_per_token_s, prof.step_per_context_token_s
+    def speed_factor(self, t: float) -> float:
+        """The `slowdown` factor in force at time t (1 before the first)."""
+        i = bisect.bisect_right(self.slowdown, (t, float("inf")))
+        return self.slowdown[i - 1][1] if i else 1.0
 
     # ---- compute
     def step_time(self, chunks: list[SequenceChunk]) -> float:
@@ -98,7 +112,7 @@ class SimExecutor(PagedExecutor):
             if n > 1:
                 prefill += n
                 pairs += n * (c.start + n / 2)
-        return self.profile.step_time(tokens, context, prefill, pairs)
+        return self.profile.step_time(tokens, context, prefill, pairs) * self.speed_factor(self.clock)
 
     def _compute(
         self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str] | None = None

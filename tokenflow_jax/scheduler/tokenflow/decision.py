@@ -32,6 +32,11 @@ class Decision:
     overloaded: bool  # demand > Gamma: newcomers only take free room (with hysteresis)
     hopeless: bool  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
     spare_rate: float  # Gamma minus the working set's demand, tok/s
+    beyond_room: bool = False  # some newcomer could not be held to its end beside the started streams: as fcfs
+
+    @property
+    def as_fcfs(self) -> bool:
+        return self.hopeless or self.beyond_room
 
 
 def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_overloaded: bool) -> Decision:
@@ -41,11 +46,14 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     trade places every decision, and swap-ins are capped at `io_fraction` of an interval of load time
     (streams about to run dry come back regardless). `was_overloaded` is the last decision's overload flag,
     for hysteresis."""
-    cfg, lead_s = config, resume_lead_s(config, est)
+    cfg, lead_s = config, resume_lead_s(config, est, snap.delivery_lag_s)
     # Working set: how many may run.
     working_set = adapt_working_set(snap, cfg.adaptation_rate)
     # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.
     overloaded, hopeless, spare_rate = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
+    # Room: a newcomer the engine cannot hold beside the started streams would be paused by recompute, again and
+    # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
+    beyond_room = not started_room(snap).all()
     newcomers = held_newcomers(snap, overloaded, spare_rate)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     ranking, gate = rank(snap, est, cfg, lead_s, newcomers), Gate(est, cfg.mu, lead_s)
@@ -54,6 +62,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
                                cfg.io_fraction * cfg.reschedule_interval, gate)  # fmt: skip
     victims: tuple[str, ...] = ()
     give_way_at = math.inf
+    free_room = newcomers  # newcomers that take only free room, in arrival order
     if chosen is None:  # every contender fits: nobody to pause
         running = list(map(rids.__getitem__, order.tolist()))
         count = order.size
@@ -65,15 +74,20 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
         # A newcomer waits (and the plan is not fcfs's, which admits by memory alone).
         if not hopeless and left_out.size and left_out.max() >= snap.holding_kv:
             give_way_at = snap.now + give_way_in_s(snap, ranking, chosen, est, cfg)
-        if newcomers.size:  # they get what is left after the room left-out paused streams will need back
+        # Newcomers the fill left out (W, slots) still take free room now, as fcfs would: waiting for a stream to
+        # give way while pages sit free only delays their first token.
+        left_new = left_out[left_out >= snap.holding_kv]
+        left_new = left_new[snap.block[NUM_GENERATED].take(left_new) == 0]
+        if left_new.size:
+            free_room = np.union1d(newcomers, left_new)
+        if free_room.size:  # they get what is left after the room left-out paused streams will need back
             left_out_paused = left_out[left_out >= snap.num_running]
             left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
             used += int(snap.pages.take(left_out_paused).sum())
             count = int(chosen.sum()) + left_out_paused.size
-    # Newcomers held back by schedulability fill free room.
-    if newcomers.size:
-        running += fill_free_room(snap, newcomers, used, count)
-    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate)
+    if free_room.size:
+        running += fill_free_room(snap, free_room, used, count)
+    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, beyond_room)
 
 
 def adapt_working_set(snap: Snapshot, adaptation_rate: float) -> float:
@@ -106,13 +120,21 @@ def schedulability(
 ) -> tuple[bool, bool, float]:
     """(overloaded, hopeless, spare rate): the working set's rates against Gamma at its projected context;
     hopeless when even its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
-    size = snap.holding_kv or len(snap.reqs)
+    # The started streams: running, paused, and those waiting to recompute (a reader is owed their tokens too).
+    block = snap.block
+    if snap.holding_kv:
+        started = block[NUM_GENERATED, snap.holding_kv :] > 0
+        if started.any():
+            block = np.concatenate((block[:, : snap.holding_kv], block[:, snap.holding_kv :][:, started]), axis=1)
+        else:
+            block = block[:, : snap.holding_kv]
+    size = block.shape[1]
     hopeless, seqs, step_s = False, 0, 0.0
-    sums = snap.block[:, :size].sum(axis=1)
+    sums = block.sum(axis=1)
     if size:
         mean_context = float(sums[PROMPT_LEN] + (sums[NUM_GENERATED] + sums[MAX_TOKENS]) / 2) / size
         seqs, step_s = projected_step(snap, est, size, mean_context)
-        hopeless = float(snap.block[RATE, :size].min()) * step_s >= 1.0
+        hopeless = float(block[RATE].min()) * step_s >= 1.0
     if not snap.num_running:
         return False, hopeless, math.inf
     demand, capacity = float(sums[RATE]), seqs / max(step_s, 1e-9)  # the working set's demand, Gamma
@@ -128,6 +150,19 @@ def projected_step(snap: Snapshot, est: CostEstimates, num_requests: int, mean_c
     fits = max(1, int(snap.num_device_pages // pages_for(math.ceil(mean_context), snap.page_size)))
     seqs = min(num_requests, snap.max_num_seqs, fits)
     return seqs, est.decode_step_at(seqs, int(mean_context * seqs))
+
+
+def started_room(snap: Snapshot) -> np.ndarray:
+    """Which newcomers (in arrival order, a mask) the engine can still hold to their end beside every stream
+    already started: each at its peak (prompt + max_tokens), on the host tier (where write-through keeps a copy
+    of the running ones too) or, where that is smaller, the device. A stream started beyond that could only be
+    paused by recompute, over and over (docs/DESIGN.md section 3.15)."""
+    block, page_size = snap.block, snap.page_size
+    peak = np.ceil((block[PROMPT_LEN] + block[MAX_TOKENS]) / page_size)
+    newcomer = block[NUM_GENERATED] == 0
+    newcomer[: snap.holding_kv] = False
+    room = max(snap.num_host_pages, snap.num_device_pages) - float(peak[~newcomer].sum())
+    return np.cumsum(peak[newcomer]) <= room
 
 
 def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.ndarray:

@@ -44,7 +44,7 @@ class TokenFlowPolicy:
             return self._schedule(state, est, [], [], fcfs=True)
         if self.clock.due(state, est, self._wanted):
             self.rebalance(state, est)
-        if self.decision is not None and self.decision.hopeless:  # no order keeps anyone fed: exactly fcfs
+        if self.decision is not None and self.decision.as_fcfs:  # no order keeps anyone fed, or no room: fcfs
             self._wanted, self._victims = {}, ()
             return self._fcfs.plan(state)
         # This step: everyone running steps; entrants come in by urgency, taking a victim's room only if needed.

@@ -11,9 +11,10 @@ from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
 
 
-def resume_lead_s(config: TokenFlowConfig, est: CostEstimates) -> float:
-    """How long before a paused reader runs dry (beyond its load time) the stream must be back."""
-    return max(config.resume_margin_s, 2 * est.decode_step_s)
+def resume_lead_s(config: TokenFlowConfig, est: CostEstimates, delivery_lag_s: float = 0.0) -> float:
+    """How long before a paused reader runs dry (beyond its load time) the stream must be back: the margin (at
+    least two steps), plus the delivery lag clients see on top of the engine (`SchedulerState.delivery_lag_s`)."""
+    return max(config.resume_margin_s, 2 * est.decode_step_s) + delivery_lag_s
 
 
 class DecisionClock:
@@ -50,7 +51,7 @@ class DecisionClock:
             return True
         # A paused reader is about to run dry (within its load time and the lead) and no decision has called it
         # back yet. Paused, it gets no tokens: it runs dry at its newest token's read time (at once if none).
-        lead, page_size = resume_lead_s(self.config, est), state.executor.page_size
+        lead, page_size = resume_lead_s(self.config, est, state.delivery_lag_s), state.executor.page_size
         tracker, now, per_page = state.tracker, state.now, est.swap_in_per_page_s
         for r in state.paused:
             if r.request_id not in wanted:
