@@ -80,6 +80,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.kv.pages",
             "tokenflow_jax.config",
             "tokenflow_jax.reader",
+            "tokenflow_jax.estimators",
             "tokenflow_jax.sampling_params",
             "tokenflow_jax.workloads",
             "pallas_kernels",

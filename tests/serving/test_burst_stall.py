@@ -1,10 +1,10 @@
 """The streaming promise as a client sees it: a burst of streams through the real server (a subprocess) and a
-real aiohttp client reading each stream at its rate. TokenFlow must not make clients stall more than fcfs does (before the host-room rule
-and the demand of recomputing streams counted, the 96-stream version stalled 277 s against fcfs's 5 s idle).
+real aiohttp client reading each stream at its rate. TokenFlow must not make clients stall more than fcfs does
+(before the host-room rule and the started streams' demand were counted, the 96-stream version stalled 277 s
+against fcfs's 5 s, idle).
 
 No speed is asserted: both policies run the same burst on the same machine, one after the other, and only
-their client-side stalls are compared, with slack for the noise of a shared CI machine. (With two CPU-bound
-processes competing for the cores, tokenflow still stalls more than fcfs: BENCHMARKS.md, HTTP burst.)"""
+their client-side stalls are compared, with slack for the noise of a shared CI machine."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from tokenflow_jax.engine.core import TokenEvent
 from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.estimators import DecayingPeak
 from tokenflow_jax.metrics import RequestRecord, rebuffer_seconds
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling_params import SamplingParams
@@ -51,20 +52,6 @@ class StreamDelta:
     prompt_tokens: int
     completion_tokens: int
     created_at: float = 0.0  # time.monotonic() when the engine read the token
-
-
-class DeliveryLag:
-    """How far behind the engine clients receive their tokens: a peak that rises at once and decays slowly
-    (`decay` of the gap per sample), so a resume margin built on it covers the lag's recent swings."""
-
-    def __init__(self, decay: float = 0.02) -> None:
-        self.decay = decay
-        self.peak_s = 0.0
-
-    def add(self, lag_s: float) -> float:
-        lag_s = max(0.0, lag_s)
-        self.peak_s = lag_s if lag_s > self.peak_s else self.peak_s + self.decay * (lag_s - self.peak_s)
-        return self.peak_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +164,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # loop side: unfinished requests
         self._finish_listeners: list[Callable[[RequestRecord], None]] = []
-        self.delivery_lag = DeliveryLag()
+        self.delivery_lag = DecayingPeak()  # how far behind the engine clients get tokens, s
         # Engine-thread side.
         self._live: dict[str, _LiveRequest] = {}
         self._finished_preemptions_swap = 0
@@ -250,7 +237,7 @@ class AsyncEngine:
         """A server wrote `delta` to its client just now: fold the lag into what the policy sees (the engine thread
         reads one float; no lock needed)."""
         if delta.created_at:
-            self.core.delivery_lag_s = self.delivery_lag.add(time.monotonic() - delta.created_at)
+            self.core.delivery_lag_s = self.delivery_lag.add(max(0.0, time.monotonic() - delta.created_at))
 
     def add_finish_listener(self, listener: Callable[[RequestRecord], None]) -> None:
         """Call `listener(record)` on the loop for every request that ends (finished or aborted)."""

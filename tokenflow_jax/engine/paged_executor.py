@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokenflow_jax.batching import SequenceChunk
+from tokenflow_jax.estimators import DecayingPeak, MovingAverage
 from tokenflow_jax.kv.block_manager import KVBlockManager, PageCopy
 from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.interface import CostEstimates, StepPlan, StepResult
@@ -53,7 +54,9 @@ class DecodeStepModel:
         self.samples: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=window)
         self.refit_every = refit_every
         self.fitted = fitted
-        self.speed = MovingAverage(1.0, speed_weight)
+        # Slower at once, faster slowly: a noisy host's momentarily fast steps must not promise capacity (each
+        # promise starts streams that a slower step then cannot feed).
+        self.speed = MovingAverage(1.0, speed_weight, speed_weight / 4)
         self._since_fit = 0
 
     @property
@@ -81,11 +84,8 @@ class DecodeStepModel:
             self._since_fit = 0
             fitted = self.fit(list(self.samples))
             if fitted is not None:
+                # Keep the speed as it is: the new fit averages older speeds in, and the speed moves on from here.
                 self.fitted = fitted
-                # Re-anchor the speed on the newest steps against the new fit (which averages older speeds in).
-                recent = [(t, self.predict(b, c)) for b, c, t in list(self.samples)[-8:]]
-                ratios = [t / p for t, p in recent if p]
-                self.speed.value = float(np.median(ratios)) if ratios else 1.0
 
     @staticmethod
     def fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:
@@ -95,15 +95,6 @@ class DecodeStepModel:
             return None  # all steps alike so far: nothing to extrapolate from
         coef = np.linalg.lstsq(x, y, rcond=None)[0]
         return float(max(coef[0], 0.0)), float(max(coef[1], 0.0)), float(max(coef[2], 0.0))
-
-
-class MovingAverage:
-    def __init__(self, initial: float, weight: float = 0.2) -> None:
-        self.value, self.weight = initial, weight
-
-    def update(self, x: float) -> float:
-        self.value += self.weight * (x - self.value)
-        return self.value
 
 
 class PagedExecutor:
@@ -136,11 +127,12 @@ class PagedExecutor:
         self.max_transfer_pages = max_transfer_pages
         self.bytes_to_host = 0
         self.bytes_to_device = 0
-        self._decode_step = MovingAverage(0.01)
+        self._decode_step = MovingAverage(0.01, 0.2, 0.05)  # as `DecodeStepModel.speed`
         self._prefill_per_token = MovingAverage(0.001)
         self._d2h_per_page = MovingAverage(1e-5)
         self._h2d_per_page = MovingAverage(1e-5)
         self.decode_model = DecodeStepModel()
+        self._step_peak = DecayingPeak()  # of every step's duration, prefill chunks included
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
         self._host_copy_of: dict[str, Any] = {}  # request id -> ticket of the latest copy into its host pages
@@ -202,6 +194,7 @@ class PagedExecutor:
             pending_transfer_s=self._pending_transfer_s(),
             decode_capacity_tok_s=self.max_num_seqs / max(step, 1e-6),
             decode_step_model=self._decode_step_model(),
+            step_peak_s=self._step_peak.value,
         )
 
     def _pending_transfer_s(self) -> float:
@@ -251,6 +244,7 @@ class PagedExecutor:
         # Back to back, a step's duration is the gap between reads; after an idle gap, from its dispatch.
         elapsed = end - max(step.dispatched_at, self._last_resolved_at)
         self._last_resolved_at = end
+        self._step_peak.add(elapsed)
         if step.decode:
             self._decode_step.update(elapsed)
             self.decode_model.add(step.num_tokens, step.context_tokens, elapsed)

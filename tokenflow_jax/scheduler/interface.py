@@ -70,6 +70,9 @@ class CostEstimates:
     # Decode step model fitted to measured steps: seconds = base + per_seq * seqs + per_context_token * context.
     # None until enough steps are measured; then `decode_step_at` falls back to the last step's time.
     decode_step_model: tuple[float, float, float] | None = None
+    # A recent peak of step durations (prefill chunks, stalls of the host included): how long a resumed stream
+    # may wait for its next token when steps swing.
+    step_peak_s: float = 0.0
 
     def decode_step_at(self, num_seqs: int, context_tokens: int) -> float:
         """Predicted decode step time for `num_seqs` sequences holding `context_tokens` tokens in all."""

@@ -46,7 +46,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     trade places every decision, and swap-ins are capped at `io_fraction` of an interval of load time
     (streams about to run dry come back regardless). `was_overloaded` is the last decision's overload flag,
     for hysteresis."""
-    cfg, lead_s = config, resume_lead_s(config, est, snap.delivery_lag_s)
+    cfg, lead_s = config, resume_lead_s(config, est, snap.slack_s)
     # Working set: how many may run.
     working_set = adapt_working_set(snap, cfg.adaptation_rate)
     # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Sequence
 
+from tokenflow_jax.estimators import DecayingPeak
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.scheduler.budget import admit_in_order, budget_for, write_through_order
@@ -36,13 +37,19 @@ class TokenFlowPolicy:
         self._wanted: dict[str, int] = {}
         self._victims: tuple[str, ...] = ()
         self._fcfs = FCFSPolicy()
+        # Started streams a decision called back (paused, or waiting to recompute) -> when: how long a call-back
+        # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
+        self._called_back: dict[str, float] = {}
+        self.resume_delay = DecayingPeak()
 
     def plan(self, state: SchedulerState) -> StepPlan:
         est = state.executor.estimates()
+        if self._called_back:
+            self._note_resumes(state)
         if not self.clock.stressed(state):  # no stress: fcfs's admission, no decision in force
             self._wanted, self._victims = {}, ()
             return self._schedule(state, est, [], [], fcfs=True)
-        if self.clock.due(state, est, self._wanted):
+        if self.clock.due(state, est, self._wanted, self.slack_s(state)):
             self.rebalance(state, est)
         if self.decision is not None and self.decision.as_fcfs:  # no order keeps anyone fed, or no room: fcfs
             self._wanted, self._victims = {}, ()
@@ -59,11 +66,15 @@ class TokenFlowPolicy:
         """Take a decision now (timed into `decision_log`) and put it in force."""
         t0 = time.perf_counter()
         self.decisions += 1
-        snap = Snapshot.take(state)
+        snap = Snapshot.take(state, self.slack_s(state))
         self.decision = decide(snap, est, self.config, self.decision is not None and self.decision.overloaded)
         self.clock.decided(state.now, self.decision.give_way_at)
         self._wanted = {rid: i for i, rid in enumerate(self.decision.running)}
         self._victims = self.decision.victims
+        tracker = state.tracker
+        for rid in self.decision.running[: len(snap.reqs)]:
+            if rid not in self._called_back and rid in tracker and tracker[rid].num_generated:
+                self._called_back[rid] = state.now  # running ones drop out at the next step
         self.decision_log.append((len(snap.reqs), time.perf_counter() - t0))
         return self.decision
 
@@ -130,6 +141,24 @@ class TokenFlowPolicy:
             self._wanted.pop(rid, None)
         plan.sync_order = write_through_order(state, plan)
         return plan
+
+    def slack_s(self, state: SchedulerState) -> float:
+        """What the resume lead adds to the margin: the clients' delivery lag and how long call-backs take."""
+        return state.delivery_lag_s + self.resume_delay.value
+
+    def _note_resumes(self, state: SchedulerState) -> None:
+        """Fold the streams called back that run again (their wait) into `resume_delay`; forget the rest that
+        are no longer off the device."""
+        off_device = {r.request_id for r in state.paused}
+        off_device.update(r.request_id for r in state.waiting)
+        running = {r.request_id for r in state.running}
+        for rid, since in list(self._called_back.items()):
+            if rid in running:
+                if since < state.now:
+                    self.resume_delay.add(state.now - since)
+                del self._called_back[rid]
+            elif rid not in off_device:
+                del self._called_back[rid]
 
     @staticmethod
     def _largest_buffer(state: SchedulerState, running: list[Request]) -> Request:

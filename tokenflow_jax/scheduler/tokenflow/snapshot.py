@@ -35,10 +35,10 @@ class Snapshot:
     max_num_seqs: int
     host_free: int  # free host pages: a pause by swap needs room there
     num_host_pages: int = 0  # 0: no host tier
-    delivery_lag_s: float = 0.0  # `SchedulerState.delivery_lag_s`
+    slack_s: float = 0.0  # added to the resume lead (`timing.resume_lead_s`)
 
     @classmethod
-    def take(cls, state: SchedulerState) -> Snapshot:
+    def take(cls, state: SchedulerState, slack_s: float = 0.0) -> Snapshot:
         ex = state.executor
         reqs = [*state.running, *state.paused, *state.waiting]
         rids = [r.request_id for r in reqs]
@@ -49,7 +49,7 @@ class Snapshot:
         np.ceil(pages, out=pages)  # exact: a quotient of integers is never within rounding of the next integer
         return cls(reqs, rids, len(state.running), len(state.paused), block, np.maximum(dry_in, 0.0, out=dry_in),
                    context, pages, state.now, ex.page_size, ex.num_device_pages, ex.max_num_seqs,
-                   ex.free_host_pages(), ex.num_host_pages, state.delivery_lag_s)  # fmt: skip
+                   ex.free_host_pages(), ex.num_host_pages, slack_s)  # fmt: skip
 
     @property
     def holding_kv(self) -> int:

@@ -11,10 +11,11 @@ from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
 
 
-def resume_lead_s(config: TokenFlowConfig, est: CostEstimates, delivery_lag_s: float = 0.0) -> float:
-    """How long before a paused reader runs dry (beyond its load time) the stream must be back: the margin (at
-    least two steps), plus the delivery lag clients see on top of the engine (`SchedulerState.delivery_lag_s`)."""
-    return max(config.resume_margin_s, 2 * est.decode_step_s) + delivery_lag_s
+def resume_lead_s(config: TokenFlowConfig, est: CostEstimates, slack_s: float = 0.0) -> float:
+    """How long before a paused reader runs dry (beyond its load time) the stream must be back: the margin, at
+    least two steps as long as the recent peak step (a host that stalls now and then stalls a resume too), plus
+    `slack_s` (`TokenFlowPolicy.slack_s`: the clients' delivery lag, how long call-backs take to run)."""
+    return max(config.resume_margin_s, 2 * max(est.decode_step_s, est.step_peak_s)) + slack_s
 
 
 class DecisionClock:
@@ -41,7 +42,7 @@ class DecisionClock:
             )
         return self._critical
 
-    def due(self, state: SchedulerState, est: CostEstimates, wanted: Container[str]) -> bool:
+    def due(self, state: SchedulerState, est: CostEstimates, wanted: Container[str], slack_s: float = 0.0) -> bool:
         """On an arrival or a finish, every `reschedule_interval`, when a stream could give way, or when a paused
         stream the last decision did not call back (`wanted`) is about to run dry."""
         # An arrival or a finish: the tracker follows the live requests (a set of them per iteration cost more).
@@ -51,7 +52,7 @@ class DecisionClock:
             return True
         # A paused reader is about to run dry (within its load time and the lead) and no decision has called it
         # back yet. Paused, it gets no tokens: it runs dry at its newest token's read time (at once if none).
-        lead, page_size = resume_lead_s(self.config, est, state.delivery_lag_s), state.executor.page_size
+        lead, page_size = resume_lead_s(self.config, est, slack_s), state.executor.page_size
         tracker, now, per_page = state.tracker, state.now, est.swap_in_per_page_s
         for r in state.paused:
             if r.request_id not in wanted:

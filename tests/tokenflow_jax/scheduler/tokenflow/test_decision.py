@@ -115,7 +115,11 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     for c, keep in zip(contenders, chosen, strict=True):  # left-out paused streams will need their room back
         if not keep and c["req"].status is paused:
             used, count = used + c["pages"], count + 1
-    for c in newcomers:  # held back by schedulability: free room only, in arrival order
+    # Held back by schedulability, or left out by the fill (W, slots): free room only, in arrival order.
+    left_out_new = [c for c, keep in zip(contenders, chosen, strict=True)
+                    if not keep and c["req"].status is RequestStatus.WAITING and not c["req"].output_ids]  # fmt: skip
+    arrival_order = {r.request_id: i for i, r in enumerate(state.waiting)}
+    for c in sorted(newcomers + left_out_new, key=lambda c: arrival_order[c["req"].request_id]):
         if count >= ex.max_num_seqs or used + c["pages"] > capacity:
             break
         used, count = used + c["pages"], count + 1
