@@ -53,7 +53,8 @@ def model_info(llm: LLM, name: str) -> ModelInfo:
     def encode_chat(messages: list[dict[str, Any]]) -> list[int]:
         return tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=not templated)
 
-    return ModelInfo(name, llm.executor.max_model_len, llm.cfg.vocab_size, llm.encode_prompt, encode_chat)
+    return ModelInfo(name, llm.executor.max_model_len, llm.cfg.vocab_size, llm.encode_prompt, encode_chat,
+                     sampling_defaults=llm.generation.sampling)  # fmt: skip
 
 
 # ---- middlewares
@@ -189,7 +190,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> web.Application:
         engine=engine,
         config=config,
         model=model_info(engine.llm, config.model_name),
-        metrics=ServingMetrics(engine),
+        metrics=ServingMetrics(engine, config.model_name),
         default_rate=engine.llm.default_rate,
         created=int(time.time()),
     )
