@@ -1,12 +1,14 @@
 """Every engine feature on at once: the TokenFlow policy pausing streams for newcomers, swap and recompute, a
-host tier too small for everyone (swaps fall back to recompute), pipelined steps, small pages, greedy and seeded
-sampled requests side by side. Outputs must equal each request run alone, and no page may leak."""
+host tier too small for the burst (the policy plans as fcfs, and its swaps fall back to recompute), pipelined
+steps, small pages, greedy and seeded sampled requests side by side. Outputs must equal each request run alone,
+and no page may leak."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+import pytest
 
 from tokenflow_jax import LLM
 from tokenflow_jax.sampling_params import SamplingParams
@@ -16,20 +18,25 @@ GREEDY = SamplingParams(max_tokens=14, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=14, ignore_eos=True, temperature=0.8, top_k=50, top_p=0.9)
 
 
-def test_a_burst_with_every_feature_on_matches_each_request_alone() -> None:
+@pytest.mark.parametrize(
+    ("host_pages", "exercised"),
+    [
+        (40, "swaps"),  # room on the host for the burst: tokenflow pauses running streams by swap for newcomers
+        (12, "recomputes"),  # too small: planned as fcfs; preemption="swap" tries the host, finds it full, recomputes
+    ],
+)
+def test_a_burst_with_every_feature_on_matches_each_request_alone(host_pages: int, exercised: str) -> None:
     rng = np.random.default_rng(11)
     prompts = [[int(t) for t in rng.integers(0, 256, int(rng.integers(4, 18)))] for _ in range(10)]
     samplings = [GREEDY if i % 2 else dataclasses.replace(SAMPLED, seed=100 + i) for i in range(10)]
     # Readers at 2 tok/s: a running stream builds seconds of buffer at once, so newcomers take its place.
-    # preemption="swap": every pause tries the host tier first; with 12 host pages some find it full and fall
-    # back to recompute, so both kinds happen.
-    llm = LLM("tiny-random", scheduler="tokenflow", preemption="swap", kv_pages=24, host_kv_pages=12, **ENGINE,
-              scheduler_config={"reschedule_interval": 0.05})  # fmt: skip
+    llm = LLM("tiny-random", scheduler="tokenflow", preemption="swap", kv_pages=24, host_kv_pages=host_pages,
+              **ENGINE, scheduler_config={"reschedule_interval": 0.05})  # fmt: skip
     outs = llm.generate(prompts, samplings, rates=[2.0] * len(prompts))
     records = list(llm.core.records.values())
-    swaps = sum(r.preemptions_swap for r in records)
-    recomputes = sum(r.preemptions_recompute for r in records)
-    assert swaps > 0 and recomputes > 0, f"{swaps} swaps, {recomputes} recomputes: a path went unexercised"
+    counts = {"swaps": sum(r.preemptions_swap for r in records),
+              "recomputes": sum(r.preemptions_recompute for r in records)}  # fmt: skip
+    assert counts[exercised] > 0, f"{counts}: the path went unexercised"
     assert llm.executor.page_usage()[0] == 0 and llm.executor.page_usage()[2] == 0  # nothing leaked
     alone = LLM("tiny-random", scheduler="fcfs", kv_pages=64, host_kv_pages=0, **ENGINE)
     for prompt, sampling, out in zip(prompts, samplings, outs, strict=True):
