@@ -1,7 +1,8 @@
 """The streaming promise as a client sees it: a burst of streams through the real server (a subprocess) and a
-real aiohttp client reading each stream at its rate. TokenFlow must not make clients stall more than fcfs does
-(before the host-room rule and the started streams' demand were counted, the 96-stream version stalled 277 s
-against fcfs's 5 s, idle).
+real aiohttp client reading each stream at its rate, on an idle machine and with two CPU-bound processes
+competing for the cores. TokenFlow must not make clients stall more than fcfs does (before the host-room rule,
+the started streams' demand and the slow-side estimates, the 96-stream version stalled 277-327 s against
+fcfs's 5 s idle, 352 s against 19 s contended).
 
 No speed is asserted: both policies run the same burst on the same machine, one after the other, and only
 their client-side stalls are compared, with slack for the noise of a shared CI machine."""
@@ -27,13 +28,13 @@ def stalls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str,
     logs = tmp_path_factory.mktemp("burst")
     for policy in ("tokenflow", "fcfs"):
         with running_server([*SERVER, "--scheduler", policy], logs / f"{policy}.log") as url:
-            for competing in (0,):
+            for competing in (0, 2):
                 args = loadtest.build_parser().parse_args(["--url", url, *BURST, "--contention", str(competing)])
                 results[policy, competing] = loadtest.load(args)
     yield results
 
 
-@pytest.mark.parametrize("competing", [0])
+@pytest.mark.parametrize("competing", [0, 2])
 def test_tokenflow_stalls_clients_no_more_than_fcfs(stalls, competing):
     tokenflow, fcfs = stalls["tokenflow", competing], stalls["fcfs", competing]
     for summary in (tokenflow, fcfs):
