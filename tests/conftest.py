@@ -18,22 +18,17 @@ import pytest
 HF_VOCAB_SIZE = 300
 HF_BOS_ID, HF_EOS_ID = 256, 257
 
+# original_max_position_embeddings 16 puts every frequency in the scaled or smoothed band at our positions.
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}  # fmt: skip
+
 # Variant -> (model family, config overrides, max_shard_size for save_pretrained or None for one file).
 HF_VARIANTS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "llama": ("llama", {}, None),
     "llama_tied": ("llama", {"tie_word_embeddings": True}, None),
-    # original_max_position_embeddings 16 puts every frequency in the scaled or smoothed band at our positions.
     "llama3_rope": (
         "llama",
-        {
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            }
-        },
+        {"rope_scaling": LLAMA3_ROPE_SCALING},
         None,
     ),
     "qwen2_sharded": ("qwen2", {}, "100KB"),

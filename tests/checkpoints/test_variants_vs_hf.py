@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from checkpoints import CheckpointError, load_hf_config
-from tests.conftest import HF_BOS_ID, build_hf_model, save_hf_model
+from tests.conftest import HF_BOS_ID, LLAMA3_ROPE_SCALING, build_hf_model, save_hf_model
 from tokenflow_jax import LLM
 from tokenflow_jax.model import rope_frequencies
 from tokenflow_jax.sampling_params import SamplingParams
@@ -35,15 +35,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str, str | None]] = {
     "rope_dynamic": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "float32", None),
     "rope_llama3": (
         "llama",
-        {
-            "rope_scaling": {
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16,
-            }
-        },
+        {"rope_scaling": LLAMA3_ROPE_SCALING},
         "float32",
         None,
     ),  # fmt: skip
