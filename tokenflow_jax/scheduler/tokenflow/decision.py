@@ -53,7 +53,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     overloaded, hopeless, spare_rate = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
     # Room: a newcomer the engine cannot hold beside the started streams would be paused by recompute, again and
     # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
-    beyond_room = not started_room(snap).all()
+    room_short = beyond_room(snap)
     newcomers = held_newcomers(snap, overloaded, spare_rate)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     ranking, gate = rank(snap, est, cfg, lead_s, newcomers), Gate(est, cfg.mu, lead_s)
@@ -87,7 +87,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
             count = int(chosen.sum()) + left_out_paused.size
     if free_room.size:
         running += fill_free_room(snap, free_room, used, count)
-    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, beyond_room)
+    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short)
 
 
 def adapt_working_set(snap: Snapshot, adaptation_rate: float) -> float:
@@ -152,17 +152,14 @@ def projected_step(snap: Snapshot, est: CostEstimates, num_requests: int, mean_c
     return seqs, est.decode_step_at(seqs, int(mean_context * seqs))
 
 
-def started_room(snap: Snapshot) -> np.ndarray:
-    """Which newcomers (in arrival order, a mask) the engine can still hold to their end beside every stream
-    already started: each at its peak (prompt + max_tokens), on the host tier (where write-through keeps a copy
-    of the running ones too) or, where that is smaller, the device. A stream started beyond that could only be
-    paused by recompute, over and over (docs/DESIGN.md section 3.15)."""
-    block, page_size = snap.block, snap.page_size
-    peak = np.ceil((block[PROMPT_LEN] + block[MAX_TOKENS]) / page_size)
-    newcomer = block[NUM_GENERATED] == 0
-    newcomer[: snap.holding_kv] = False
-    room = max(snap.num_host_pages, snap.num_device_pages) - float(peak[~newcomer].sum())
-    return np.cumsum(peak[newcomer]) <= room
+def beyond_room(snap: Snapshot) -> bool:
+    """Whether the engine could not hold every live request to its end if all were started now: their projected
+    peak footprint (`projected_peak_pages`: finishes are staggered) against the host tier (where write-through
+    keeps a copy of the running ones too) or, where that is larger, the device. A stream started beyond that
+    room could only be paused by recompute, over and over (docs/DESIGN.md section 3.15)."""
+    if not snap.holding_kv and len(snap.reqs) <= 1:
+        return False
+    return projected_peak_pages(snap) > max(snap.num_host_pages, snap.num_device_pages)
 
 
 def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.ndarray:
