@@ -143,7 +143,11 @@ class TokenFlowPolicy:
         return plan
 
     def slack_s(self, state: SchedulerState) -> float:
-        """What the resume lead adds to the margin: the clients' delivery lag and how long call-backs take."""
+        """What the resume lead adds to the margin: the clients' delivery lag and how long call-backs take. While
+        overloaded, call-backs wait in a queue that a longer lead only lengthens (more streams due at once), so
+        the delay counts only when the machine keeps up (on a noisy host it is the host's jitter)."""
+        if self.decision is not None and self.decision.overloaded:
+            return state.delivery_lag_s
         return state.delivery_lag_s + self.resume_delay.value
 
     def _note_resumes(self, state: SchedulerState) -> None:
@@ -154,7 +158,7 @@ class TokenFlowPolicy:
         running = {r.request_id for r in state.running}
         for rid, since in list(self._called_back.items()):
             if rid in running:
-                if since < state.now:
+                if since < state.now and not (self.decision is not None and self.decision.overloaded):
                     self.resume_delay.add(state.now - since)
                 del self._called_back[rid]
             elif rid not in off_device:
