@@ -214,22 +214,27 @@ def print_report(r: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.engine_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batches", default="16,64")
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--swap-pages", default="64,512")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--attention", choices=["reference", "pallas", "pallas_interpret"])
-    p.add_argument("--offline-requests", type=int, default=32)
-    p.add_argument("--offline-tokens", type=int, default=128)
+    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.engine_bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="tiny", help="preset or checkpoint folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV")
+    p.add_argument("--batches", default="16,64", help="decode batch sizes to time")
+    p.add_argument("--context", type=int, default=256, help="tokens per sequence in the decode steps")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--swap-pages", default="64,512", help="pages per swap to time, each way")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per figure")
+    p.add_argument(
+        "--attention",
+        choices=["reference", "pallas", "pallas_interpret"],
+        help="None: Pallas on a GPU, the XLA reference elsewhere",
+    )
+    p.add_argument("--offline-requests", type=int, default=32, help="requests of the offline run (0: skip it)")
+    p.add_argument("--offline-tokens", type=int, default=128, help="tokens per request of the offline run")
     p.add_argument("--vs-hf", action="store_true", help="engine against HF transformers' generate (see bench.vs_hf)")
     p.add_argument("--vs-hf-batch", type=int, default=32, help="--vs-hf: requests in the fixed and mixed workloads")
     p.add_argument("--vs-hf-tokens", type=int, default=128, help="--vs-hf: tokens per request (fixed, batch 1)")
     p.add_argument("--vs-hf-rounds", type=int, default=3, help="--vs-hf: alternating rounds per workload")
-    p.add_argument("--out")
+    p.add_argument("--out", help="write the results as JSON here")
     p.add_argument(
         "--profile-out",
         "--profile",

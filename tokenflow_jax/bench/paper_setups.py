@@ -353,7 +353,8 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.paper_setups", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.paper_setups", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--full", action="store_true", help="every rate mix and Qwen2.5-32B everywhere it fits")
     p.add_argument(
         "--kernels",
@@ -361,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         default="naive",
         help="cost profile: docs/REFERENCE.md naive XLA decode fit, or the HBM floor",
     )
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     p.add_argument("--only", default="", help="keep setups whose name contains this text")
     p.add_argument("--rates", nargs="*", help="keep only these rate mixes, e.g. 20 '15:0.4,20:0.6'")
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")

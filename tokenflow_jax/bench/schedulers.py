@@ -189,11 +189,12 @@ def write_results(out: Path, runs: Sequence[SchedulerRun], config: dict[str, Any
 
 # ---- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--model", default="tiny", help="preset or checkpoint folder (engine executor)")
     p.add_argument("--workload", default="burst", help="burst, poisson, gamma or trace:PATH")
-    p.add_argument("--num-requests", type=int, default=48)
-    p.add_argument("--burst-size", type=int, default=None, help="requests per burst (default: all in one)")
+    p.add_argument("--num-requests", type=int, default=48, help="requests in the workload")
+    p.add_argument("--burst-size", type=int, default=None, help="requests per burst (None: all in one)")
     p.add_argument("--burst-interval", type=float, default=10.0, help="seconds between bursts")
     p.add_argument("--request-rate", type=float, default=4.0, help="requests/s (poisson, gamma)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, < 1 burstier")
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler-config", default="{}", help='JSON {name: {option: value}}, e.g. {"andes": {"interval": 4}}'
     )
-    p.add_argument("--executor", choices=("engine", "sim"), default="engine")
+    p.add_argument("--executor", choices=("engine", "sim"), default="engine", help="the real engine or the simulator")
     p.add_argument("--sim-profile", default="h100-llama3-8b", help="cost profile of the simulator")
     p.add_argument(
         "--paper-setup",
@@ -229,18 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --executor sim: T:FACTOR,... from T s on, every step costs FACTOR times the profile's "
         "(e.g. 1:3 for a machine 3x slower after 1 s), as contention does; the policies only measure it",
     )
-    p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (default: 1/3 of the workload)")
-    p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (default: the whole workload)")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--max-batch-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=None, help="default: longest request, next power of two")
-    p.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto")
+    p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (None: 1/3 of the workload)")
+    p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (None: the whole workload)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once")
+    p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")
+    p.add_argument("--max-model-len", type=int, default=None, help="None: longest request, next power of two")
+    p.add_argument(
+        "--preemption",
+        choices=("auto", "swap", "recompute"),
+        default="auto",
+        help="how preempted requests lose their KV: the policy's choice, always swap, always recompute",
+    )
     p.add_argument("--time-limit", type=float, default=None, help="executor seconds per scheduler before aborting")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_out")
-    p.add_argument("--no-plots", dest="plots", action="store_false")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
+    p.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
