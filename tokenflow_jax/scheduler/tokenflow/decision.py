@@ -32,7 +32,7 @@ class Decision:
     overloaded: bool  # demand > Gamma: newcomers only take free room (with hysteresis)
     hopeless: bool  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
     spare_rate: float  # Gamma minus the working set's demand, tok/s
-    beyond_room: bool = False  # some newcomer could not be held to its end beside the started streams: as fcfs
+    beyond_room: bool = False  # the live requests' projected peak exceeds what the tiers hold: plan as fcfs
 
     @property
     def as_fcfs(self) -> bool:

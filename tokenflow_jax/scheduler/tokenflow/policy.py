@@ -71,10 +71,11 @@ class TokenFlowPolicy:
         self.clock.decided(state.now, self.decision.give_way_at)
         self._wanted = {rid: i for i, rid in enumerate(self.decision.running)}
         self._victims = self.decision.victims
-        tracker = state.tracker
-        for rid in self.decision.running[: len(snap.reqs)]:
-            if rid not in self._called_back and rid in tracker and tracker[rid].num_generated:
-                self._called_back[rid] = state.now  # running ones drop out at the next step
+        wanted, tracker = self._wanted, state.tracker
+        for req in (*state.paused, *state.waiting):  # called back: started, off the device, wanted running
+            rid = req.request_id
+            if rid in wanted and rid not in self._called_back and tracker[rid].num_generated:
+                self._called_back[rid] = state.now
         self.decision_log.append((len(snap.reqs), time.perf_counter() - t0))
         return self.decision
 
