@@ -193,15 +193,12 @@ class PagedExecutor:
             swap_in_per_page_s=self._h2d_per_page.value,
             pending_transfer_s=self._pending_transfer_s(),
             decode_capacity_tok_s=self.max_num_seqs / max(step, 1e-6),
-            decode_step_model=self._decode_step_model(),
+            decode_step_model=self.decode_model.coefficients,
             step_peak_s=self._step_peak.value,
         )
 
     def _pending_transfer_s(self) -> float:
         return self._pending_to_host_pages() * self._d2h_per_page.value
-
-    def _decode_step_model(self) -> tuple[float, float, float] | None:
-        return self.decode_model.coefficients
 
     def execute(self, plan: StepPlan, requests: dict[str, Request]) -> StepResult:
         """Apply the plan and dispatch its step. Pipelined executors return the previous step's tokens (read

@@ -47,13 +47,14 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     (streams about to run dry come back regardless). `was_overloaded` is the last decision's overload flag,
     for hysteresis."""
     cfg, lead_s = config, resume_lead_s(config, est, snap.slack_s)
-    # Working set: how many may run.
-    working_set = adapt_working_set(snap, cfg.adaptation_rate)
+    # Working set: how many may run. The live requests' projected peak bounds it and the room (below).
+    peak_pages = projected_peak_pages(snap)
+    working_set = adapt_working_set(snap, cfg.adaptation_rate, peak_pages)
     # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.
     overloaded, hopeless, spare_rate = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
     # Room: a newcomer the engine cannot hold beside the started streams would be paused by recompute, again and
     # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
-    room_short = beyond_room(snap)
+    room_short = beyond_room(snap, peak_pages)
     newcomers = held_newcomers(snap, overloaded, spare_rate)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     ranking, gate = rank(snap, est, cfg, lead_s, newcomers), Gate(est, cfg.mu, lead_s)
@@ -90,14 +91,14 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short)
 
 
-def adapt_working_set(snap: Snapshot, adaptation_rate: float) -> float:
+def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float) -> float:
     """W: floor(M / beta) with beta the expected pages per live request (every live request when their projected
     peak fits), pulled toward the running count with rate lambda."""
     expected = int(snap.block[PROMPT_LEN : MAX_TOKENS + 1].sum()) / snap.page_size  # prompts + max_tokens
     beta = max(1.0, expected / max(1, len(snap.reqs)))
     static = math.floor(snap.num_device_pages / beta)
     # Everyone at full length need not fit at once: finishes are staggered, so the footprint peaks lower.
-    if static < len(snap.reqs) and projected_peak_pages(snap) <= snap.num_device_pages:
+    if static < len(snap.reqs) and peak_pages <= snap.num_device_pages:
         static = len(snap.reqs)
     return max(1.0, (1 - adaptation_rate) * static + adaptation_rate * snap.num_running)
 
@@ -152,14 +153,14 @@ def projected_step(snap: Snapshot, est: CostEstimates, num_requests: int, mean_c
     return seqs, est.decode_step_at(seqs, int(mean_context * seqs))
 
 
-def beyond_room(snap: Snapshot) -> bool:
+def beyond_room(snap: Snapshot, peak_pages: float) -> bool:
     """Whether the engine could not hold every live request to its end if all were started now: their projected
     peak footprint (`projected_peak_pages`: finishes are staggered) against the host tier (where write-through
     keeps a copy of the running ones too) or, where that is larger, the device. A stream started beyond that
     room could only be paused by recompute, over and over (docs/DESIGN.md section 3.15)."""
     if not snap.holding_kv and len(snap.reqs) <= 1:
         return False
-    return projected_peak_pages(snap) > max(snap.num_host_pages, snap.num_device_pages)
+    return peak_pages > max(snap.num_host_pages, snap.num_device_pages)
 
 
 def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.ndarray:

@@ -39,7 +39,7 @@ class TokenFlowPolicy:
         self._fcfs = FCFSPolicy()
         # Started streams a decision called back (paused, or waiting to recompute) -> when: how long a call-back
         # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
-        self._called_back: dict[str, float] = {}
+        self._called_back: dict[str, tuple[Request, float]] = {}
         self.resume_delay = DecayingPeak()
 
     def plan(self, state: SchedulerState) -> StepPlan:
@@ -75,7 +75,7 @@ class TokenFlowPolicy:
         for req in (*state.paused, *state.waiting):  # called back: started, off the device, wanted running
             rid = req.request_id
             if rid in wanted and rid not in self._called_back and tracker[rid].num_generated:
-                self._called_back[rid] = state.now
+                self._called_back[rid] = (req, state.now)
         self.decision_log.append((len(snap.reqs), time.perf_counter() - t0))
         return self.decision
 
@@ -152,17 +152,15 @@ class TokenFlowPolicy:
         return state.delivery_lag_s + self.resume_delay.value
 
     def _note_resumes(self, state: SchedulerState) -> None:
-        """Fold the streams called back that run again (their wait) into `resume_delay`; forget the rest that
-        are no longer off the device."""
-        off_device = {r.request_id for r in state.paused}
-        off_device.update(r.request_id for r in state.waiting)
-        running = {r.request_id for r in state.running}
-        for rid, since in list(self._called_back.items()):
-            if rid in running:
-                if since < state.now and not (self.decision is not None and self.decision.overloaded):
+        """Fold the streams called back that run again (their wait) into `resume_delay`; forget those that
+        finished meanwhile."""
+        overloaded = self.decision is not None and self.decision.overloaded
+        for rid, (req, since) in list(self._called_back.items()):
+            if req.status is RequestStatus.RUNNING:
+                if since < state.now and not overloaded:
                     self.resume_delay.add(state.now - since)
                 del self._called_back[rid]
-            elif rid not in off_device:
+            elif req.status is RequestStatus.FINISHED or rid not in state.tracker:
                 del self._called_back[rid]
 
     @staticmethod
