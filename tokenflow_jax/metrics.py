@@ -12,6 +12,10 @@ capped at r by construction) with the expected curve T(t) = r (t - a - ttft_expe
 integrated exactly over [a, read_L]: QoE = int A / int T, clipped to [0, 1] (1 when nothing was expected
 before the stream ended).
 
+A rate-less request (rate None: an agent, a batch job) has a reader that takes each token the moment it exists:
+it never stalls, every token weighs 1 and its QoE is 1; what it cares about is its end-to-end latency. `summarize`
+reports the streams and the rate-less requests apart as well as together.
+
 `summarize` turns a list of `RequestRecord`s into a flat JSON-ready dict using vLLM `bench serve` field
 names where one exists. Requests with no tokens count as failed and are left out of per-request lists.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +40,7 @@ class RequestRecord:
 
     request_id: str
     arrival: float
-    rate: float
+    rate: float | None  # None: the request stated no rate (rate-less)
     prompt_len: int
     token_times: list[float] = field(default_factory=list)
     preemptions_swap: int = 0
@@ -67,10 +71,11 @@ class RequestMetrics:
     qoe: float
 
 
-def validate_stream(token_times: Sequence[float], rate: float, arrival: float | None = None) -> np.ndarray:
-    """Return token times as a float array after checking rate and ordering; raise ValueError otherwise."""
-    if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
-        raise ValueError(f"rate must be a finite number of tokens/s > 0, got {rate!r}")
+def validate_stream(token_times: Sequence[float], rate: float | None, arrival: float | None = None) -> np.ndarray:
+    """Return token times as a float array after checking rate (None: rate-less) and ordering; raise ValueError
+    otherwise."""
+    if rate is not None and not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a finite number of tokens/s > 0 or None (rate-less), got {rate!r}")
     times = np.asarray(token_times, dtype=np.float64)
     if times.ndim != 1:
         raise ValueError(f"token_times must be one-dimensional, got shape {times.shape}")
@@ -90,7 +95,9 @@ def validate_stream(token_times: Sequence[float], rate: float, arrival: float | 
     return times
 
 
-def _reads(times: np.ndarray, rate: float) -> np.ndarray:
+def _reads(times: np.ndarray, rate: float | None) -> np.ndarray:
+    if rate is None:  # rate-less: read as it is made
+        return times.copy()
     period = 1.0 / rate
     reads = np.empty_like(times)
     previous = None
@@ -99,9 +106,9 @@ def _reads(times: np.ndarray, rate: float) -> np.ndarray:
     return reads
 
 
-def _stalls(times: np.ndarray, reads: np.ndarray, rate: float) -> np.ndarray:
+def _stalls(times: np.ndarray, reads: np.ndarray, rate: float | None) -> np.ndarray:
     out = np.zeros_like(times)
-    if times.size > 1:
+    if times.size > 1 and rate is not None:
         out[1:] = np.maximum(0.0, times[1:] - reader.read_due(reads[:-1], 1.0 / rate))
     return out
 
@@ -178,7 +185,9 @@ def _expected_area(arrival: float, rate: float, output_len: int, end: float, ttf
     return area
 
 
-def _qoe(arrival: float, rate: float, reads: np.ndarray, ttft_expected: float) -> float:
+def _qoe(arrival: float, rate: float | None, reads: np.ndarray, ttft_expected: float) -> float:
+    if rate is None:
+        return 1.0  # no delivery curve was promised
     end = float(reads[-1])
     digested = float(np.sum(end - reads))  # staircase A(t) integrates to sum of (end - read_j)
     expected = _expected_area(arrival, rate, reads.size, end, ttft_expected)
@@ -188,7 +197,7 @@ def _qoe(arrival: float, rate: float, reads: np.ndarray, ttft_expected: float) -
 
 
 def andes_qoe(
-    arrival: float, rate: float, token_times: Sequence[float], ttft_expected: float = DEFAULT_TTFT_EXPECTED_S
+    arrival: float, rate: float | None, token_times: Sequence[float], ttft_expected: float = DEFAULT_TTFT_EXPECTED_S
 ) -> float:
     """Andes QoE in [0, 1]: digested area over expected area on [arrival, last read time]."""
     times = validate_stream(token_times, rate, arrival)
@@ -264,6 +273,8 @@ def summarize(
         validate_stream(record.token_times, record.rate, record.arrival)
     done = [r for r in records if r.completed]
     per_request = [request_metrics(r, ttft_expected) for r in done]
+    streams = [(r, m) for r, m in zip(done, per_request, strict=True) if r.rate is not None]
+    rateless = [m for r, m in zip(done, per_request, strict=True) if r.rate is None]
 
     if duration is None:
         if done:
@@ -322,4 +333,28 @@ def summarize(
         "swap_bytes_in": int(swap_bytes_in),
         "mean_scheduler_time_ms": _mean(scheduler_ms),
         "p99_scheduler_time_ms": _percentile(scheduler_ms, 99),
+        **_by_class(streams, rateless, per_second),
+    }
+
+
+def _by_class(
+    streams: Sequence[tuple[RequestRecord, RequestMetrics]],
+    rateless: Sequence[RequestMetrics],
+    per_second: Callable[[float], float],
+) -> dict:
+    """The streams' figures (TTFT, rebuffer against their playback time L / r, effective throughput) and the
+    rate-less requests' (end-to-end latency, throughput), each over its own completed requests."""
+    playback = [m.output_len / r.rate for r, m in streams]
+    rebuffers = [m.rebuffer_s for _, m in streams]
+    return {
+        "stream_completed": len(streams),
+        **_latency_stats_ms("stream_ttft", [m.ttft for _, m in streams]),
+        "stream_rebuffer_s": float(sum(rebuffers)),
+        "stream_playback_s": float(sum(playback)),
+        "stream_max_rebuffer_share": max((b / p for b, p in zip(rebuffers, playback, strict=True)), default=0.0),
+        "stream_effective_throughput": per_second(sum(m.effective_tokens for _, m in streams)),
+        "stream_output_throughput": per_second(sum(m.output_len for _, m in streams)),
+        "rateless_completed": len(rateless),
+        **_latency_stats_ms("rateless_e2el", [m.e2e for m in rateless]),
+        "rateless_output_throughput": per_second(sum(m.output_len for m in rateless)),
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
 from array import array
 
 from tokenflow_jax.kv.pages import page_ids
@@ -12,6 +14,18 @@ from tokenflow_jax.sampling_params import SamplingParams
 
 # Stands in `output_ids` for a token the device sampled and the host has not read yet (one step at most).
 PENDING_TOKEN = -1
+
+
+def stream_rate(value: object) -> float | None:
+    """A reader's rate from user input: a finite number of tokens/s > 0, or None for a request that states no rate
+    (rate-less: an agent or a batch job, served at whatever the streams leave spare). Anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"stream rate must be a number of tokens/s > 0 or None (no rate), got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"stream rate must be a finite number of tokens/s > 0, got {value!r}")
+    return float(value)
 
 
 class RequestStatus(enum.Enum):
@@ -32,7 +46,7 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    rate: float
+    rate: float | None  # tokens/s its reader consumes; None: states no rate (rate-less)
     arrival: float
     seed: int = 0
     output_ids: list[int] = dataclasses.field(default_factory=list)

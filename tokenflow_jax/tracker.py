@@ -5,6 +5,9 @@ A reader starts at the first token and reads one token every 1/rate seconds, nev
 
     read_1 = g_1;   read_j = max(g_j, read_{j-1} + 1/rate)
 
+A request that states no rate (rate-less: an agent, a batch job) has a reader that takes each token the moment it
+exists: its buffer is always empty, it never stalls, and its RATE column is 0.
+
 Schedulers query every buffer each decision (every 0.5 s, hundreds of requests), so `on_token` is O(1)
 and every query is O(log n) (a bisect over the sorted generation and read times).
 """
@@ -28,14 +31,14 @@ class VirtualBuffer:
 
     __slots__ = ("rate", "arrival", "_period", "_token_times", "_read_times", "rebuffer_s", "stall_count")
 
-    def __init__(self, rate: float, arrival: float) -> None:
-        if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
-            raise ValueError(f"rate must be a finite number of tokens/s > 0, got {rate!r}")
+    def __init__(self, rate: float | None, arrival: float) -> None:
+        if rate is not None and not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
+            raise ValueError(f"rate must be a finite number of tokens/s > 0 or None (rate-less), got {rate!r}")
         if not math.isfinite(arrival):
             raise ValueError(f"arrival must be finite, got {arrival!r}")
-        self.rate = float(rate)
+        self.rate = None if rate is None else float(rate)
         self.arrival = float(arrival)
-        self._period = 1.0 / rate
+        self._period = 0.0 if rate is None else 1.0 / rate  # rate-less: each token is read when it exists
         self._token_times: list[float] = []
         self._read_times: list[float] = []
         self.rebuffer_s = 0.0  # total seconds the reader waited mid-stream
@@ -50,7 +53,7 @@ class VirtualBuffer:
                 raise ValueError(f"token time {t} precedes the previous token at {self._token_times[-1]}")
             due = read_due(self._read_times[-1], self._period)
             read = next_read(self._read_times[-1], t, self._period)
-            if t > due:
+            if t > due and self._period:  # a rate-less reader waits for nothing it was promised
                 self.rebuffer_s += t - due
                 self.stall_count += 1
         else:
@@ -113,7 +116,7 @@ class VirtualBuffer:
 class TrackedColumns(NamedTuple):
     """Per-request figures of many tracked requests as arrays (one row per requested id, in that order)."""
 
-    rate: np.ndarray
+    rate: np.ndarray  # 0 for a rate-less request
     arrival: np.ndarray
     prompt_len: np.ndarray
     max_tokens: np.ndarray  # L_i, the playback length
@@ -144,9 +147,9 @@ class RequestTracker:
         self._block = np.zeros((6, 0))
         self.membership_changes = 0  # adds + removes so far: a scheduler sees arrivals and finishes by it
 
-    def add(self, rid: str, rate: float, arrival: float, *, prompt_len: int, max_tokens: int) -> VirtualBuffer:
+    def add(self, rid: str, rate: float | None, arrival: float, *, prompt_len: int, max_tokens: int) -> VirtualBuffer:
         """Track a request: its reader's rate and arrival, and the sizes a scheduler weighs (prompt tokens, and
-        max_tokens: the playback length L the token weights scale with)."""
+        max_tokens: the playback length L the token weights scale with). `rate` None: rate-less (RATE column 0)."""
         if rid in self._buffers:
             raise ValueError(f"request {rid!r} is already tracked")
         if not (prompt_len >= 0 and max_tokens >= 1):
@@ -157,7 +160,7 @@ class RequestTracker:
         if not self._free_rows:
             self._grow()
         row = self._rows[rid] = self._free_rows.pop()
-        self._block[:, row] = (buffer.rate, buffer.arrival, prompt_len, max_tokens, 0, -math.inf)
+        self._block[:, row] = (buffer.rate or 0.0, buffer.arrival, prompt_len, max_tokens, 0, -math.inf)
         return buffer
 
     def _grow(self) -> None:

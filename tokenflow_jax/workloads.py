@@ -2,7 +2,8 @@
 
 Every generator is seeded through `numpy.random.default_rng(seed)` and returns `RequestSpec`s sorted by
 arrival (seconds from the start of the run). Lengths come from `LengthDist` (normal, rounded, clipped) and
-each request's consumption rate from `RateMix` (the paper's 20, 25, 30 tok/s or 40% at 15 / 60% at 20).
+each request's consumption rate from `RateMix` (the paper's 20, 25, 30 tok/s or 40% at 15 / 60% at 20; "none" draws
+rate-less requests, which state no rate).
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ class RequestSpec:
     arrival: float
     prompt_len: int
     output_len: int
-    rate: float
+    rate: float | None  # None: states no rate (rate-less)
+
+
+def _parse_rate(text: str, spec: str) -> float | None:
+    return None if text.lower() == "none" else _parse_number(text, "rate", spec)
 
 
 def _parse_number(text: str, what: str, spec: str) -> float:
@@ -90,15 +95,15 @@ class LengthDist:
 
 @dataclass(frozen=True)
 class RateMix:
-    """Consumption rates (tokens/s) with their probabilities; each request draws one."""
+    """Consumption rates (tokens/s; None: rate-less) with their probabilities; each request draws one."""
 
-    rates: tuple[float, ...]
+    rates: tuple[float | None, ...]
     weights: tuple[float, ...]
 
     def __post_init__(self) -> None:
         if not self.rates or len(self.rates) != len(self.weights):
             raise ValueError("a rate mix needs one weight per rate and at least one rate")
-        if any(not (math.isfinite(r) and r > 0) for r in self.rates):
+        if any(r is not None and not (math.isfinite(r) and r > 0) for r in self.rates):
             raise ValueError(f"rates must be > 0 tokens/s, got {self.rates}")
         if any(not (math.isfinite(w) and w >= 0) for w in self.weights):
             raise ValueError(f"rate weights must be >= 0, got {self.weights}")
@@ -106,16 +111,16 @@ class RateMix:
             raise ValueError(f"rate weights must sum to 1 (within 1e-6), got {sum(self.weights)}")
 
     @classmethod
-    def single(cls, rate: float) -> RateMix:
-        return cls((float(rate),), (1.0,))
+    def single(cls, rate: float | None) -> RateMix:
+        return cls((None if rate is None else float(rate),), (1.0,))
 
     @classmethod
     def parse(cls, spec: str) -> RateMix:
-        """Parse "20" (one rate) or "RATE:WEIGHT,..." e.g. "15:0.4,20:0.6"."""
+        """Parse "20" (one rate) or "RATE:WEIGHT,..." e.g. "15:0.4,20:0.6"; RATE "none" is rate-less."""
         entries = [e.strip() for e in spec.strip().split(",")]
         if len(entries) == 1 and ":" not in entries[0]:
             try:
-                return cls.single(_parse_number(entries[0], "rate", spec))
+                return cls.single(_parse_rate(entries[0], spec))
             except ValueError as error:
                 raise ValueError(f"bad rate spec {spec!r}: {error}") from None
         rates, weights = [], []
@@ -126,16 +131,18 @@ class RateMix:
                     f"malformed rate entry {entry!r} in spec {spec!r}: expected RATE:WEIGHT, "
                     "e.g. '15:0.4,20:0.6', or a single rate like '20'"
                 )
-            rates.append(_parse_number(parts[0], "rate", spec))
+            rates.append(_parse_rate(parts[0], spec))
             weights.append(_parse_number(parts[1], "weight", spec))
         try:
             return cls(tuple(rates), tuple(weights))
         except ValueError as error:
             raise ValueError(f"bad rate spec {spec!r}: {error}") from None
 
-    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def sample(self, rng: np.random.Generator, n: int) -> list[float | None]:
         """n rates drawn with the mix's probabilities."""
-        return rng.choice(np.asarray(self.rates), size=n, p=np.asarray(self.weights))
+        # Indices, then rates: the same draws as choosing from the rates themselves, and None stays None.
+        picks = rng.choice(len(self.rates), size=n, p=np.asarray(self.weights))
+        return [self.rates[i] for i in picks.tolist()]
 
 
 # The paper's setups (input / output means); the spread (std = mean / 4) is our choice.
@@ -199,7 +206,7 @@ def _assemble(
     output_lens = _as_lengths(output).sample(rng, n)
     request_rates = _as_rates(rates).sample(rng, n)
     return [
-        RequestSpec(f"req-{i}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]), float(request_rates[i]))
+        RequestSpec(f"req-{i}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]), request_rates[i])
         for i in range(n)
     ]
 
@@ -330,9 +337,7 @@ def trace(
     output_lens = _scaled_lengths([row[3] for row in rows], length_scale, max_output_len)
     request_rates = _as_rates(rates).sample(np.random.default_rng(seed), len(rows))
     return [
-        RequestSpec(
-            f"trace-{row[0]}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]), float(request_rates[i])
-        )
+        RequestSpec(f"trace-{row[0]}", float(arrivals[i]), int(prompt_lens[i]), int(output_lens[i]), request_rates[i])
         for i, row in enumerate(rows)
     ]
 
