@@ -7,18 +7,22 @@ once the client buffer runs dry; a waiting one loses from its expected first-tok
 (arrival + `ttft_expected_s`) on, so its gain grows with its wait. Running requests left out of the knapsack
 are preempted by recompute, but no request more than `max_preemptions` times (Andes caps preemption
 frequency: under recompute each one re-pays the prefill, and an uncapped knapsack thrashes). Between decisions
-only free memory is handed out, in the same priority order.
+only free memory is handed out, in the same priority order. A rate-less request has no delivery to lose: its
+gain is 0 (it runs on what the readers leave) until it has gone `max_hold_s` without a token, then it outranks
+every stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import DEFAULT_TTFT_EXPECTED_S
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
 
 @dataclasses.dataclass
@@ -27,18 +31,24 @@ class AndesPolicy:
     horizon_s: float = 1.0  # how far ahead a decision looks
     ttft_expected_s: float = DEFAULT_TTFT_EXPECTED_S
     max_preemptions: int = 1  # per request; a request preempted this often keeps its place until it finishes
+    max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token outranks the streams
     name: str = dataclasses.field(default="andes", init=False)
     uses_write_through: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.interval < 1 or self.horizon_s <= 0 or self.ttft_expected_s < 0 or self.max_preemptions < 0:
             raise ValueError("need interval >= 1, horizon_s > 0, ttft_expected_s >= 0 and max_preemptions >= 0")
+        check_max_hold(self.max_hold_s)
         self._iteration = 0
 
     # ---- QoE gain and size
     def gain(self, state: SchedulerState, req: Request) -> float:
         """Expected tokens the reader misses over the horizon if `req` is not served, per output token."""
         buf = state.tracker[req.request_id]
+        if req.rate is None:  # no reader: nothing lost, until held too long
+            held_since = buf.last_read_time if buf.num_generated else req.arrival  # read when made
+            running = req.status is RequestStatus.RUNNING
+            return math.inf if not running and state.now - held_since >= self.max_hold_s else 0.0
         if buf.num_generated:
             slack = buf.time_until_dry(state.now)
         else:

@@ -2,18 +2,23 @@
 
 Running requests first, in admission order; then admit waiting requests in arrival order while pages allow.
 When a running request needs a page and none is free, the most recently admitted request is preempted by
-recompute. No proactive preemption.
+recompute. No proactive preemption. A rate-less request is treated as any other (`max_hold_s` is accepted, like
+every policy's, and has nothing to bound: fcfs holds no request back beyond memory).
 """
 
 from __future__ import annotations
 
 from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
 
 class FCFSPolicy:
     name = "fcfs"
     uses_write_through = False
+
+    def __init__(self, max_hold_s: float = DEFAULT_MAX_HOLD_S) -> None:
+        self.max_hold_s = check_max_hold(max_hold_s)
 
     def plan(self, state: SchedulerState) -> StepPlan:
         plan = StepPlan()

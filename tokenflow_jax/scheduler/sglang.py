@@ -6,6 +6,7 @@ in arrival order); otherwise it is a decode step over every running request. Adm
 the running requests' future tokens (`max_tokens` left x `new_token_ratio`, SGLang's estimate, which decays
 while decoding goes well). When a decode step runs out of pages, the running request with the fewest output
 tokens (longest prompt on ties) is retracted by recompute and the ratio is raised so admission backs off.
+Rate-less requests are treated as any other (`max_hold_s` has nothing to bound, as under fcfs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.budget import admission_queue, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
+from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
 RETRACT_DECODE_STEPS = 20  # SGLang: tokens of headroom per retracted-from batch member when re-estimating
 
@@ -24,12 +26,14 @@ class SGLangPolicy:
     init_new_token_ratio: float = 0.7
     min_new_token_ratio: float = 0.1
     new_token_ratio_decay: float = 0.001  # per decode step
+    max_hold_s: float = DEFAULT_MAX_HOLD_S  # accepted by every policy; prefill-first holds nobody back for a stream
     name: str = dataclasses.field(default="sglang", init=False)
     uses_write_through: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_new_token_ratio <= self.init_new_token_ratio <= 1:
             raise ValueError("need 0 <= min_new_token_ratio <= init_new_token_ratio <= 1")
+        check_max_hold(self.max_hold_s)
         self.new_token_ratio = self.init_new_token_ratio
 
     def plan(self, state: SchedulerState) -> StepPlan:

@@ -18,7 +18,11 @@ from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, RATE
 
 def rank(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float, held: np.ndarray) -> Ranking:
     """Contenders by urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival.
-    Newcomers `held` back by schedulability (snapshot indices) do not contend."""
+    Newcomers `held` back by schedulability (snapshot indices) do not contend.
+
+    A rate-less request has an empty buffer and full value but rate 0: it sorts after every stream as urgent as a
+    newcomer (newcomers, streams due back, running streams short of `stickiness_s`) and before every stream with
+    buffer to spare, so it runs on what the streams leave. One that must run sorts first."""
     nr, npd, block = snap.num_running, snap.num_paused, snap.block
     n, dry_in = len(snap.reqs), snap.dry_in
     # phi(b) = exp(-b) is decreasing, so the buffer itself orders by gamma phi descending (without exp's
@@ -32,9 +36,13 @@ def rank(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float
         paused = slice(nr, nr + npd)
         paused_load = snap.pages[paused] * est.swap_in_per_page_s
         paused_due = dry_in[paused] <= paused_load + lead_s
+        if snap.rateless is not None:  # a rate-less reader never runs dry: due only once it must run
+            paused_due &= ~snap.rateless[paused] | snap.must_run[paused]
         urgency[paused][paused_due] = 0.0  # due back: as urgent as a newcomer
         paused_load[paused_due] = 0.0  # and loads regardless of the I/O budget
         total_load_s = float(paused_load.sum())
+    if snap.must_run is not None:
+        urgency[snap.must_run] = -1.0  # held back too long: ahead of every stream
     buffer_tokens = snap.buffer_tokens()
     neg_value = negative_token_weights(buffer_tokens, block[MAX_TOKENS])
     off_device = np.ones(n, dtype=bool)
@@ -60,9 +68,16 @@ class Gate:
     def locked(self, snap: Snapshot, ranking: Ranking, positions: np.ndarray, mu: float | None = None) -> np.ndarray:
         """Which of `positions` are running with a buffer that cannot cover a pause (b < mu r t_gate), as a mask
         over positions. The exact gate reads each request's KV state, so it is computed once per position and
-        only where a buffer falls short of the gate's upper bound."""
+        only where a buffer falls short of the gate's upper bound. A rate-less request (rate 0: b >= 0 always
+        covers) is locked only once it must run."""
         positions = positions[ranking.on_device.take(positions)]
         rows = ranking.order.take(positions)
+        if snap.must_run is not None:
+            must_run = snap.must_run.take(rows)
+            if must_run.any():
+                locked = self.locked(snap, ranking, positions[~must_run], mu)
+                locked[positions[must_run]] = True
+                return locked
         buffer_tokens = ranking.buffer_tokens.take(rows)
         threshold = (self.mu if mu is None else mu) * snap.block[RATE].take(rows)
         maybe = buffer_tokens < threshold * ranking.gate_bound_s.take(positions)

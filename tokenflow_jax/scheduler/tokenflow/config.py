@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenFlowConfig:
@@ -19,6 +21,7 @@ class TokenFlowConfig:
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
     io_fraction: float = 0.5  # swap-ins a decision plans: at most this share of an interval in load time
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
+    max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs to its end
 
     def __post_init__(self) -> None:
         if not self.reschedule_interval > 0:
@@ -29,6 +32,7 @@ class TokenFlowConfig:
             raise ValueError(f"adaptation_rate (lambda) must be in [0, 1], got {self.adaptation_rate!r}")
         if not 0.0 < self.capacity_hysteresis <= 1.0:
             raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
+        check_max_hold(self.max_hold_s)
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
                        "io_fraction")  # fmt: skip
         for name in nonnegative:

@@ -135,7 +135,8 @@ def schedulability(
     if size:
         mean_context = float(sums[PROMPT_LEN] + (sums[NUM_GENERATED] + sums[MAX_TOKENS]) / 2) / size
         seqs, step_s = projected_step(snap, est, size, mean_context)
-        hopeless = float(block[RATE].min()) * step_s >= 1.0
+        rates = block[RATE] if snap.rateless is None else block[RATE][block[RATE] > 0]  # rate-less: no reader
+        hopeless = bool(rates.size) and float(rates.min()) * step_s >= 1.0
     if not snap.num_running:
         return False, hopeless, math.inf
     demand, capacity = float(sums[RATE]), seqs / max(step_s, 1e-9)  # the working set's demand, Gamma
@@ -209,6 +210,9 @@ def give_way_in_s(
     once."""
     positions = chosen.nonzero()[0]
     rows = ranking.order.take(positions)
+    if snap.rateless is not None:  # a rate-less request has no buffer to grow: it may give way at any time
+        streams = ~snap.rateless.take(rows)
+        positions, rows = positions[streams], rows[streams]
     rate, dry_in = snap.block[RATE].take(rows), snap.dry_in.take(rows)
     sorts_after = snap.block[MAX_TOKENS].take(rows)
     sorts_after *= TAU1_FRACTION

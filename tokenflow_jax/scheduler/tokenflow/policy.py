@@ -41,6 +41,8 @@ class TokenFlowPolicy:
         # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
         self._called_back: dict[str, tuple[Request, float]] = {}
         self.resume_delay = DecayingPeak()
+        # Rate-less requests held back `max_hold_s`: they must run until they finish (`scheduler.rateless`).
+        self._must_run: dict[str, Request] = {}
 
     def plan(self, state: SchedulerState) -> StepPlan:
         est = state.executor.estimates()
@@ -66,7 +68,12 @@ class TokenFlowPolicy:
         """Take a decision now (timed into `decision_log`) and put it in force."""
         t0 = time.perf_counter()
         self.decisions += 1
-        snap = Snapshot.take(state, self.slack_s(state))
+        if self._must_run:
+            self._must_run = {rid: r for rid, r in self._must_run.items() if r.status is not RequestStatus.FINISHED}
+        snap = Snapshot.take(state, self.slack_s(state), self.config.max_hold_s, self._must_run)
+        if snap.must_run is not None:
+            for i in snap.must_run.nonzero()[0].tolist():
+                self._must_run[snap.rids[i]] = snap.reqs[i]
         self.decision = decide(snap, est, self.config, self.decision is not None and self.decision.overloaded)
         self.clock.decided(state.now, self.decision.give_way_at)
         self._wanted = {rid: i for i, rid in enumerate(self.decision.running)}
@@ -74,7 +81,7 @@ class TokenFlowPolicy:
         wanted, tracker = self._wanted, state.tracker
         for req in (*state.paused, *state.waiting):  # called back: started, off the device, wanted running
             rid = req.request_id
-            if rid in wanted and rid not in self._called_back and tracker[rid].num_generated:
+            if rid in wanted and rid not in self._called_back and req.rate is not None and tracker[rid].num_generated:
                 self._called_back[rid] = (req, state.now)
         self.decision_log.append((len(snap.reqs), time.perf_counter() - t0))
         return self.decision
@@ -163,10 +170,16 @@ class TokenFlowPolicy:
             elif req.status is RequestStatus.FINISHED or rid not in state.tracker:
                 del self._called_back[rid]
 
-    @staticmethod
-    def _largest_buffer(state: SchedulerState, running: list[Request]) -> Request:
-        return max(running, key=lambda r: (state.tracker[r.request_id].buffer_tokens(state.now) / r.rate,
-                                           r.admitted_order))  # fmt: skip
+    def _largest_buffer(self, state: SchedulerState, running: list[Request]) -> Request:
+        """The running request a page shortage pauses: the largest buffer in seconds; a rate-less request, which
+        no reader waits on, before any stream unless it must run."""
+
+        def spare_s(r: Request) -> float:
+            if r.rate is None:
+                return 0.0 if r.request_id in self._must_run else math.inf
+            return state.tracker[r.request_id].buffer_tokens(state.now) / r.rate
+
+        return max(running, key=lambda r: (spare_s(r), r.admitted_order))
 
 
 class StepFill:

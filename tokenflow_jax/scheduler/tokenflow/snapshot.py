@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Container
 
 import numpy as np
 
 from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState
-from tokenflow_jax.tracker import LAST_READ, NUM_GENERATED, PROMPT_LEN, RATE
+from tokenflow_jax.tracker import ARRIVAL, LAST_READ, NUM_GENERATED, PROMPT_LEN, RATE
 
 
 @dataclasses.dataclass(slots=True)
@@ -36,9 +38,17 @@ class Snapshot:
     host_free: int  # free host pages: a pause by swap needs room there
     num_host_pages: int = 0  # 0: no host tier
     slack_s: float = 0.0  # added to the resume lead (`timing.resume_lead_s`)
+    # Rate-less requests (no reader rate, RATE 0), and those of them that must run (`scheduler.rateless`): held
+    # back `max_hold_s` without a token, or so before. None when every request states a rate.
+    rateless: np.ndarray | None = None
+    must_run: np.ndarray | None = None
 
     @classmethod
-    def take(cls, state: SchedulerState, slack_s: float = 0.0) -> Snapshot:
+    def take(
+        cls, state: SchedulerState, slack_s: float = 0.0, max_hold_s: float = math.inf, must_run: Container[str] = ()
+    ) -> Snapshot:
+        """The live requests now; rate-less ones off the device for `max_hold_s` since their last token (or
+        arrival), or in `must_run`, must run."""
         ex = state.executor
         reqs = [*state.running, *state.paused, *state.waiting]
         rids = [r.request_id for r in reqs]
@@ -47,9 +57,19 @@ class Snapshot:
         context = block[PROMPT_LEN] + block[NUM_GENERATED]
         pages = context / ex.page_size
         np.ceil(pages, out=pages)  # exact: a quotient of integers is never within rounding of the next integer
-        return cls(reqs, rids, len(state.running), len(state.paused), block, np.maximum(dry_in, 0.0, out=dry_in),
+        snap = cls(reqs, rids, len(state.running), len(state.paused), block, np.maximum(dry_in, 0.0, out=dry_in),
                    context, pages, state.now, ex.page_size, ex.num_device_pages, ex.max_num_seqs,
                    ex.free_host_pages(), ex.num_host_pages, slack_s)  # fmt: skip
+        rateless = block[RATE] <= 0
+        if rateless.any():
+            # A rate-less reader reads each token when it is made: its last read is its last token.
+            held_s = state.now - np.maximum(block[LAST_READ], block[ARRIVAL])
+            must = rateless & (held_s >= max_hold_s)
+            must[: snap.num_running] = False  # on the device it is not held back
+            if must_run:
+                must |= rateless & np.fromiter((rid in must_run for rid in rids), dtype=bool, count=len(rids))
+            snap.rateless, snap.must_run = rateless, must
+        return snap
 
     @property
     def holding_kv(self) -> int:

@@ -36,7 +36,8 @@ class DecisionClock:
         if state.now >= self._critical_checked + self.config.reschedule_interval:  # at decision cadence
             self._critical_checked = state.now
             self._critical = any(
-                state.tracker[r.request_id].num_generated
+                r.rate is not None  # a rate-less reader is never short of buffer
+                and state.tracker[r.request_id].num_generated
                 and state.tracker[r.request_id].buffer_seconds(state.now) < self.config.critical_buffer_s
                 for r in state.running
             )
@@ -54,8 +55,8 @@ class DecisionClock:
         # back yet. Paused, it gets no tokens: it runs dry at its newest token's read time (at once if none).
         lead, page_size = resume_lead_s(self.config, est, slack_s), state.executor.page_size
         tracker, now, per_page = state.tracker, state.now, est.swap_in_per_page_s
-        for r in state.paused:
-            if r.request_id not in wanted:
+        for r in state.paused:  # (a rate-less one never runs dry; the periodic decision sees its hold bound)
+            if r.request_id not in wanted and r.rate is not None:
                 last_read = tracker[r.request_id].last_read_time
                 if last_read is None or last_read - now <= pages_for(r.num_computed, page_size) * per_page + lead:
                     return True

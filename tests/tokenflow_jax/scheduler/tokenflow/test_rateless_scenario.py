@@ -1,0 +1,109 @@
+"""Mixed traffic in the style of docs/DESIGN.md's worked example (section 3.8), run on the simulator.
+
+Two slots that each decode 40 tok/s. Streams S1 (20 tok/s) and S2 (30 tok/s) and an agent A that states no
+rate arrive at t=0. The streams start first; once S1 holds more than a second of buffer (its stickiness) and
+covers the round trip, it is paused and A runs on the capacity the streams leave spare (80 - 50 = 30 tok/s).
+When S1's reader runs low, S1 is due back and A yields; A comes back when a stream's buffer is full again.
+Nobody's reader stalls. With streams that leave almost nothing spare (38 + 38 of 80 tok/s), A would wait for
+them to finish; `max_hold_s` bounds that: held back that long, A must run, and once in it is never paused.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenflow_jax.engine.core import EngineCore
+from tokenflow_jax.metrics import rebuffer_seconds
+from tokenflow_jax.request import Request
+from tokenflow_jax.sampling import SamplingParams
+from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
+from tokenflow_jax.sim.executor import SimExecutor
+from tokenflow_jax.sim.profiles import SimProfile
+
+TWO_SLOTS_40_TOK_S = SimProfile(
+    "worked-example", step_base_s=0.025, step_per_token_s=0.0, step_per_context_token_s=0.0,
+    prefill_per_token_s=0.0, prefill_per_token_pair_s=0.0, d2h_latency_s=1e-4, d2h_bytes_per_s=50e9,
+    h2d_latency_s=1e-4, h2d_bytes_per_s=50e9, kv_bytes_per_token=1024, device_kv_bytes=1 << 30,
+    host_kv_bytes=1 << 32,
+)  # fmt: skip
+
+
+def request(rid: str, rate: float | None, output: int) -> Request:
+    return Request(rid, [1] * 16, SamplingParams(max_tokens=output, ignore_eos=True), rate=rate, arrival=0.0)
+
+
+def run(s1_rate: float, s2_rate: float, **config) -> tuple[list[tuple[float, str, str, dict[str, float]]], EngineCore]:
+    """(time, request, new status, every live reader's seconds until dry then) per status change; the core."""
+    ex = SimExecutor(TWO_SLOTS_40_TOK_S, max_num_seqs=2, max_batch_tokens=64)
+    core = EngineCore(ex, TokenFlowPolicy(**config))
+    for req in (request("S1", s1_rate, 400), request("S2", s2_rate, 400), request("A", None, 200)):
+        core.add_request(req)
+    events, status = [], {}
+    while core.has_work():
+        core.step()
+        for rid, req in core.requests.items():
+            if status.get(rid) is not req.status:
+                dry = {k: core.tracker[k].time_until_dry(ex.now()) for k in core.tracker}
+                events.append((ex.now(), rid, req.status.value, dry))
+                status[rid] = req.status
+    return events, core
+
+
+def changes(events, rid: str, state: str) -> list[tuple[float, dict[str, float]]]:
+    return [(t, dry) for t, r, s, dry in events if r == rid and s == state]
+
+
+@pytest.fixture(scope="module")
+def timeline():
+    return run(20.0, 30.0)
+
+
+def test_the_agent_waits_for_the_streams_then_runs_once_s1_has_buffer_to_spare(timeline):
+    events, core = timeline
+    (t_run, dry), *_ = changes(events, "A", "running")
+    (t_pause, _), *_ = changes(events, "S1", "paused")
+    assert t_run == t_pause  # S1 made room for A
+    assert 0.9 <= t_run <= 1.3  # S1 gains 20 tok/s of buffer: past a second (its stickiness) at t ~ 1
+    assert dry["S1"] >= 0.9 and dry["S2"] > 0.2
+    assert core.records["S1"].token_times[0] < t_run and core.records["S2"].token_times[0] < t_run
+
+
+def test_the_agent_yields_when_a_stream_runs_low_and_comes_back(timeline):
+    events, _ = timeline
+    pauses = changes(events, "A", "paused")
+    assert len(pauses) >= 2
+    for t, dry in pauses:
+        back = [r for tt, r, s, _ in events if tt == t and s == "running" and r != "A"]
+        assert back and all(dry[r] < 0.5 for r in back)  # the stream called back was running low
+    assert len(changes(events, "A", "running")) >= len(pauses)
+
+
+def test_no_reader_stalls_and_the_agent_gets_the_spare_capacity(timeline):
+    _, core = timeline
+    assert set(core.records) == {"S1", "S2", "A"}
+    for rid in ("S1", "S2"):
+        rec = core.records[rid]
+        assert len(rec.token_times) == 400
+        assert rebuffer_seconds(rec.token_times, rec.rate) < 0.05, rid
+    agent = core.records["A"].token_times
+    assert len(agent) == 200
+    rate = len(agent) / (agent[-1] - 0.0)
+    assert 20.0 <= rate <= 40.0  # the spare 30 tok/s, less the second it waited at the start
+    assert agent[-1] < core.records["S1"].token_times[-1]  # it did not wait for the streams to finish
+
+
+def test_the_hold_bound_lets_an_agent_in_that_the_streams_would_keep_out():
+    _, core = run(38.0, 38.0)  # 76 of 80 tok/s go to readers: A waits for a stream to finish
+    streams_done = min(core.records[r].token_times[-1] for r in ("S1", "S2"))
+    assert core.records["A"].token_times[0] >= streams_done
+    _, core = run(38.0, 38.0, max_hold_s=2.0)
+    agent = core.records["A"]
+    assert 2.0 <= agent.token_times[0] < streams_done  # must-run: in as soon as a stream covers its pause
+    assert agent.preemptions_swap == agent.preemptions_recompute == 0  # and never paused once in
+    assert len(agent.token_times) == 200
+
+
+def test_max_hold_s_must_be_a_positive_finite_number():
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "5"):
+        with pytest.raises(ValueError, match="max_hold_s"):
+            TokenFlowPolicy(max_hold_s=bad)
