@@ -1,7 +1,7 @@
 """`python -m serving` / `tokenflow-serve`: the OpenAI-compatible streaming server on one model.
 
     python -m serving --model tiny [--host 127.0.0.1] [--port 8000] [--scheduler tokenflow] [--api-key KEY]
-        [--max-queue N] [--default-rate R] [--kv-pages N] [--max-num-seqs N] [--max-model-len N] ...
+        [--max-queue N] [--default-rate R|none] [--max-hold-s S] [--kv-pages N] [--max-num-seqs N] ...
 
 Prints `serving <model> on http://HOST:PORT` once it accepts requests (port 0 picks a free one). SIGINT or
 SIGTERM: stop accepting, abort in-flight requests, stop the engine thread, exit 0.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from serving.config import ServerConfig
+from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
 if TYPE_CHECKING:
     from tokenflow_jax.engine.llm import LLM
@@ -39,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("TOKENFLOW_API_KEY"), help=key_help)
     p.add_argument("--max-queue", type=int, default=256, help="unfinished requests before answering 503 (default: 256)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1048576)")
-    rate_help = "tokens/s a client reads unless its request sets stream_rate (default: 20)"
-    p.add_argument("--default-rate", type=float, default=20.0, help=rate_help)
+    rate_help = ("tokens/s a client reads unless its request sets stream_rate; 'none': such requests are rate-less, "
+                 "served at what the streams leave spare (default: 20)")  # fmt: skip
+    p.add_argument("--default-rate", type=_rate_or_none, default=20.0, help=rate_help)
+    hold_help = (f"seconds a rate-less request may be held back without a token before it must run "
+                 f"(default: {DEFAULT_MAX_HOLD_S:g})")  # fmt: skip
+    p.add_argument("--max-hold-s", type=float, default=DEFAULT_MAX_HOLD_S, help=hold_help)
     engine = p.add_argument_group("engine")
     engine.add_argument(
         "--scheduler", default="tokenflow", help="tokenflow, fcfs, sglang or andes (default: tokenflow)"
@@ -63,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rate_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected tokens/s or 'none', got {text!r}") from None
+
+
 def _check(args: argparse.Namespace) -> None:
     positive = {"--max-queue": args.max_queue, "--max-num-seqs": args.max_num_seqs,
                 "--max-batch-tokens": args.max_batch_tokens, "--page-size": args.page_size}  # fmt: skip
@@ -71,8 +86,9 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if not args.default_rate > 0:
-        raise ValueError(f"--default-rate must be positive, got {args.default_rate}")
+    if args.default_rate is not None and not (math.isfinite(args.default_rate) and args.default_rate > 0):
+        raise ValueError(f"--default-rate must be a positive number of tokens/s or 'none', got {args.default_rate}")
+    check_max_hold(args.max_hold_s)
 
 
 async def serve(llm: LLM, config: ServerConfig) -> None:
@@ -102,7 +118,8 @@ def start_engine(args: argparse.Namespace) -> LLM:
     llm = LLM(args.model, scheduler=args.scheduler, kv_pages=args.kv_pages, host_kv_pages=args.host_kv_pages,
               preemption=args.preemption, seed=args.seed, dtype=args.dtype, page_size=args.page_size,
               max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-              max_model_len=args.max_model_len, default_rate=args.default_rate, warmup=False)  # fmt: skip
+              max_model_len=args.max_model_len, default_rate=args.default_rate, warmup=False,
+              scheduler_config={"max_hold_s": args.max_hold_s})  # fmt: skip
     logger.info("loaded in %.1f s; compiling the engine's step shapes (cached for the next start) ...",
                 time.perf_counter() - start)  # fmt: skip
     start = time.perf_counter()

@@ -38,7 +38,7 @@ class ServingState:
     config: ServerConfig
     model: ModelInfo
     metrics: ServingMetrics
-    default_rate: float
+    default_rate: float | None  # None: requests without stream_rate are rate-less
     created: int
 
 
@@ -149,7 +149,7 @@ async def generate(request: web.Request, *, chat: bool) -> web.StreamResponse:
             raise _shutting_down()
         shape = ResponseShape(request_id, state.model.name, chat=chat)
         if gen.stream:
-            pace_rate = (gen.stream_rate or state.default_rate) if gen.pace else None
+            pace_rate = (gen.stream_rate or state.default_rate) if gen.pace else None  # rate-less: unpaced
             return await stream_events(request, stream, shape, first, include_usage=gen.include_usage,
                                        pace_rate=pace_rate)  # fmt: skip
         try:

@@ -1,11 +1,14 @@
 """The paper's evaluation setups (docs/REFERENCE.md, section 2) replayed on the simulator.
 
     python -m tokenflow_jax.paper_setups [--full] [--kernels naive|roofline] [--jobs 2] [--markdown PATH]
+        [--rate-mix SPEC]
 
 Each setup runs through `EngineCore` + `SimExecutor` with fcfs, tokenflow and (if importable) sglang and
 andes, via `tokenflow_jax.sim.replay.replay`, and prints one table per setup with ratios to fcfs. The default
 is a representative subset (every workload at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B, the H200
 bursts on Qwen2.5-32B) that runs in a few minutes on 2 cores; `--full` adds 25 and 30 tok/s everywhere.
+`--rate-mix` replays every chosen setup at one mix instead, e.g. `20:0.5,none:0.5` (half the requests
+rate-less); with rate-less requests the report adds the streams and the rate-less requests apart.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int 
     return {
         "setup": setup.name, "rates": rates, "policy": policy, "kernels": kernels, "wall_s": wall,
         "sim_s": executor.now(), "steps": executor.steps,
-        "playback_s": {r.request_id: r.output_len / r.rate for r in records if r.completed},
+        "playback_s": {r.request_id: r.output_len / r.rate for r in records if r.completed and r.rate is not None},
         "decision_count": getattr(core.policy, "decisions", None),
         "decision_log": None if log is None else list(log),  # (live requests, seconds) per tokenflow decision
         **{k: v for k, v in summary.items() if k not in ("ttfts", "itls", "qoes")},
@@ -130,7 +133,7 @@ def max_rebuffer_increase(run: dict[str, Any], baseline: dict[str, Any]) -> floa
     base = dict(zip(baseline["request_ids"], baseline["rebuffer_per_request_s"], strict=True))
     worst = 0.0
     for rid, rebuffer in zip(run["request_ids"], run["rebuffer_per_request_s"], strict=True):
-        if rid in base:
+        if rid in base and rid in run["playback_s"]:  # (a rate-less request has no playback, and no stall)
             worst = max(worst, (rebuffer - base[rid]) / run["playback_s"][rid])
     return worst
 
@@ -343,6 +346,8 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
         summary.append(f"| {setup.name} | {rates} | {tf['effective_x']:.2f} | {tf['p99_ttft_x']:.2f} | "
                        f"{tf['output_x']:.2f} | {100 * tf['max_rebuffer_increase']:+.1f}% | {vs_cell} | "
                        f"{tf['preemptions']} | {missed or 'none'} |")  # fmt: skip
+    if any(r["rateless_completed"] for r in results):
+        tables = [mixed_traffic_table(results, plan), ""] + tables
     head = [f"### Paper setups on the simulator ({kernels} kernels)", "", f"Targets: {TARGETS}. {PAPER}.", "",
             "| setup | rates tok/s | effective x fcfs | P99 TTFT x fcfs | tokens x fcfs | max rebuffer increase | "
             "vs sglang: effective / P99 TTFT / tokens | swaps/recomputes | targets missed |",
@@ -350,6 +355,34 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
     no_harm = [f"Do no harm ({NO_HARM}): holds on {compared - len(harmed)} of {compared} setup x rate pairs.",
                *(f"- breaks on {h}" for h in harmed), ""]  # fmt: skip
     return "\n".join(head + summary + [""] + no_harm + tables)
+
+
+MIXED_TARGETS = (
+    "streams' P99 TTFT <= fcfs's, streams' rebuffer <= 10% of their playback time, rate-less P99 end-to-end "
+    "latency <= 1.2x fcfs's, token throughput >= 0.97x fcfs's"
+)
+
+
+def mixed_traffic_table(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, str]]) -> str:
+    """tokenflow against fcfs per (setup, mix), the streams and the rate-less requests apart (`MIXED_TARGETS`)."""
+    lines = [f"#### Mixed traffic: streams and rate-less requests (targets: {MIXED_TARGETS})", "",
+             "| setup | rates | stream P99 TTFT s (x fcfs) | stream rebuffer / playback | rate-less P99 E2E s (x fcfs) "
+             "| tokens x fcfs | targets missed |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for setup, rates in plan:
+        runs = {r["policy"]: r for r in results if r["setup"] == setup.name and r["rates"] == rates}
+        tf, base = runs.get("tokenflow"), runs.get("fcfs")
+        if tf is None or base is None:
+            continue
+        ttft_x = tf["p99_stream_ttft_ms"] / base["p99_stream_ttft_ms"] if base["p99_stream_ttft_ms"] else math.nan
+        e2e_x = tf["p99_rateless_e2el_ms"] / base["p99_rateless_e2el_ms"] if base["p99_rateless_e2el_ms"] else math.nan
+        share = tf["stream_rebuffer_s"] / tf["stream_playback_s"] if tf["stream_playback_s"] else 0.0
+        tokens_x = tf["output_throughput"] / base["output_throughput"] if base["output_throughput"] else math.nan
+        missed = [name for name, ok in (("TTFT", ttft_x <= 1.0), ("rebuffer", share <= 0.10), ("E2E", e2e_x <= 1.2),
+                                        ("tokens", tokens_x >= 0.97)) if not ok]  # fmt: skip
+        lines.append(f"| {setup.name} | {rates} | {tf['p99_stream_ttft_ms'] / 1e3:.1f} ({ttft_x:.2f}) | "
+                     f"{100 * share:.1f}% | {tf['p99_rateless_e2el_ms'] / 1e3:.1f} ({e2e_x:.2f}) | {tokens_x:.2f} | "
+                     f"{', '.join(missed) or 'none'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -366,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
     p.add_argument("--only", default="", help="keep setups whose name contains this text")
     p.add_argument("--rates", nargs="*", help="keep only these rate mixes, e.g. 20 '15:0.4,20:0.6'")
+    p.add_argument("--rate-mix", help="replay every chosen setup at this mix instead, e.g. 20:0.5,none:0.5")
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
     p.add_argument("--json", type=Path, help="also write every run's summary to this file")
     p.add_argument("--decision-bench", action="store_true", help="time one tokenflow decision at 256 requests")
@@ -393,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         print(text)
         return text
     plan = [(s, r) for s, r in default_plan(args.full) if args.only in s.name and (not args.rates or r in args.rates)]
+    if args.rate_mix:
+        workloads.RateMix.parse(args.rate_mix)  # a bad mix fails here, not in every run
+        plan = list({s.name: (s, args.rate_mix) for s, _ in plan}.values())
     policies = available_policies(args.policies.split(","))
     t0 = time.perf_counter()
     results = run_sweep(plan, args.kernels, args.jobs, policies)

@@ -2,7 +2,7 @@
 
     python -m tokenflow_jax.bench [--model tiny] [--workload burst|poisson|gamma|trace:PATH]
         [--num-requests N] [--burst-size B] [--request-rate R] [--burstiness G]
-        [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC]
+        [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC] [--max-hold-s S]
         [--schedulers tokenflow,fcfs,sglang,andes] [--executor engine|sim] [--kv-pages N] [--seed S] [--out DIR]
     python -m tokenflow_jax.bench --executor sim --paper-setup "h200 llama3-8b burst 400 short"
         [--sim-kernels naive|roofline] [--rate R | --rate-mix SPEC]
@@ -36,6 +36,7 @@ from tokenflow_jax.bench.results import SchedulerRun
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.interface import Executor
+from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S
 from tokenflow_jax.scheduler.registry import POLICIES, make_policy
 from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, make_workload, trace
 
@@ -156,19 +157,48 @@ COLUMNS = [  # header, summary key, format
     ("swap MiB", "swap_bytes", "{:.1f}"),
 ]
 RATIOS = [("eff/fcfs", "effective_throughput"), ("p99TTFT/fcfs", "p99_ttft_ms"), ("tok/fcfs", "output_throughput")]
+# With rate-less requests in the workload: the streams and the rate-less requests apart.
+CLASS_COLUMNS = [
+    ("scheduler", None, "{}"),
+    ("streams", "stream_completed", "{:d}"),
+    ("p99 TTFT ms", "p99_stream_ttft_ms", "{:.0f}"),
+    ("rebuf s", "stream_rebuffer_s", "{:.2f}"),
+    ("rebuf/playback", "stream_rebuffer_share", "{:.3f}"),
+    ("eff tok/s", "stream_effective_throughput", "{:.1f}"),
+    ("rate-less", "rateless_completed", "{:d}"),
+    ("p50 E2E ms", "median_rateless_e2el_ms", "{:.0f}"),
+    ("p99 E2E ms", "p99_rateless_e2el_ms", "{:.0f}"),
+    ("tok/s", "rateless_output_throughput", "{:.1f}"),
+]
+CLASS_RATIOS = [("stream p99TTFT/fcfs", "p99_stream_ttft_ms"), ("rate-less p99E2E/fcfs", "p99_rateless_e2el_ms")]
 
 
 def format_table(runs: Sequence[SchedulerRun]) -> str:
-    """One row per scheduler; ratio columns are relative to fcfs when it ran."""
+    """One row per scheduler; ratio columns are relative to fcfs when it ran. With rate-less requests in the
+    workload, a second table shows the streams and the rate-less requests apart."""
+    table = _table(runs, COLUMNS, RATIOS)
+    if any(run.summary["rateless_completed"] for run in runs):
+        table += "\n\nby class:\n" + _table(runs, CLASS_COLUMNS, CLASS_RATIOS)
+    return table
+
+
+def _value(summary: dict[str, Any], key: str) -> float:
+    if key == "swap_bytes":
+        return summary[key] / 2**20
+    if key == "stream_rebuffer_share":  # of the streams' playback time (L / r summed)
+        return summary["stream_rebuffer_s"] / summary["stream_playback_s"] if summary["stream_playback_s"] else 0.0
+    return summary[key]
+
+
+def _table(runs: Sequence[SchedulerRun], columns: list, ratios: list) -> str:
     base = next((r.summary for r in runs if r.name == "fcfs"), None)
-    header = [c[0] for c in COLUMNS] + ([r[0] for r in RATIOS] if base else [])
+    header = [c[0] for c in columns] + ([r[0] for r in ratios] if base else [])
     rows = []
     for run in runs:
         s = run.summary
-        row = [run.name] + [fmt.format(s[key] / 2**20 if key == "swap_bytes" else s[key])
-                            for _, key, fmt in COLUMNS[1:]]  # fmt: skip
+        row = [run.name] + [fmt.format(_value(s, key)) for _, key, fmt in columns[1:]]
         if base:
-            row += [f"{s[key] / base[key]:.2f}" if base[key] else "-" for _, key in RATIOS]
+            row += [f"{s[key] / base[key]:.2f}" if base[key] else "-" for _, key in ratios]
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
@@ -204,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="trace: replay this many times faster")
     rates = p.add_mutually_exclusive_group()
     rates.add_argument("--rate", type=float, default=20.0, help="tokens/s every reader consumes")
-    rates.add_argument("--rate-mix", default=None, help="RATE:WEIGHT,... e.g. 15:0.4,20:0.6")
+    rates.add_argument(
+        "--rate-mix", default=None, help="RATE:WEIGHT,... e.g. 15:0.4,20:0.6; RATE none: rate-less (20:0.5,none:0.5)"
+    )
+    p.add_argument("--max-hold-s", type=float, default=None,
+                   help="every policy's bound on holding a rate-less request back (None: the policies' default, "
+                        f"{DEFAULT_MAX_HOLD_S:g} s)")  # fmt: skip
     p.add_argument("--schedulers", default=DEFAULT_SCHEDULERS, help="comma-separated policy names")
     p.add_argument(
         "--scheduler-config", default="{}", help='JSON {name: {option: value}}, e.g. {"andes": {"interval": 4}}'
@@ -310,8 +345,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     executor, eos = (executor, frozenset()) if executor is not None else build_executor(args, limits)
     print(f"executor ready in {time.perf_counter() - t0:.1f} s")
+    configs = json.loads(args.scheduler_config)
+    if args.max_hold_s is not None:  # every policy takes it
+        configs = {n: {"max_hold_s": args.max_hold_s, **configs.get(n, {})} for n in names}
     runs = compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
-                   configs=json.loads(args.scheduler_config), time_limit=args.time_limit,
+                   configs=configs, time_limit=args.time_limit,
                    progress=args.progress)  # fmt: skip
     table = format_table(runs)
     print(table)

@@ -212,7 +212,8 @@ class AsyncEngine:
             raise EngineStopped("the engine is not running")
         if request_id is not None and request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
-        request = self.llm.make_request(prompt, sampling, rate=rate, request_id=request_id)
+        # No rate: the engine's default (which may be None: rate-less).
+        request = self.llm.make_request(prompt, sampling, rate=... if rate is None else rate, request_id=request_id)
         if request.request_id in self._streams:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         stream = RequestStream(self, request)
@@ -376,7 +377,7 @@ class AsyncEngine:
         self._finished_by_reason[reason] += 1
         self._finished_preemptions_swap += record.preemptions_swap
         self._finished_preemptions_recompute += record.preemptions_recompute
-        if record.token_times:
+        if record.token_times and record.rate is not None:
             self._finished_rebuffer_s += rebuffer_seconds(record.token_times, record.rate)
         records.append(record)
 

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import os
 from collections.abc import Sequence
+from types import EllipsisType
 from typing import Any
 
 import jax
@@ -18,12 +19,12 @@ from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.kv.pages import default_host_pages, pages_for, pool_pages
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
-from tokenflow_jax.request import Request
+from tokenflow_jax.request import Request, stream_rate
 from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.scheduler.registry import make_policy
 from tokenflow_jax.tokenizer import IncrementalDetokenizer
 
-DEFAULT_RATE = 20.0  # tokens/s a reader consumes when a request does not say
+DEFAULT_RATE = 20.0  # tokens/s a reader consumes when a request does not say (None: such requests are rate-less)
 
 
 @dataclasses.dataclass
@@ -86,7 +87,9 @@ class LLM:
 
     `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output]. `kv_pages` and
     `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences; and
-    `kv.pages.default_host_pages`: twice that, or 4 GiB if more). EOS and sampling defaults are the
+    `kv.pages.default_host_pages`: twice that, or 4 GiB if more). A request's reader rate is `rates[i]` in
+    `generate` (None: the request states no rate and is served at what the streams leave spare), else
+    `default_rate` (None: rate-less too). EOS and sampling defaults are the
     checkpoint's (`self.generation`, see `checkpoints.generation`); a model whose weights and KV pages exceed the
     device's free memory is refused before anything is allocated.
     """
@@ -106,13 +109,12 @@ class LLM:
         max_batch_tokens: int = 256,
         max_model_len: int | None = None,
         attention: str | None = None,
-        default_rate: float = DEFAULT_RATE,
+        default_rate: float | None = DEFAULT_RATE,
         scheduler_config: dict[str, Any] | None = None,
         warmup: bool = True,
         progress: bool = False,
     ) -> None:
-        if default_rate <= 0:
-            raise ValueError(f"default_rate must be positive, got {default_rate}")
+        default_rate = stream_rate(default_rate)
         enable_compilation_cache()
         cfg = model_config(model)
         max_model_len = max_model_len or min(cfg.max_context, 2048)
@@ -167,13 +169,12 @@ class LLM:
         prompt: str | Sequence[int],
         sampling: SamplingParams,
         *,
-        rate: float | None = None,
+        rate: float | None | EllipsisType = ...,
         request_id: str | None = None,
         arrival: float | None = None,
     ) -> Request:
-        rate = self.default_rate if rate is None else float(rate)
-        if not rate > 0:
-            raise ValueError(f"stream rate must be positive, got {rate}")
+        """`rate`: tokens/s its reader consumes, None for a rate-less request, ... (the default) `default_rate`."""
+        rate = stream_rate(self.default_rate if rate is ... else rate)
         n = next(self._ids)
         seed = sampling.seed if sampling.seed is not None else (self.seed * 1_000_003 + n)
         return Request(
@@ -191,8 +192,10 @@ class LLM:
         prompts: str | Sequence[str | Sequence[int]],
         sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        rates: Sequence[float] | None = None,
+        rates: Sequence[float | None] | None = None,
     ) -> list[Output]:
+        """Run the prompts to completion. `rates[i]`: prompt i's reader rate in tokens/s, or None when it states
+        no rate (rate-less); without `rates`, every request gets `default_rate`."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if sampling is None:
@@ -201,7 +204,7 @@ class LLM:
         if len(samplings) != len(prompts) or (rates is not None and len(rates) != len(prompts)):
             raise ValueError("prompts, sampling and rates must have the same length")
         reqs = [
-            self.make_request(p, s, rate=None if rates is None else rates[i])
+            self.make_request(p, s, rate=... if rates is None else rates[i])
             for i, (p, s) in enumerate(zip(prompts, samplings, strict=True))
         ]
         detoks = {r.request_id: IncrementalDetokenizer(self.tokenizer, r.sampling.stop, r.prompt_ids) for r in reqs}
