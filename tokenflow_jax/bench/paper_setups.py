@@ -368,6 +368,8 @@ def mixed_traffic_table(results: Sequence[dict[str, Any]], plan: Sequence[tuple[
     lines = [f"#### Mixed traffic: streams and rate-less requests (targets: {MIXED_TARGETS})", "",
              "| setup | rates | stream P99 TTFT s (x fcfs) | stream rebuffer / playback | rate-less P99 E2E s (x fcfs) "
              "| tokens x fcfs | targets missed |", "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    note = ("The tables below count every request, rate-less ones included, in P99 TTFT and the do-no-harm rule; "
+            "a rate-less request's target is its end-to-end latency, not its first token.")  # fmt: skip
     for setup, rates in plan:
         runs = {r["policy"]: r for r in results if r["setup"] == setup.name and r["rates"] == rates}
         tf, base = runs.get("tokenflow"), runs.get("fcfs")
@@ -382,7 +384,7 @@ def mixed_traffic_table(results: Sequence[dict[str, Any]], plan: Sequence[tuple[
         lines.append(f"| {setup.name} | {rates} | {tf['p99_stream_ttft_ms'] / 1e3:.1f} ({ttft_x:.2f}) | "
                      f"{100 * share:.1f}% | {tf['p99_rateless_e2el_ms'] / 1e3:.1f} ({e2e_x:.2f}) | {tokens_x:.2f} | "
                      f"{', '.join(missed) or 'none'} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", note]) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> str:
