@@ -33,7 +33,6 @@ class Decision:
     hopeless: bool  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
     spare_rate: float  # Gamma minus the working set's demand, tok/s
     beyond_room: bool = False  # the live requests' projected peak exceeds what the tiers hold: plan as fcfs
-    throttled: tuple[str, ...] = ()  # running rate-less requests to pause now: their step would starve a stream
 
     @property
     def as_fcfs(self) -> bool:
@@ -89,37 +88,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
             count = int(chosen.sum()) + left_out_paused.size
     if free_room.size:
         running += fill_free_room(snap, free_room, used, count)
-    throttled: tuple[str, ...] = ()
-    if snap.rateless is not None and not hopeless:
-        running, throttled = throttle_rateless(snap, est, running, cfg.capacity_hysteresis)
-    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
-                    throttled)  # fmt: skip
-
-
-def throttle_rateless(
-    snap: Snapshot, est: CostEstimates, running: list[str], hysteresis: float
-) -> tuple[list[str], tuple[str, ...]]:
-    """(the running set, the running requests to pause now): rate-less requests (that need not run yet) leave the
-    running set, the least urgent first, until one step of the batch at its projected context keeps the fastest
-    stream in it fed with margin (rate x step <= `hysteresis`): each one in the batch slows every stream's step."""
-    index = {rid: i for i, rid in enumerate(snap.rids)}
-    rows = np.fromiter(map(index.__getitem__, running), dtype=np.int64, count=len(running))
-    block = snap.block
-    rates = block[RATE].take(rows)
-    optional = snap.rateless.take(rows) & ~snap.must_run.take(rows)
-    if not optional.any() or optional.all():
-        return running, ()
-    context = block[PROMPT_LEN].take(rows) + (block[NUM_GENERATED].take(rows) + block[MAX_TOKENS].take(rows)) / 2
-    fastest = float(rates.max())
-    seqs, tokens = int((~optional).sum()), float(context[~optional].sum())
-    keep = ~optional
-    for k in optional.nonzero()[0].tolist():  # most urgent first
-        if fastest * est.decode_step_at(seqs + 1, int(tokens + context[k])) > hysteresis:
-            break
-        keep[k], seqs, tokens = True, seqs + 1, tokens + context[k]
-    dropped = (~keep).nonzero()[0]
-    paused_now = tuple(running[k] for k in dropped.tolist() if rows[k] < snap.num_running)
-    return [rid for rid, kept in zip(running, keep.tolist(), strict=True) if kept], paused_now
+    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short)
 
 
 def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float) -> float:
@@ -151,8 +120,7 @@ def schedulability(
     snap: Snapshot, est: CostEstimates, hysteresis: float, was_overloaded: bool
 ) -> tuple[bool, bool, float]:
     """(overloaded, hopeless, spare rate): the working set's rates against Gamma at its projected context;
-    hopeless when even its slowest reader outpaces one step of that batch (before any admission: the queue's).
-    Rate-less requests are left out of that batch: they run on the spare capacity (`throttle_rateless`)."""
+    hopeless when even its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
     # The started streams: running, paused, and those waiting to recompute (a reader is owed their tokens too).
     block = snap.block
     if snap.holding_kv:
@@ -161,15 +129,14 @@ def schedulability(
             block = np.concatenate((block[:, : snap.holding_kv], block[:, snap.holding_kv :][:, started]), axis=1)
         else:
             block = block[:, : snap.holding_kv]
-    if snap.rateless is not None:  # the readers' batch alone: rate-less requests only get what it leaves
-        block = block[:, block[RATE] > 0]
     size = block.shape[1]
     hopeless, seqs, step_s = False, 0, 0.0
     sums = block.sum(axis=1)
     if size:
         mean_context = float(sums[PROMPT_LEN] + (sums[NUM_GENERATED] + sums[MAX_TOKENS]) / 2) / size
         seqs, step_s = projected_step(snap, est, size, mean_context)
-        hopeless = float(block[RATE].min()) * step_s >= 1.0
+        rates = block[RATE] if snap.rateless is None else block[RATE][block[RATE] > 0]  # rate-less: no reader
+        hopeless = bool(rates.size) and float(rates.min()) * step_s >= 1.0
     if not snap.num_running:
         return False, hopeless, math.inf
     demand, capacity = float(sums[RATE]), seqs / max(step_s, 1e-9)  # the working set's demand, Gamma

@@ -96,11 +96,6 @@ class TokenFlowPolicy:
         fill = StepFill(state, est, victims)
         plan, budget, pending, gone = fill.plan, fill.budget, fill.pending, fill.gone
         running = list(state.running)
-        if decision is not None and decision.throttled and not fcfs:  # rate-less ones whose step starves a stream
-            throttled = set(decision.throttled)
-            for req in running:
-                if req.request_id in throttled:
-                    fill.preempt(req)
         for req in running:
             if req.request_id in gone:
                 continue

@@ -6,9 +6,6 @@ covers the round trip, it is paused and A runs on the capacity the streams leave
 When S1's reader runs low, S1 is due back and A yields; A comes back when a stream's buffer is full again.
 Nobody's reader stalls. With streams that leave almost nothing spare (38 + 38 of 80 tok/s), A would wait for
 them to finish; `max_hold_s` bounds that: held back that long, A must run, and once in it is never paused.
-
-Compute-bound: when each sequence in the batch slows the step, rate-less requests join the streams only while
-one step keeps the fastest reader fed with margin (rate x step <= `capacity_hysteresis`).
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import rebuffer_seconds
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling import SamplingParams
-from tokenflow_jax.scheduler.registry import make_policy
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
 from tokenflow_jax.sim.executor import SimExecutor
 from tokenflow_jax.sim.profiles import SimProfile
@@ -111,37 +107,3 @@ def test_max_hold_s_must_be_a_positive_finite_number():
     for bad in (0.0, -1.0, float("inf"), float("nan"), "5"):
         with pytest.raises(ValueError, match="max_hold_s"):
             TokenFlowPolicy(max_hold_s=bad)
-
-
-# Each sequence in the batch adds 10 ms to the step: two streams at 20 tok/s (50 ms a token) leave room for one
-# more sequence at a time (40 ms, 0.8 of a reader's period), not two (50 ms).
-TEN_MS_PER_SEQUENCE = SimProfile(
-    "per-sequence", step_base_s=0.01, step_per_token_s=0.01, step_per_context_token_s=0.0,
-    prefill_per_token_s=0.0, prefill_per_token_pair_s=0.0, d2h_latency_s=1e-4, d2h_bytes_per_s=50e9,
-    h2d_latency_s=1e-4, h2d_bytes_per_s=50e9, kv_bytes_per_token=1024, device_kv_bytes=1 << 30,
-    host_kv_bytes=1 << 32,
-)  # fmt: skip
-
-
-def run_compute_bound(policy: str) -> tuple[EngineCore, int]:
-    """The core after two streams and three agents, and the most agents that ran beside both streams at once."""
-    ex = SimExecutor(TEN_MS_PER_SEQUENCE, max_num_seqs=8, max_batch_tokens=256)
-    core = EngineCore(ex, make_policy(policy))
-    for req in [request("S1", 20.0, 200), request("S2", 20.0, 200)] + [request(f"A{i}", None, 100) for i in range(3)]:
-        core.add_request(req)
-    most = 0
-    while core.has_work():
-        core.step()
-        if "S1" in core.requests and "S2" in core.requests:
-            most = max(most, sum(r.rate is None for r in core.running))
-    return core, most
-
-
-def test_compute_bound_agents_join_the_streams_only_while_the_step_keeps_readers_fed():
-    core, most = run_compute_bound("tokenflow")
-    assert most == 1
-    assert all(len(r.token_times) == (200 if r.rate else 100) for r in core.records.values())
-    assert all(rebuffer_seconds(core.records[s].token_times, 20.0) < 0.05 for s in ("S1", "S2"))
-    core, most = run_compute_bound("fcfs")  # every agent in the batch: the step outpaces neither reader
-    assert most == 3
-    assert all(rebuffer_seconds(core.records[s].token_times, 20.0) > 0.5 for s in ("S1", "S2"))
