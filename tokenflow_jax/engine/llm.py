@@ -81,6 +81,17 @@ def kv_pages_for_memory(fraction: float, memory_bytes: int, cfg: ModelConfig, dt
     return pages
 
 
+def device_kv_pages(fraction: float, cfg: ModelConfig, dtype: Any, page_size: int) -> int:
+    """`kv_pages_for_memory` over the default device's memory; ValueError where the backend reports none."""
+    memory = device_memory_limit()
+    if memory is None:
+        raise ValueError(
+            f"the {jax.default_backend()} backend reports no device memory (jax's Device.memory_stats() is None), "
+            "so gpu_memory_utilization cannot size the KV pool; give kv_pages instead"
+        )
+    return kv_pages_for_memory(fraction, memory, cfg, dtype, page_size)
+
+
 def check_fits(model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_pages: int, page_size: int) -> None:
     """ValueError naming the bytes the weights and KV pages need and the bytes the device has, before anything
     is allocated (on the CPU the host tier shares the same memory)."""
@@ -154,13 +165,7 @@ class LLM:
         if gpu_memory_utilization is not None:
             if kv_pages is not None:
                 raise ValueError("give kv_pages or gpu_memory_utilization, not both")
-            memory = device_memory_limit()
-            if memory is None:
-                raise ValueError(
-                    f"the {jax.default_backend()} backend reports no device memory (jax's Device.memory_stats() is "
-                    "None), so gpu_memory_utilization cannot size the KV pool; give kv_pages instead"
-                )
-            kv_pages = kv_pages_for_memory(gpu_memory_utilization, memory, cfg, dtype, page_size)
+            kv_pages = device_kv_pages(gpu_memory_utilization, cfg, dtype, page_size)
         if kv_pages is None:
             kv_pages = max_num_seqs * pages_per_seq
         if host_kv_pages is None:

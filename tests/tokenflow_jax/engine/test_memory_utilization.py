@@ -44,3 +44,17 @@ def test_backend_without_memory_stats_says_so() -> None:
         pytest.skip(f"the {jax.default_backend()} backend reports its memory")
     with pytest.raises(ValueError, match="reports no device memory .* give kv_pages instead"):
         LLM("tiny", gpu_memory_utilization=0.5, warmup=False)
+
+
+def test_bench_flag_sizes_the_pool_from_device_memory_or_says_why_not() -> None:
+    from tokenflow_jax.bench import schedulers as bench
+
+    args = bench.build_parser().parse_args(["--gpu-memory-utilization", "0.5", "--kv-pages", "8"])
+    with pytest.raises(SystemExit, match="not both"):
+        bench.engine_limits(args, bench.workload_specs(args))
+    args = bench.build_parser().parse_args(["--gpu-memory-utilization", "0.5"])
+    if jax.devices()[0].memory_stats() is None:
+        with pytest.raises(SystemExit, match="reports no device memory"):
+            bench.engine_limits(args, bench.workload_specs(args))
+    else:
+        assert bench.engine_limits(args, bench.workload_specs(args))["kv_pages"] > 0
