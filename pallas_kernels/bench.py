@@ -1,11 +1,14 @@
 """Benchmark the Pallas paged attention kernels against JAX's Triton kernel and plain XLA.
 
-    python -m pallas_kernels.bench [--small] [--out FILE.json]
+    python -m pallas_kernels.bench [--small] [--out FILE.json] [--tiles-out TILES.json]
 
 Full size (needs a GPU): Llama-3-8B attention shapes (32 q heads, 8 kv heads, head_dim 128, page 16, bf16);
-decode at B=64 with context 512/2048/8192, prefill of one sequence of 1k/4k/16k tokens.
-Decode GB/s counts the K+V bytes read; prefill TFLOP/s counts causal work, 2 * 2 * T^2 / 2 * Hq * D.
-`--small` runs tiny shapes in interpret mode on CPU (JAX's Triton kernel is skipped there).
+decode at B=64 and B=1 (where the context split matters) with context 512/2048/8192, prefill of one sequence
+of 1k/4k/16k tokens. Each of our kernels runs a few tilings and keeps the fastest; `--tiles-out` writes the
+winners as a tile table (`pallas_kernels/tiles.py`; copy it over `pallas_kernels/tiles.json`, or point
+PALLAS_TILES at it). Decode GB/s counts the K+V bytes read; prefill TFLOP/s counts causal work,
+2 * 2 * T^2 / 2 * Hq * D. `--small` runs tiny shapes in interpret mode on CPU (JAX's Triton kernel is skipped
+there; its tile table holds the default tilings, timed in interpret mode, so it says nothing about a GPU).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.decode import paged_decode_attention
+from pallas_kernels.decode import padded_group, paged_decode_attention
 from pallas_kernels.prefill import paged_prefill_attention
 from pallas_kernels.reference import (
     gather_sequence_kv,
     paged_decode_attention_reference,
     paged_prefill_attention_reference,
 )
+from pallas_kernels.tiles import decode_tiles, prefill_tiles, write_table
 from tokenflow_jax.kv.pages import pages_for
 
 # The XLA prefill reference gathers KV once per query token: skip it where that would not fit in memory.
@@ -92,6 +96,15 @@ def best_of(configs: dict[str, Callable[[], jax.Array]], **timing: int) -> tuple
     return min(results) if results else (float("nan"), "none")
 
 
+def jax_paged_attention() -> Any:
+    """JAX's own Pallas (Triton) paged attention module, or None where this jax has none."""
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention
+    except ImportError:
+        return None
+    return paged_attention
+
+
 def bench_decode(context: int, batch: int, shape: Shape, *, on_gpu: bool, **timing: int) -> dict[str, Any]:
     rng = np.random.default_rng(context)
     k_pages, v_pages, block_tables = random_pool(rng, batch, context, shape)
@@ -99,19 +112,28 @@ def bench_decode(context: int, batch: int, shape: Shape, *, on_gpu: bool, **timi
     lengths = jnp.full((batch,), context, jnp.int32)
     args = (q, k_pages, v_pages, lengths, block_tables)
 
-    ours_configs = {"default": functools.partial(paged_decode_attention, *args, interpret=not on_gpu)}
+    table = decode_tiles(batch, shape.num_kv_heads, block_tables.shape[1], shape.page_size)
+    tilings = [(table.pages_per_block, table.num_splits, table.num_warps)]
     if on_gpu:
-        for pages, warps in ((4, 4), (8, 8), (16, 8)):
-            ours_configs[f"pages_per_block={pages},num_warps={warps}"] = functools.partial(
-                paged_decode_attention, *args, pages_per_block=pages, num_warps=warps
-            )
+        tilings += [(8, 1, 4), (8, 4, 4), (8, 16, 4), (4, 8, 4), (16, 1, 8)]
+    ours_configs = {
+        f"pages_per_block={pages},num_splits={splits},num_warps={warps}": functools.partial(
+            paged_decode_attention,
+            *args,
+            interpret=not on_gpu,
+            pages_per_block=pages,
+            num_splits=splits,
+            num_warps=warps,
+            num_stages=table.num_stages,
+        )
+        for pages, splits, warps in dict.fromkeys(tilings)
+    }
     row: dict[str, Any] = {"kernel": "decode", "size": context, "batch": batch}
     row["ours_ms"], row["ours_config"] = best_of(ours_configs, **timing)
     row["xla_ms"] = time_ms(functools.partial(jax.jit(paged_decode_attention_reference), *args), **timing)
 
-    if on_gpu:
-        from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
-
+    jax_paged = jax_paged_attention() if on_gpu else None
+    if jax_paged is not None:
         # JAX's kernel applies no softmax scale and takes (block_tables, lengths) in the other order.
         q_scaled = q * jnp.asarray(shape.head_dim**-0.5, q.dtype)
         jax_args = (q_scaled, k_pages, v_pages, block_tables, lengths)
@@ -123,7 +145,8 @@ def bench_decode(context: int, batch: int, shape: Shape, *, on_gpu: bool, **timi
         }
         row["jax_ms"], row["jax_config"] = best_of(jax_configs, **timing)
     else:
-        row["jax_ms"], row["jax_config"] = None, "skipped: JAX's Triton kernel needs a GPU"
+        why = "not importable in this jax" if on_gpu else "needs a GPU"
+        row["jax_ms"], row["jax_config"] = None, f"skipped: JAX's Triton paged attention {why}"
 
     gigabytes = decode_kv_bytes(batch, context, shape) / 1e9
     for impl in ("ours", "xla", "jax"):
@@ -147,12 +170,23 @@ def bench_prefill(tokens: int, shape: Shape, *, on_gpu: bool, **timing: int) -> 
     kv_lens = jnp.asarray([tokens], jnp.int32)
     args = (q, k_pages, v_pages, cu_q_lens, kv_lens, block_tables)
 
-    ours_configs = {"default": functools.partial(paged_prefill_attention, *args, interpret=not on_gpu)}
+    table = prefill_tiles(tokens, shape.page_size)
+    group = padded_group(shape.num_q_heads // shape.num_kv_heads)
+    tilings = [(table.block_rows // group, table.pages_per_block, table.num_warps)]
     if on_gpu:
-        for block_q, pages, warps in ((16, 4, 4), (32, 8, 8), (16, 8, 8)):
-            ours_configs[f"block_q={block_q},pages_per_block={pages},num_warps={warps}"] = functools.partial(
-                paged_prefill_attention, *args, block_q=block_q, pages_per_block=pages, num_warps=warps
-            )
+        tilings += [(16, 4, 4), (32, 8, 8), (16, 8, 8)]
+    ours_configs = {
+        f"block_q={block_q},pages_per_block={pages},num_warps={warps}": functools.partial(
+            paged_prefill_attention,
+            *args,
+            interpret=not on_gpu,
+            block_q=block_q,
+            pages_per_block=pages,
+            num_warps=warps,
+            num_stages=table.num_stages,
+        )
+        for block_q, pages, warps in dict.fromkeys(tilings)
+    }
     row: dict[str, Any] = {"kernel": "prefill", "size": tokens, "batch": 1}
     row["ours_ms"], row["ours_config"] = best_of(ours_configs, **timing)
     row["dense_ms"] = time_ms(functools.partial(jax.jit(dense_prefill), q, k_pages, v_pages, block_tables), **timing)
@@ -169,6 +203,41 @@ def bench_prefill(tokens: int, shape: Shape, *, on_gpu: bool, **timing: int) -> 
     return row
 
 
+def config_values(config: str) -> dict[str, int]:
+    """ "a=1,b=2" (a config name from the sweep) -> {"a": 1, "b": 2}."""
+    return {key: int(value) for key, value in (item.split("=") for item in config.split(","))}
+
+
+def tile_table(rows: list[dict[str, Any]], shape: Shape, result: dict[str, Any]) -> dict[str, Any]:
+    """The fastest tiling of each measured shape, as the tile table `pallas_kernels.tiles` reads."""
+    group = padded_group(shape.num_q_heads // shape.num_kv_heads)
+    decode, prefill = [], []
+    for row in rows:
+        if row["ours_config"] == "none":
+            continue
+        config = config_values(row["ours_config"])
+        tokens_per_block = config["pages_per_block"] * shape.page_size
+        launch = {"num_warps": config["num_warps"], "num_stages": 2}
+        if row["kernel"] == "decode":
+            decode.append(
+                {"sequence_heads": row["batch"] * shape.num_kv_heads, "context": row["size"]}
+                | {"tokens_per_block": tokens_per_block, "num_splits": config["num_splits"]}
+                | launch
+            )
+        else:
+            prefill.append(
+                {"tokens": row["size"], "block_rows": config["block_q"] * group, "tokens_per_block": tokens_per_block}
+                | launch
+            )
+    source = "python -m pallas_kernels.bench" + (
+        " --small (interpret mode: not a measurement)" if result["interpret"] else ""
+    )
+    return {"source": source, "device": result["device"], "jax_version": result["jax_version"]} | {
+        "decode": decode,
+        "prefill": prefill,
+    }
+
+
 def _fmt(value: float | None, width: int, spec: str = ".3f") -> str:
     text = "-" if value is None or value != value else format(value, spec)
     return text.rjust(width)
@@ -182,16 +251,18 @@ def _ratio(baseline_ms: float | None, ours_ms: float, width: int) -> str:
 def print_table(rows: list[dict[str, Any]]) -> None:
     baselines = ("jax", "dense", "xla")
     print(
-        f"{'kernel':8}{'size':>6}{'ours ms':>10}{'rate':>14}"
+        f"{'kernel':8}{'batch':>6}{'size':>6}{'ours ms':>10}{'rate':>14}"
         + "".join(f"{name + ' ms':>10}" for name in baselines)
         + "".join(f"{'vs ' + name:>10}" for name in baselines)
+        + "  our tiling"
     )
     for row in rows:
         unit, rate = ("GB/s", row["ours_gbps"]) if row["kernel"] == "decode" else ("TF/s", row["ours_tflops"])
         print(
-            f"{row['kernel']:8}{row['size']:>6}{_fmt(row['ours_ms'], 10)}{_fmt(rate, 9, '.4g')} {unit}"
+            f"{row['kernel']:8}{row['batch']:>6}{row['size']:>6}{_fmt(row['ours_ms'], 10)}{_fmt(rate, 9, '.4g')} {unit}"
             + "".join(_fmt(row.get(f"{name}_ms"), 10) for name in baselines)
             + "".join(_ratio(row.get(f"{name}_ms"), row["ours_ms"], 10) for name in baselines)
+            + f"  {row['ours_config']}"
         )
 
 
@@ -199,19 +270,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny shapes in interpret mode (CPU)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--tiles-out", help="write the fastest tiling of each shape here, as a tile table")
     args = parser.parse_args(argv)
 
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.small:
         parser.error("the full-size bench needs a GPU; use --small on CPU")
     if args.small:
-        shape, batch, contexts, prefill_tokens = TINY, 2, (64, 128), (64, 128)
+        shape, batches, contexts, prefill_tokens = TINY, (2, 1), (64, 128), (64, 128)
         timing = {"warmup": 1, "iters": 3}
     else:
-        shape, batch, contexts, prefill_tokens = LLAMA3_8B, 64, (512, 2048, 8192), (1024, 4096, 16384)
+        shape, batches, contexts, prefill_tokens = LLAMA3_8B, (64, 1), (512, 2048, 8192), (1024, 4096, 16384)
         timing = {"warmup": 3, "iters": 20}
 
-    rows = [bench_decode(c, batch, shape, on_gpu=on_gpu, **timing) for c in contexts]
+    rows = [bench_decode(c, b, shape, on_gpu=on_gpu, **timing) for b in batches for c in contexts]
     rows += [bench_prefill(t, shape, on_gpu=on_gpu, **timing) for t in prefill_tokens]
     result = {
         "device": str(jax.devices()[0].device_kind),
@@ -228,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+    if args.tiles_out:
+        write_table(args.tiles_out, tile_table(rows, shape, result))
     return result
 
 

@@ -1,8 +1,12 @@
 """Paged decode attention as a Pallas kernel (Triton lowering for NVIDIA GPUs, interpret mode on CPU).
 
-One program per (sequence, kv head) computes all G = Hq/Hkv query heads of the group at once, so each
-K/V page is read from HBM once per group. Pages are visited through the block table with a
-flash-attention online softmax; the loop stops at ceil(length / block), so cost follows the real length.
+One program per (sequence, kv head, context split) computes all G = Hq/Hkv query heads of the group at once,
+so each K/V page is read from HBM once per group. Triton tiles need power-of-two sizes, so a group of 5 or 7
+heads is loaded as 8 rows with the extra rows masked off, and never stored. Pages are visited through the
+block table with a flash-attention online softmax; the loop stops at ceil(length / block), so cost follows
+the real length. With more than one split (flash-decoding: small batch x long context would leave most of
+the GPU idle), each split attends to its own share of the context and writes its partial output and
+log-sum-exp; a small XLA merge combines them. Tile sizes and the split count come from `tiles` by shape.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.tiles import DecodeTiles, decode_tiles
 
 # Finite stand-in for -inf: keeps (masked - max) free of inf - inf = NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -51,11 +57,32 @@ def replicate_rows(x: jax.Array, rows: int) -> jax.Array:
 
 
 def collapse_rows(x: jax.Array, n: int) -> jax.Array:
-    """Inverse of `replicate_rows`: the copies are identical, so max picks the value without slicing."""
-    rows, d = x.shape
+    """Inverse of `replicate_rows` ([rows, ...] -> [n, ...]): the copies are identical, so max picks the value
+    without slicing."""
+    rows = x.shape[0]
     if rows == n:
         return x
-    return x.reshape(n, rows // n, d).max(axis=1)
+    return x.reshape(n, rows // n, *x.shape[1:]).max(axis=1)
+
+
+def padded_group(group: int) -> int:
+    """Query heads per kv head rounded up to a power of two, the row count Triton can tile."""
+    return 1 << (group - 1).bit_length()
+
+
+def group_heads(kv_head: jax.Array, group: int) -> tuple[pl.Slice, jax.Array | None]:
+    """The q-head rows of `kv_head`'s group, padded to a power of two, and which of them are real (None: all)."""
+    padded = padded_group(group)
+    in_group = None if padded == group else jnp.arange(padded) < group
+    return pl.ds(kv_head * group, padded), in_group
+
+
+def load_rows(ref, in_rows: jax.Array | None, axis: int) -> jax.Array:
+    """ref[...] with the rows along `axis` that `in_rows` marks False read as zeros (never touched in memory)."""
+    if in_rows is None:
+        return ref[...]
+    mask = jnp.expand_dims(in_rows, tuple(a for a in range(len(ref.shape)) if a != axis % len(ref.shape)))
+    return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
 
 
 def online_softmax_step(
@@ -93,17 +120,22 @@ def _decode_kernel(
     v_pages_ref,
     length_ref,
     block_table_ref,
-    o_ref,
-    *,
+    *out_refs,
     sm_scale: float,
+    group: int,
     pages_per_block: int,
+    blocks_per_split: int,
 ):
-    # q_ref, o_ref [G, D]; k/v_pages_ref [P, S, D] (this kv head); length_ref [1]; block_table_ref [pages].
-    group, head_dim = q_ref.shape
-    rows = dot_rows(group)
+    # q_ref [Hq, D] (this sequence); k/v_pages_ref [P, S, D] (this kv head); length_ref [1]; block_table_ref
+    # [pages]. out_refs: o_ref [Hq, D] with one split, else (o_ref [Gp, D] float32, lse_ref [Gp]) of this split.
+    kv_head, split = pl.program_id(1), pl.program_id(2)
+    head_dim = q_ref.shape[-1]
+    padded = padded_group(group)
+    rows = dot_rows(padded)
     block_k = pages_per_block * k_pages_ref.shape[1]
     length = length_ref[0]
-    q = replicate_rows(q_ref[...], rows)
+    heads, in_group = group_heads(kv_head, group)
+    q = replicate_rows(load_rows(q_ref.at[heads, :], in_group, axis=0), rows)
 
     def attend_block(i, carry):
         acc, m_i, l_i = carry
@@ -120,11 +152,39 @@ def _decode_kernel(
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    acc, _, l_i = lax.fori_loop(0, pl.cdiv(length, block_k), attend_block, init)
-    o_ref[...] = collapse_rows(normalize(acc, l_i), group).astype(o_ref.dtype)
+    # This split's blocks that hold a token: every visited block has at least one unmasked key.
+    first = split * blocks_per_split
+    end = jnp.maximum(first, jnp.minimum(pl.cdiv(length, block_k), first + blocks_per_split))
+    acc, m_i, l_i = lax.fori_loop(first, end, attend_block, init)
+    out = collapse_rows(normalize(acc, l_i), padded)
+    if len(out_refs) == 1:
+        (o_ref,) = out_refs
+        out = out.astype(o_ref.dtype)
+        if in_group is None:
+            o_ref[heads, :] = out
+        else:
+            plgpu.store(o_ref.at[heads, :], out, mask=jnp.broadcast_to(in_group[:, None], out.shape))
+    else:
+        o_ref, lse_ref = out_refs
+        o_ref[...] = out
+        lse_ref[...] = collapse_rows(m_i + jnp.log2(l_i), padded)  # base 2; -inf where the split saw no key
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "interpret", "pages_per_block", "num_warps", "num_stages"))
+def merge_splits(partial: jax.Array, lse: jax.Array) -> jax.Array:
+    """Combine per-split outputs [..., splits, G, D] (each normalised over its split) with their base-2
+    log-sum-exps [..., splits, G] into the attention over the whole context [..., G, D]; no key at all -> 0."""
+    lse_max = lse.max(axis=-2, keepdims=True)
+    seen = jnp.isfinite(lse)
+    weight = jnp.where(seen, jnp.exp2(lse - jnp.where(seen, lse_max, 0.0)), 0.0)
+    total = weight.sum(axis=-2)
+    out = (weight[..., None] * partial).sum(axis=-3)
+    return out / jnp.where(total == 0.0, 1.0, total)[..., None]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "interpret", "pages_per_block", "num_splits", "num_warps", "num_stages"),
+)
 def paged_decode_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -135,41 +195,75 @@ def paged_decode_attention(
     sm_scale: float | None = None,
     interpret: bool = False,
     pages_per_block: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """One new token per sequence attending to its first `lengths[b]` cached tokens. -> [B, Hq, D].
 
     q [B, Hq, D]; k_pages, v_pages [Hkv, P, S, D] (page 0 is the null page); lengths int32 [B], the current
     token's K/V already written; block_tables int32 [B, max_pages]. Rows with length 0 return zeros.
-    `pages_per_block` pages are read per loop step (default: 128 tokens' worth).
+    `pages_per_block` pages (a power of two) are read per loop step and the context is cut into `num_splits`
+    parts (at most one per block); these and the Triton launch parameters default to the `tiles` table's entry
+    for this shape.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     if num_q_heads % num_kv_heads:
         raise ValueError(f"q heads {num_q_heads} must be a multiple of kv heads {num_kv_heads}")
     group = num_q_heads // num_kv_heads
-    if pages_per_block is None:
-        pages_per_block = max(1, 128 // page_size)
-    block_tables = pad_block_tables(block_tables.astype(jnp.int32), pages_per_block)
-    kernel = functools.partial(
-        _decode_kernel, sm_scale=default_sm_scale(head_dim, sm_scale), pages_per_block=pages_per_block
+    tiles = decode_tiles(batch, num_kv_heads, block_tables.shape[1], page_size)
+    tiles = DecodeTiles(
+        pages_per_block=pages_per_block or tiles.pages_per_block,
+        num_splits=num_splits or tiles.num_splits,
+        num_warps=num_warps or tiles.num_warps,
+        num_stages=num_stages or tiles.num_stages,
     )
-    pool_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h: (h, 0, 0, 0))
-    head_group_spec = pl.BlockSpec((None, group, head_dim), lambda b, h: (b, h, 0))
-    return pl.pallas_call(
+    if tiles.pages_per_block & (tiles.pages_per_block - 1):
+        raise ValueError(f"pages_per_block must be a power of two (a Triton tile size), got {tiles.pages_per_block}")
+    num_blocks = pl.cdiv(block_tables.shape[1], tiles.pages_per_block)
+    splits = min(tiles.num_splits, num_blocks)
+    blocks_per_split = pl.cdiv(num_blocks, splits)
+    block_tables = pad_block_tables(block_tables.astype(jnp.int32), tiles.pages_per_block)
+    kernel = functools.partial(
+        _decode_kernel,
+        sm_scale=default_sm_scale(head_dim, sm_scale),
+        group=group,
+        pages_per_block=tiles.pages_per_block,
+        blocks_per_split=blocks_per_split,
+    )
+    padded = padded_group(group)
+    if splits == 1:
+        out_specs = pl.BlockSpec((None, num_q_heads, head_dim), lambda b, h, s: (b, 0, 0))
+        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, padded, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, padded), lambda b, h, s: (b, h, s, 0)),
+        ]
+        partial_shape = (batch, num_kv_heads, splits, padded)
+        out_shape = [
+            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+        ]
+    pool_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0))
+    out = pl.pallas_call(
         kernel,
-        grid=(batch, num_kv_heads),
+        grid=(batch, num_kv_heads, splits),
         in_specs=[
-            head_group_spec,
+            pl.BlockSpec((None, num_q_heads, head_dim), lambda b, h, s: (b, 0, 0)),
             pool_spec,
             pool_spec,
-            pl.BlockSpec((1,), lambda b, h: (b,)),
-            pl.BlockSpec((None, block_tables.shape[1]), lambda b, h: (b, 0)),
+            pl.BlockSpec((1,), lambda b, h, s: (b,)),
+            pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
         ],
-        out_specs=head_group_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=triton_compiler_params(num_warps, num_stages),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_compiler_params(tiles.num_warps, tiles.num_stages),
         interpret=interpret,
         name="paged_decode_attention",
     )(q, k_pages, v_pages, lengths.astype(jnp.int32), block_tables)
+    if splits == 1:
+        return out
+    merged = merge_splits(*out)[:, :, :group]  # [B, Hkv, G, D]
+    return merged.reshape(q.shape).astype(q.dtype)

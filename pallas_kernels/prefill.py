@@ -2,7 +2,9 @@
 
 The new tokens of all sequences sit back to back in q [T, Hq, D]. Each sequence is cut into query blocks
 of `block_q` tokens; one program per (query block, kv head) attends its block's tokens x G query heads
-(stacked as block_q * G dot rows, so K/V pages are read once per group) to the sequence's paged KV.
+(stacked as block_q * G dot rows, so K/V pages are read once per group) to the sequence's paged KV. Triton
+tiles need power-of-two sizes, so a group of 5 or 7 heads is loaded as 8 with the extra rows masked off and
+never stored. Tile sizes come from `tiles` by shape.
 Pages wholly before the block's first position need no mask; pages after its last position are skipped.
 First prefill, chunked prefill and recompute are the same call: token i of a sequence with q_len new
 tokens sits at position kv_len - q_len + i.
@@ -27,11 +29,15 @@ from pallas_kernels.decode import (
     MIN_DOT_ROWS,
     default_sm_scale,
     gather_page_block,
+    group_heads,
+    load_rows,
     normalize,
     online_softmax_step,
     pad_block_tables,
+    padded_group,
     triton_compiler_params,
 )
+from pallas_kernels.tiles import prefill_tiles
 
 # Schedule columns: which sequence, which rows [row_start, row_end) of q, and position = row + offset.
 SEQ, ROW_START, ROW_END, POSITION_OFFSET = range(4)
@@ -80,13 +86,15 @@ def _prefill_kernel(
     o_ref,
     *,
     sm_scale: float,
+    group: int,
     block_q: int,
     pages_per_block: int,
 ):
-    # schedule_ref [4]; q_ref, o_ref [T, G, D] (this kv head's group); k/v_pages_ref [P, S, D];
-    # block_tables_ref [B, pages].
-    num_tokens, group, head_dim = q_ref.shape
-    rows = block_q * group
+    # schedule_ref [4]; q_ref, o_ref [T, Hq, D]; k/v_pages_ref [P, S, D] (this kv head); block_tables_ref
+    # [B, pages].
+    num_tokens, _, head_dim = q_ref.shape
+    padded = padded_group(group)
+    rows = block_q * padded
     block_k = pages_per_block * k_pages_ref.shape[1]
     seq = schedule_ref[SEQ]
     row_start, row_end = schedule_ref[ROW_START], schedule_ref[ROW_END]
@@ -94,9 +102,11 @@ def _prefill_kernel(
 
     # A block that would run past T is shifted back; rows outside [row_start, row_end) are never stored.
     load_start = jnp.minimum(row_start, num_tokens - block_q)
-    token = load_start + jnp.arange(rows, dtype=jnp.int32) // group
+    token = load_start + jnp.arange(rows, dtype=jnp.int32) // padded
     position = token + position_offset
-    q = q_ref[pl.ds(load_start, block_q), :, :].reshape(rows, head_dim)
+    heads, in_group = group_heads(pl.program_id(1), group)
+    q_block = q_ref.at[pl.ds(load_start, block_q), heads, :]
+    q = load_rows(q_block, in_group, axis=1).reshape(rows, head_dim)
 
     def attend_block(kb, carry, *, causal: bool):
         acc, m_i, l_i = carry
@@ -122,10 +132,11 @@ def _prefill_kernel(
     carry = lax.fori_loop(unmasked_blocks, total_blocks, functools.partial(attend_block, causal=True), carry)
     acc, _, l_i = carry
 
-    out = normalize(acc, l_i).reshape(block_q, group, head_dim).astype(o_ref.dtype)
+    out = normalize(acc, l_i).reshape(block_q, padded, head_dim).astype(o_ref.dtype)
     row = load_start + jnp.arange(block_q, dtype=jnp.int32)
     owned = (row >= row_start) & (row < row_end)
-    plgpu.store(o_ref.at[pl.ds(load_start, block_q)], out, mask=jnp.broadcast_to(owned[:, None, None], out.shape))
+    mask = owned[:, None, None] if in_group is None else owned[:, None, None] & in_group[None, :, None]
+    plgpu.store(o_ref.at[pl.ds(load_start, block_q), heads, :], out, mask=jnp.broadcast_to(mask, out.shape))
 
 
 @functools.partial(
@@ -144,26 +155,29 @@ def paged_prefill_attention(
     interpret: bool = False,
     block_q: int | None = None,
     pages_per_block: int | None = None,
-    num_warps: int = 8,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> jax.Array:
     """Ragged causal attention of new tokens over paged KV. -> [T, Hq, D].
 
     q [T, Hq, D] holds the new tokens of all sequences back to back; cu_q_lens int32 [B+1]; kv_lens int32
     [B] counts cached tokens including the new ones (already written to the pages); block_tables int32
-    [B, max_pages]. Rows past cu_q_lens[-1] are padding and return zeros. `block_q` query tokens
-    (default: 128 dot rows' worth) and `pages_per_block` pages (default: 64 tokens) make one tile.
+    [B, max_pages]. Rows past cu_q_lens[-1] are padding and return zeros. `block_q` query tokens and
+    `pages_per_block` pages (powers of two) make one tile; they and the Triton launch parameters default to the
+    `tiles` table's entry for this shape.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, num_pages, page_size, _ = k_pages.shape
     if num_q_heads % num_kv_heads:
         raise ValueError(f"q heads {num_q_heads} must be a multiple of kv heads {num_kv_heads}")
     group = num_q_heads // num_kv_heads
-    if block_q is None:
-        block_q = max(1, 128 // group)
-    block_q = max(block_q, pl.cdiv(MIN_DOT_ROWS, group))
-    if pages_per_block is None:
-        pages_per_block = max(1, 64 // page_size)
+    padded = padded_group(group)
+    tiles = prefill_tiles(num_tokens, page_size)
+    block_q = max(block_q or tiles.block_rows // padded, pl.cdiv(MIN_DOT_ROWS, padded))
+    pages_per_block = pages_per_block or tiles.pages_per_block
+    for name, value in (("block_q", block_q), ("pages_per_block", pages_per_block)):
+        if value & (value - 1):
+            raise ValueError(f"{name} must be a power of two (a Triton tile size), got {value}")
     block_tables = pad_block_tables(block_tables.astype(jnp.int32), pages_per_block)
 
     # The shifted-back last block needs T >= block_q; tiny batches are padded up to one block.
@@ -178,24 +192,25 @@ def paged_prefill_attention(
     kernel = functools.partial(
         _prefill_kernel,
         sm_scale=default_sm_scale(head_dim, sm_scale),
+        group=group,
         block_q=block_q,
         pages_per_block=pages_per_block,
     )
     pool_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda p, h: (h, 0, 0, 0))
-    head_group_spec = pl.BlockSpec((padded_tokens, group, head_dim), lambda p, h: (0, h, 0))
+    tokens_spec = pl.BlockSpec((padded_tokens, num_q_heads, head_dim), lambda p, h: (0, 0, 0))
     out = pl.pallas_call(
         kernel,
         grid=(num_programs, num_kv_heads),
         in_specs=[
             pl.BlockSpec((None, 4), lambda p, h: (p, 0)),
-            head_group_spec,
+            tokens_spec,
             pool_spec,
             pool_spec,
             pl.BlockSpec(block_tables.shape, lambda p, h: (0, 0)),
         ],
-        out_specs=head_group_spec,
+        out_specs=tokens_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=triton_compiler_params(num_warps, num_stages),
+        compiler_params=triton_compiler_params(num_warps or tiles.num_warps, num_stages or tiles.num_stages),
         interpret=interpret,
         name="paged_prefill_attention",
     )(schedule, q, k_pages, v_pages, block_tables)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     preemption_help = "how a paused request's KV is kept; auto picks the cheaper (default: auto)"
     engine.add_argument("--preemption", choices=("auto", "swap", "recompute"), default="auto", help=preemption_help)
     engine.add_argument("--kv-pages", type=int, help="usable device KV pages (default: max-num-seqs full sequences)")
+    memory_help = "size the device KV pool to this fraction of device memory, weights included, instead of --kv-pages"
+    engine.add_argument("--gpu-memory-utilization", type=float, help=memory_help + " (default: unset)")
     host_help = "host-tier KV pages (default: 2x device, or 4 GiB if more, at most 1/4 of host memory)"
     engine.add_argument("--host-kv-pages", type=int, help=host_help)
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
@@ -116,7 +118,8 @@ def start_engine(args: argparse.Namespace) -> LLM:
     start = time.perf_counter()
     logger.info("loading %s (%s)", args.model, args.dtype)
     llm = LLM(args.model, scheduler=args.scheduler, kv_pages=args.kv_pages, host_kv_pages=args.host_kv_pages,
-              preemption=args.preemption, seed=args.seed, dtype=args.dtype, page_size=args.page_size,
+              gpu_memory_utilization=args.gpu_memory_utilization, preemption=args.preemption, seed=args.seed,
+              dtype=args.dtype, page_size=args.page_size,
               max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
               max_model_len=args.max_model_len, default_rate=args.default_rate, warmup=False,
               scheduler_config={"max_hold_s": args.max_hold_s})  # fmt: skip

@@ -1,60 +1,104 @@
 #!/usr/bin/env bash
-# One device run for a session lent a GPU: Pallas kernels against the XLA references on the real backend,
-# kernel timings, engine timings at Llama-3-8B shapes. Everything lands under $OUT (default gpu_out/).
-# Dry run on CPU: MODEL=tiny SMALL=1 bash tools/gpu_check.sh
+# One device run for a session lent a GPU; everything lands under $OUT (default gpu_out/). Quick, decisive
+# parts first and the slowest last, so a run cut short still returns the first figures:
+#   1. env.txt           python, jax, devices
+#   2. kernel_check.txt  both Pallas kernels compiled for the device (interpret=False) against the XLA
+#                        references, float32 and bfloat16, at Llama-3-8B, Qwen2.5-7B (group 7) and Qwen2.5-32B
+#                        (group 5) head shapes, decode with and without the context split (flash-decoding)
+#   3. kernels.{txt,json} paged decode GB/s at context 512/2048/8192 (batch 64 and 1) against JAX's own Pallas
+#                        paged attention and the XLA reference, prefill TFLOP/s; tiles.json, the fastest tiling
+#                        of each shape as a tile table (pallas_kernels/tiles.py)
+#   4. engine.{txt,json} the decode step of $MODEL (dummy bf16 weights) at batch 64 and 256, context 1024, and
+#                        swap bandwidth for 64 and 512 pages each way
+#   5. decision.*        the TokenFlow decision time on this host's CPU
+# Exits non-zero when any part failed (all parts still run). Dry run on CPU, a test:
+#   MODEL=tiny SMALL=1 OUT=/tmp/gpu_check bash tools/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 OUT=${OUT:-gpu_out}
 MODEL=${MODEL:-llama3-8b}
+export SMALL=${SMALL:-0}
 mkdir -p "$OUT"
-python - <<'PY' 2>&1 | tee "$OUT/env.txt"
+failed=()
+
+# part NAME LOG COMMAND...: run COMMAND with its output also in $OUT/LOG; note a failure and go on.
+part() {
+  local name=$1 log=$2
+  shift 2
+  echo "== $name" >&2
+  "$@" 2>&1 | tee "$OUT/$log"
+  [ "${PIPESTATUS[0]}" = 0 ] || failed+=("$name")
+}
+
+part env env.txt python -c '
 import jax, platform
-print(platform.python_version(), "jax", jax.__version__, jax.devices(), jax.devices()[0].device_kind)
-PY
-# Correctness first: the compiled kernels (interpret=False on a GPU) against the references.
-python - <<'PY' 2>&1 | tee "$OUT/kernel_check.txt"
-import os, jax, jax.numpy as jnp, numpy as np
+print(platform.python_version(), "jax", jax.__version__, jax.devices(), jax.devices()[0].device_kind)'
+
+part kernel-check kernel_check.txt python - <<'PY'
+import os, sys
+import jax, jax.numpy as jnp, numpy as np
 import pallas_kernels as pk
-from pallas_kernels.reference import paged_decode_attention_reference, paged_prefill_attention_reference
+
 interpret = jax.default_backend() != "gpu"
-small = os.environ.get("SMALL") == "1"
+small = os.environ["SMALL"] == "1"
 rng = np.random.default_rng(0)
+failures = 0
+
+
+def report(what, out, ref, dtype):
+    global failures
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    ok = bool(np.isfinite(out).all()) and err < (1e-5 if dtype == jnp.float32 else 1e-2)
+    failures += not ok
+    print(what, jnp.dtype(dtype).name, "rel err", err, "OK" if ok else "FAIL", flush=True)
+
+
+# (q heads, kv heads): Llama-3-8B (group 4), Qwen2.5-7B (group 7), Qwen2.5-32B (group 5); SMALL: same groups.
+heads = ((8, 2), (14, 2), (10, 2)) if small else ((32, 8), (28, 4), (40, 8))
+d, s = (64, 16) if small else (128, 16)
+b, maxp, pages = (3, 8, 40) if small else (16, 64, 2048)
 for dtype in (jnp.float32, jnp.bfloat16):
-    hq, hkv, d, s = (8, 2, 64, 16) if small else (32, 8, 128, 16)
-    b, maxp, pages = (3, 8, 40) if small else (16, 64, 2048)
-    k = jnp.asarray(rng.standard_normal((hkv, pages, s, d)), dtype)
-    v = jnp.asarray(rng.standard_normal((hkv, pages, s, d)), dtype)
-    tables = jnp.asarray(rng.permutation(np.arange(1, pages))[: b * maxp].reshape(b, maxp), jnp.int32)
-    lengths = jnp.asarray(rng.integers(1, maxp * s, b), jnp.int32)
-    q = jnp.asarray(rng.standard_normal((b, hq, d)), dtype)
-    out = pk.paged_decode_attention(q, k, v, lengths, tables, interpret=interpret)
-    ref = paged_decode_attention_reference(q, k, v, lengths, tables)
-    err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
-    print("decode", jnp.dtype(dtype).name, "rel err", err, "OK" if err < (1e-5 if dtype == jnp.float32 else 1e-2) else "FAIL")
-    q_lens = rng.integers(1, 3 * s, b)
-    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    kv_lens = jnp.maximum(lengths, jnp.asarray(q_lens, jnp.int32))
-    qp = jnp.asarray(rng.standard_normal((int(cu[-1]) + 5, hq, d)), dtype)
-    out = pk.paged_prefill_attention(qp, k, v, cu, kv_lens, tables, interpret=interpret)[: int(cu[-1])]
-    ref = paged_prefill_attention_reference(qp, k, v, cu, kv_lens, tables)[: int(cu[-1])]
-    err = float(jnp.linalg.norm((out - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32)))
-    print("prefill", jnp.dtype(dtype).name, "rel err", err, "OK" if err < (1e-5 if dtype == jnp.float32 else 1e-2) else "FAIL")
+    for hq, hkv in heads:
+        k = jnp.asarray(rng.standard_normal((hkv, pages, s, d)), dtype)
+        v = jnp.asarray(rng.standard_normal((hkv, pages, s, d)), dtype)
+        tables = jnp.asarray(rng.permutation(np.arange(1, pages))[: b * maxp].reshape(b, maxp), jnp.int32)
+        lengths = jnp.asarray(rng.integers(1, maxp * s, b), jnp.int32)
+        q = jnp.asarray(rng.standard_normal((b, hq, d)), dtype)
+        ref = pk.paged_decode_attention_reference(q, k, v, lengths, tables)
+        # The tile table's choice; blocks of 2 pages, whole and in 3 splits (in SMALL the last split is empty).
+        for tiles in ({}, {"pages_per_block": 2, "num_splits": 1}, {"pages_per_block": 2, "num_splits": 3}):
+            out = pk.paged_decode_attention(q, k, v, lengths, tables, interpret=interpret, **tiles)
+            report(f"decode hq={hq} hkv={hkv} {tiles or 'table'}", out, ref, dtype)
+        q_lens = rng.integers(1, 3 * s, b)
+        cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+        kv_lens = jnp.maximum(lengths, jnp.asarray(q_lens, jnp.int32))
+        n = int(cu[-1])
+        qp = jnp.asarray(rng.standard_normal((n + 5, hq, d)), dtype)
+        out = pk.paged_prefill_attention(qp, k, v, cu, kv_lens, tables, interpret=interpret)[:n]
+        ref = pk.paged_prefill_attention_reference(qp, k, v, cu, kv_lens, tables)[:n]
+        report(f"prefill hq={hq} hkv={hkv}", out, ref, dtype)
+sys.exit(1 if failures else 0)
 PY
-if [ "${SMALL:-0}" = 1 ]; then
-  python -m pallas_kernels.bench --small --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
-  python -m tokenflow_jax.engine_bench --model "$MODEL" --batches 8,16 --context 128 --swap-pages 16,64 \
-    --repeats 3 --offline-requests 8 --offline-tokens 16 --out "$OUT/engine.json" 2>&1 | tee "$OUT/engine.txt"
+
+if [ "$SMALL" = 1 ]; then
+  part kernel-bench kernels.txt python -m pallas_kernels.bench --small --out "$OUT/kernels.json" \
+    --tiles-out "$OUT/tiles.json"
+  part engine-bench engine.txt python -m tokenflow_jax.engine_bench --model "$MODEL" --batches 8,16 --context 128 \
+    --swap-pages 16,64 --repeats 3 --offline-requests 8 --offline-tokens 16 --out "$OUT/engine.json"
+  part decision decision.txt python -c "from tokenflow_jax.bench import paper_setups as ps; \
+print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))"
 else
-  python -m pallas_kernels.bench --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
-  python -m tokenflow_jax.engine_bench --model "$MODEL" --dtype bfloat16 --batches 64,256 --context 1024 \
-    --swap-pages 64,512 --offline-requests 0 --out "$OUT/engine.json" 2>&1 | tee "$OUT/engine.txt"
+  part kernel-bench kernels.txt python -m pallas_kernels.bench --out "$OUT/kernels.json" --tiles-out "$OUT/tiles.json"
+  part engine-bench engine.txt python -m tokenflow_jax.engine_bench --model "$MODEL" --dtype bfloat16 \
+    --batches 64,256 --context 1024 --swap-pages 64,512 --offline-requests 0 --out "$OUT/engine.json"
+  # Last (first to drop if time runs short): its CPU caches differ from the dev VM's (BENCHMARKS.md).
+  part decision decision.json timeout 240 python -m tokenflow_jax.paper_setups --decision-bench
 fi
-# Last (first to drop if time runs short): the TokenFlow decision time on this host's CPU, whose caches differ
-# from the dev VM's (BENCHMARKS.md, "Scheduler time per decision").
-if [ "${SMALL:-0}" = 1 ]; then
-  python -c "from tokenflow_jax.bench import paper_setups as ps; print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))" \
-    2>&1 | tee "$OUT/decision.txt"
-else
-  timeout 240 python -m tokenflow_jax.paper_setups --decision-bench 2>&1 | tee "$OUT/decision.json"
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: failed: ${failed[*]}" | tee "$OUT/failed.txt" >&2
+  exit 1
 fi
+echo "gpu_check: all parts passed" >&2

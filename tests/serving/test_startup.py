@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from serving.__main__ import build_parser
 from tests.serving.conftest import REPO_ROOT, ServerProcess
 
@@ -34,3 +36,16 @@ def test_a_model_too_big_for_the_device_is_refused_in_one_line() -> None:
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and re.search(r"needs [\d,]+ bytes .* has [\d,]+ bytes free", error[0]), result.stderr
+
+
+def test_gpu_memory_utilization_without_device_memory_stats_is_refused_in_one_line() -> None:
+    """JAX's CPU backend reports no memory stats, so the server cannot size its pool from a fraction."""
+    import jax
+
+    if jax.devices()[0].memory_stats() is not None:
+        pytest.skip(f"the {jax.default_backend()} backend reports its memory")
+    result = subprocess.run([sys.executable, "-m", "serving", "--model", "tiny", "--gpu-memory-utilization", "0.9",
+                             "--port", "0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "reports no device memory" in error[0], result.stderr

@@ -72,6 +72,16 @@ def engine_limits(args: argparse.Namespace, specs: Sequence[RequestSpec]) -> dic
     total = sum(pages_for(s.prompt_len + s.output_len, args.page_size) for s in specs)
     one = pages_for(longest, args.page_size)
     kv_pages = args.kv_pages or max(one, math.ceil(KV_FRACTION * total))
+    if args.gpu_memory_utilization is not None:
+        from checkpoints.presets import model_config
+        from tokenflow_jax.engine.llm import device_kv_pages
+
+        if args.kv_pages:
+            raise SystemExit("give --kv-pages or --gpu-memory-utilization, not both")
+        try:
+            kv_pages = device_kv_pages(args.gpu_memory_utilization, model_config(args.model), "float32", args.page_size)
+        except ValueError as e:
+            raise SystemExit(f"--gpu-memory-utilization: {e}") from e
     host = args.host_kv_pages if args.host_kv_pages is not None else total + kv_pages
     return dict(kv_pages=kv_pages, host_kv_pages=host, max_model_len=max_model_len, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)  # fmt: skip
@@ -266,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. 1:3 for a machine 3x slower after 1 s), as contention does; the policies only measure it",
     )
     p.add_argument("--kv-pages", type=int, default=None, help="usable device KV pages (None: 1/3 of the workload)")
+    memory_help = "size the device KV pool to this fraction of device memory, weights included (None: --kv-pages)"
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help=memory_help)
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (None: the whole workload)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once")

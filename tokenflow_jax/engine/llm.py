@@ -57,6 +57,42 @@ def device_memory_bytes() -> int | None:
         return None
 
 
+def device_memory_limit() -> int | None:
+    """Bytes JAX's allocator may use on the default device (`memory_stats()["bytes_limit"]`: on a GPU, by
+    default 75% of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION sets it); None where the backend reports no memory
+    stats (JAX's CPU backend)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def kv_pages_for_memory(fraction: float, memory_bytes: int, cfg: ModelConfig, dtype: Any, page_size: int) -> int:
+    """Usable device KV pages when the engine may take `fraction` of `memory_bytes`, weights included (as vLLM's
+    --gpu-memory-utilization sizes its pool); the rest of the memory is the steps' working space."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {fraction}")
+    itemsize = resolve_dtype(dtype).itemsize
+    weights = cfg.num_params * itemsize
+    page_bytes = page_size * cfg.kv_bytes_per_token * itemsize
+    pages = (int(fraction * memory_bytes) - weights) // page_bytes - 1  # the null page comes on top
+    if pages < 1:
+        raise ValueError(
+            f"gpu_memory_utilization {fraction} of {memory_bytes:,} bytes leaves no room for KV pages after "
+            f"{weights:,} bytes of {resolve_dtype(dtype).name} weights; raise it or use a smaller model or dtype"
+        )
+    return pages
+
+
+def device_kv_pages(fraction: float, cfg: ModelConfig, dtype: Any, page_size: int) -> int:
+    """`kv_pages_for_memory` over the default device's memory; ValueError where the backend reports none."""
+    memory = device_memory_limit()
+    if memory is None:
+        raise ValueError(
+            f"the {jax.default_backend()} backend reports no device memory (jax's Device.memory_stats() is None), "
+            "so gpu_memory_utilization cannot size the KV pool; give kv_pages instead"
+        )
+    return kv_pages_for_memory(fraction, memory, cfg, dtype, page_size)
+
+
 def check_fits(model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_pages: int, page_size: int) -> None:
     """ValueError naming the bytes the weights and KV pages need and the bytes the device has, before anything
     is allocated (on the CPU the host tier shares the same memory)."""
@@ -87,9 +123,11 @@ class LLM:
 
     `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output]. `kv_pages` and
     `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences; and
-    `kv.pages.default_host_pages`: twice that, or 4 GiB if more). A request's reader rate is `rates[i]` in
-    `generate` (None: the request states no rate and is served at what the streams leave spare), else
-    `default_rate` (None: rate-less too). EOS and sampling defaults are the
+    `kv.pages.default_host_pages`: twice that, or 4 GiB if more); `gpu_memory_utilization` instead sizes the
+    device pool as vLLM does, as the pages that fit in that fraction of the device's memory less the weights
+    (`kv_pages_for_memory`). A request's reader rate is `rates[i]` in `generate` (None: the request states no
+    rate and is served at what the streams leave spare), else `default_rate` (None: rate-less too). EOS and
+    sampling defaults are the
     checkpoint's (`self.generation`, see `checkpoints.generation`); a model whose weights and KV pages exceed the
     device's free memory is refused before anything is allocated.
     """
@@ -108,6 +146,7 @@ class LLM:
         max_num_seqs: int = 32,
         max_batch_tokens: int = 256,
         max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
         attention: str | None = None,
         default_rate: float | None = DEFAULT_RATE,
         scheduler_config: dict[str, Any] | None = None,
@@ -125,6 +164,10 @@ class LLM:
                 "longer contexts (dynamic rope rescaling, sliding-window attention) are not implemented"
             )
         pages_per_seq = pages_for(max_model_len, page_size)
+        if gpu_memory_utilization is not None:
+            if kv_pages is not None:
+                raise ValueError("give kv_pages or gpu_memory_utilization, not both")
+            kv_pages = device_kv_pages(gpu_memory_utilization, cfg, dtype, page_size)
         if kv_pages is None:
             kv_pages = max_num_seqs * pages_per_seq
         if host_kv_pages is None:

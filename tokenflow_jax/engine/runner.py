@@ -137,30 +137,36 @@ class ModelRunner:
 
     def warmup(self, progress: bool = True) -> int:
         """Compile every bucket, then refuse to compile anything else. Returns the number compiled."""
-        shapes: list[tuple[bool, int, int]] = []
-        for w in self.buckets.pages:
-            shapes += [(True, b, w) for b in self.buckets.seqs]
-            shapes += [(False, t, w) for t in self.buckets.tokens]
+        plan = self.compile_plan()
         try:
             from tqdm import tqdm
 
-            it = tqdm(shapes, desc="compiling buckets", disable=not progress, leave=False)
+            it = tqdm(plan, desc="compiling buckets", disable=not progress, leave=False)
         except ImportError:  # pragma: no cover - tqdm is a dependency
-            it = shapes
-        for decode, n, w in it:
-            num_seqs = n if decode else self.max_num_seqs
-            batch = self._padded_empty(n, num_seqs, w)
-            fn = self._jit_decode if decode else self._jit_mixed
-            self._executable(("step", decode, n, w), fn, self.params, self.kv_cache, batch)
+            it = plan
+        for key, fn, args in it:
+            self._executable(key, fn, *args)
+        self._serving = True
+        return len(self._executables)
+
+    def compile_plan(self) -> list[tuple[tuple, Callable, tuple]]:
+        """(key, jitted function, arguments) for every executable warm-up compiles: each step bucket, then each
+        transfer size (also what a cross-platform lowering check walks)."""
+        plan: list[tuple[tuple, Callable, tuple]] = []
+        for w in self.buckets.pages:
+            for decode, sizes in ((True, self.buckets.seqs), (False, self.buckets.tokens)):
+                for n in sizes:
+                    batch = self._padded_empty(n, n if decode else self.max_num_seqs, w)
+                    fn = self._jit_decode if decode else self._jit_mixed
+                    plan.append((("step", decode, n, w), fn, (self.params, self.kv_cache, batch)))
         page_spec = jax.ShapeDtypeStruct
         k0 = self.kv_cache[0][0]
         for n in self.buckets.transfer_pages:
             ids = page_spec((n,), jnp.int32)
             data = page_spec((self.cfg.num_layers, 2, k0.shape[0], n, self.page_size, k0.shape[3]), k0.dtype)
-            self._executable(("gather", n), self._jit_gather, self.kv_cache, ids)
-            self._executable(("scatter", n), self._jit_scatter, self.kv_cache, ids, data)
-        self._serving = True
-        return len(self._executables)
+            plan.append((("gather", n), self._jit_gather, (self.kv_cache, ids)))
+            plan.append((("scatter", n), self._jit_scatter, (self.kv_cache, ids, data)))
+        return plan
 
     def _padded_empty(self, num_tokens: int, num_seqs: int, width: int) -> dict[str, np.ndarray]:
         b = build_ragged_batch([], self.page_size, pad_tokens=num_tokens, pad_seqs=num_seqs, pad_pages=width)

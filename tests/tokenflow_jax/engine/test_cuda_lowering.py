@@ -1,0 +1,48 @@
+"""The engine's whole jitted step lowers for CUDA: every decode and prefill bucket warm-up compiles, with the
+Pallas kernels, plus the page gather and scatter of every transfer size.
+
+Run with the `LLM` defaults (bucket sizes, page size, model length) on `tiny` and on Qwen2.5-7B (group 7, the
+first real model whose heads Triton could not tile) with a small pool and abstract weights, so nothing of a
+real-size model is allocated.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from checkpoints.presets import model_config
+from tests.pallas_kernels.cuda_lowering import TRITON_CALL, lower_for_cuda
+from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.engine.runner import ModelRunner
+from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.model import init_params
+
+LLM_DEFAULTS = {name: p.default for name, p in inspect.signature(LLM).parameters.items()}
+
+
+@pytest.mark.parametrize(("model", "dtype"), [("tiny", jnp.float32), ("qwen2.5-7b", jnp.bfloat16)])
+def test_every_compiled_step_lowers_for_cuda(model: str, dtype: type) -> None:
+    cfg = model_config(model)
+    params = jax.eval_shape(functools.partial(init_params, cfg, dtype=dtype), jax.random.PRNGKey(0))
+    max_model_len = min(cfg.max_context, 2048)  # as `LLM` picks it
+    runner = ModelRunner(
+        cfg,
+        params,
+        num_pages=2 * pages_for(max_model_len, LLM_DEFAULTS["page_size"]),
+        page_size=LLM_DEFAULTS["page_size"],
+        max_num_seqs=LLM_DEFAULTS["max_num_seqs"],
+        max_batch_tokens=LLM_DEFAULTS["max_batch_tokens"],
+        max_model_len=max_model_len,
+        kv_dtype=dtype,
+        attention_impl="pallas",
+    )
+    plan = runner.compile_plan()
+    assert {key[:2] for key, _, _ in plan} >= {("step", True), ("step", False), ("gather", 512), ("scatter", 512)}
+    for key, jitted, args in plan:
+        text = lower_for_cuda(jitted, *args)
+        assert (TRITON_CALL in text) == (key[0] == "step"), key
