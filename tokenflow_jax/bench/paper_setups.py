@@ -1,11 +1,17 @@
 """The paper's evaluation setups (docs/REFERENCE.md, section 2) replayed on the simulator.
 
-    python -m tokenflow_jax.paper_setups [--full] [--kernels naive|roofline] [--jobs 2] [--markdown PATH]
+    python -m tokenflow_jax.paper_setups [--setups faithful|current] [--full] [--kernels naive|roofline]
+        [--jobs 1] [--markdown PATH] [--json PATH]
+    python -m tokenflow_jax.paper_setups --ablation [--kernels roofline]
 
-Each setup runs through `EngineCore` + `SimExecutor` with fcfs, tokenflow and (if importable) sglang and
-andes, via `tokenflow_jax.sim.replay.replay`, and prints one table per setup with ratios to fcfs. The default
-is a representative subset (every workload at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B, the H200
-bursts on Qwen2.5-32B) that runs in a few minutes on 2 cores; `--full` adds 25 and 30 tok/s everywhere.
+Each setup runs through `EngineCore` + `SimExecutor` under every policy, via `tokenflow_jax.sim.replay.replay`.
+`--setups faithful` (the default) runs Table 1 as the paper ran it (`bench.faithful`: H200 at mem-frac 0.3,
+Poisson and gamma arrivals over three reading times, the paper's baselines) at 20 tok/s and prints one table
+per setup with the bounds (`bench.bounds`) and the paper's stated figure. `--setups current` runs the earlier
+setups (H200 at 0.9 of memory, short Poisson runs) with ratios to fcfs: a representative subset (every workload
+at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B, the H200 bursts on Qwen2.5-32B); `--full` adds 25 and
+30 tok/s everywhere. `--ablation` reruns the RTX 4090 long burst with parts of TokenFlow switched off
+(`bench.ablation`).
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from tokenflow_jax import workloads
+from tokenflow_jax.bench.bounds import StepCosts, workload_bounds
+from tokenflow_jax.config import PRESETS
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.registry import make_policy
 from tokenflow_jax.sim.executor import SimExecutor
+from tokenflow_jax.sim.profiles import HARDWARE, HOST_PAGES_PER_DEVICE_PAGE, SimProfile, load_profile, parameter_count
 from tokenflow_jax.sim.replay import replay
 
 RATE_MIXES = ("20", "25", "30", "15:0.4,20:0.6")
 SUBSET_RATES = ("20", "15:0.4,20:0.6")
 POLICIES = ("fcfs", "tokenflow", "sglang", "andes")
+FAITHFUL_POLICIES = ("tokenflow", "sglang", "sglang-chunked", "fcfs", "andes")
 MAX_MODEL_LEN = 16384  # long H200 outputs are 4096 +- 1024 tokens: draws reach past 8192
 TARGETS = "effective throughput >= 1.8x fcfs, P99 TTFT <= 0.2x, token throughput >= 0.97x, rebuffer increase <= 10%"
 
@@ -40,27 +50,49 @@ TARGETS = "effective throughput >= 1.8x fcfs, P99 TTFT <= 0.2x, token throughput
 class PaperSetup:
     gpu: str  # h200 | rtx4090
     model: str  # llama3-8b | qwen2.5-32b
-    kind: str  # burst | poisson
+    kind: str  # burst | poisson | gamma
     num_requests: int
     lengths: str  # short (512 in / 1024 out) | long (1024 / 2048)
     request_rate: float = math.inf
     output_scale: float = 1.0  # the paper doubles outputs on the H200
+    mem_frac: float | None = None  # share of GPU memory for weights + KV (SGLang's --mem-fraction-static)
+    burstiness: float = 1.0  # gamma shape of the inter-arrivals (1: Poisson)
+    duration_s: float | None = None  # arrivals span this long (num_requests = rate x duration)
 
     @property
     def name(self) -> str:
-        arrivals = "burst" if self.kind == "burst" else f"poisson {self.request_rate:g}/s"
-        return f"{self.gpu} {self.model} {arrivals} {self.num_requests} {self.lengths}"
+        if self.kind == "burst":
+            arrivals = "burst"
+        elif self.kind == "poisson":
+            arrivals = f"poisson {self.request_rate:g}/s"
+        else:
+            arrivals = f"gamma {self.request_rate:g}/s k={self.burstiness:g}"
+        memory = "" if self.mem_frac is None else f" mem-frac {self.mem_frac:g}"
+        span = "" if self.duration_s is None else f" over {self.duration_s:g} s"
+        return f"{self.gpu} {self.model}{memory} {arrivals} {self.num_requests}{span} {self.lengths}"
 
     def profile(self, kernels: str) -> str:
         return f"{self.gpu}-{self.model}" + ("-roofline" if kernels == "roofline" else "")
+
+    def sim_profile(self, kernels: str) -> SimProfile:
+        """The profile, with the KV pool `mem_frac` of the GPU's memory leaves after the weights (host tier 4x)."""
+        prof = load_profile(self.profile(kernels))
+        if self.mem_frac is None:
+            return prof
+        weights = 2 * parameter_count(PRESETS[self.model])
+        device_kv = self.mem_frac * HARDWARE[self.gpu].memory_bytes - weights
+        if device_kv <= 0:
+            raise ValueError(f"{self.name}: mem-frac {self.mem_frac} leaves no room for KV after the weights")
+        return dataclasses.replace(prof, device_kv_bytes=device_kv,
+                                   host_kv_bytes=HOST_PAGES_PER_DEVICE_PAGE * device_kv)  # fmt: skip
 
     def specs(self, rates: str, seed: int = 0) -> list[workloads.RequestSpec]:
         prompt, output = workloads.paper_lengths(self.lengths)
         output = output.scaled(self.output_scale)
         if self.kind == "burst":
             return workloads.burst(self.num_requests, prompt=prompt, output=output, rates=rates, seed=seed)
-        return workloads.poisson(self.num_requests, self.request_rate, prompt=prompt, output=output, rates=rates,
-                                 seed=seed)  # fmt: skip
+        return workloads.gamma(self.num_requests, self.request_rate, self.burstiness, prompt=prompt, output=output,
+                               rates=rates, seed=seed)  # fmt: skip
 
 
 def paper_setups(models: Sequence[str] = ("llama3-8b",)) -> list[PaperSetup]:
@@ -92,6 +124,13 @@ def default_plan(full: bool) -> list[tuple[PaperSetup, str]]:
     return plan + [(s, "20") for s in paper_setups(("qwen2.5-32b",)) if s.kind == "burst"]
 
 
+def faithful_plan(full: bool) -> list[tuple[PaperSetup, str]]:
+    """(setup, rate mix) pairs of the faithful setups: 20 tok/s, or every rate mix with `full`."""
+    from tokenflow_jax.bench.faithful import FAITHFUL_RATES, faithful_setups
+
+    return [(s, r) for s in faithful_setups() for r in (RATE_MIXES if full else FAITHFUL_RATES)]
+
+
 def available_policies(names: Sequence[str] = POLICIES) -> list[str]:
     found = []
     for name in names:
@@ -103,10 +142,20 @@ def available_policies(names: Sequence[str] = POLICIES) -> list[str]:
     return found
 
 
-def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int = 0) -> dict[str, Any]:
-    """One replay on the simulator; the summary plus what the comparison needs."""
-    executor = SimExecutor(setup.profile(kernels), max_model_len=MAX_MODEL_LEN)
-    core = EngineCore(executor, make_policy(policy))
+def run_one(
+    setup: PaperSetup,
+    rates: str,
+    policy: str,
+    kernels: str,
+    seed: int = 0,
+    preemption: str = "auto",
+    executor_options: tuple[tuple[str, Any], ...] = (),
+) -> dict[str, Any]:
+    """One replay on the simulator; the summary plus what the comparison needs, and the workload's bounds on
+    this executor (`bench.bounds`). `preemption` and `executor_options` (SimExecutor keywords) switch parts of
+    the system off for the ablation."""
+    executor = SimExecutor(setup.sim_profile(kernels), max_model_len=MAX_MODEL_LEN, **dict(executor_options))
+    core = EngineCore(executor, make_policy(policy), preemption=preemption)
     specs = setup.specs(rates, seed)
     t0 = time.perf_counter()
     records = replay(core, specs, progress=False)
@@ -120,6 +169,8 @@ def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int 
         "playback_s": {r.request_id: r.output_len / r.rate for r in records if r.completed},
         "decision_count": getattr(core.policy, "decisions", None),
         "decision_log": None if log is None else list(log),  # (live requests, seconds) per tokenflow decision
+        "bound": workload_bounds(specs, StepCosts.of_executor(executor)).as_dict(),
+        "preemption": preemption, "executor_options": dict(executor_options), "num_requests": len(specs),
         **{k: v for k, v in summary.items() if k not in ("ttfts", "itls", "qoes")},
     }  # fmt: skip
 
@@ -355,15 +406,22 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m tokenflow_jax.paper_setups", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--full", action="store_true", help="every rate mix and Qwen2.5-32B everywhere it fits")
+    p.add_argument(
+        "--setups",
+        choices=("faithful", "current"),
+        default="faithful",
+        help="Table 1 as the paper ran it, or the earlier setups (H200 at 0.9 of memory, short Poisson)",
+    )
+    p.add_argument("--ablation", action="store_true", help="the RTX 4090 long burst with parts switched off")
+    p.add_argument("--full", action="store_true", help="every rate mix (current: and Qwen2.5-32B everywhere it fits)")
     p.add_argument(
         "--kernels",
         choices=("naive", "roofline"),
         default="naive",
         help="cost profile: docs/REFERENCE.md naive XLA decode fit, or the HBM floor",
     )
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--policies", default=None, help="comma-separated policy names (default: the setups' own)")
     p.add_argument("--only", default="", help="keep setups whose name contains this text")
     p.add_argument("--rates", nargs="*", help="keep only these rate mixes, e.g. 20 '15:0.4,20:0.6'")
     p.add_argument("--markdown", type=Path, help="also write the tables to this file")
@@ -392,11 +450,24 @@ def main(argv: Sequence[str] | None = None) -> str:
         )
         print(text)
         return text
-    plan = [(s, r) for s, r in default_plan(args.full) if args.only in s.name and (not args.rates or r in args.rates)]
-    policies = available_policies(args.policies.split(","))
     t0 = time.perf_counter()
-    results = run_sweep(plan, args.kernels, args.jobs, policies)
-    text = report(results, plan, args.kernels)
+    if args.ablation:
+        from tokenflow_jax.bench.ablation import ablation_report, run_ablation
+
+        results = run_ablation(args.kernels, args.jobs)
+        text = ablation_report(results, args.kernels)
+    else:
+        faithful = args.setups == "faithful"
+        plan = faithful_plan(args.full) if faithful else default_plan(args.full)
+        plan = [(s, r) for s, r in plan if args.only in s.name and (not args.rates or r in args.rates)]
+        names = args.policies.split(",") if args.policies else (FAITHFUL_POLICIES if faithful else POLICIES)
+        results = run_sweep(plan, args.kernels, args.jobs, available_policies(names))
+        if faithful:
+            from tokenflow_jax.bench.faithful import faithful_report
+
+            text = faithful_report(results, plan, args.kernels)
+        else:
+            text = report(results, plan, args.kernels)
     text += f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s wall.\n"
     print(text)
     if args.markdown:

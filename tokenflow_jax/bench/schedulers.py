@@ -288,19 +288,22 @@ def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
 
 def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
     """(specs, simulator, limits) of the one paper setup `--paper-setup` names."""
+    from tokenflow_jax.bench.faithful import faithful_setups
     from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN, paper_setups
     from tokenflow_jax.sim.executor import SimExecutor
 
     if args.executor != "sim":
         raise SystemExit("--paper-setup runs on the simulator: add --executor sim")
-    setups = paper_setups(("llama3-8b", "qwen2.5-32b"))
+    # The RTX 4090 bursts are the same in both lists: one setup per name.
+    setups = list({s.name: s for s in paper_setups(("llama3-8b", "qwen2.5-32b")) + faithful_setups()}.values())
     matches = [s for s in setups if args.paper_setup in s.name]
+    matches = [s for s in matches if s.name == args.paper_setup] or matches
     if len(matches) != 1:
         names = "\n  ".join(s.name for s in setups)
         raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
     setup = matches[0]
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
-    ex = SimExecutor(setup.profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
+    ex = SimExecutor(setup.sim_profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
     limits = dict(
         kv_pages=ex.num_device_pages,
         host_kv_pages=ex.num_host_pages,

@@ -126,7 +126,7 @@ def test_paper_setup_on_the_simulator() -> None:
     config = json.loads((out / "results.json").read_text())["tokenflow"]["config"]
     assert config["paper_setup"] == "rtx4090 llama3-8b burst 60" and config["max_num_seqs"] == 256
     assert summaries["tokenflow"]["preemptions_swap"] > 0  # memory-bound: it pauses streams to admit others
-    with pytest.raises(SystemExit, match="matches 4 setups"):
+    with pytest.raises(SystemExit, match=r"matches \d+ setups"):
         bench.main(["--executor", "sim", "--paper-setup", "h200 llama3-8b"])
     with pytest.raises(SystemExit, match="add --executor sim"):
         bench.main(["--paper-setup", "rtx4090 llama3-8b burst 60"])
