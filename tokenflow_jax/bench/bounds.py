@@ -50,7 +50,12 @@ are true but not tight; they hold for any order, preemption or batching a policy
 prompt token is computed (no prefix cache) and that the run completes every request.
 
 On the real engine there is no cost model: `engine_floor_costs` takes the shortest token-yielding step
-observed (over every policy's run) as `a` and zero for the rest, a floor that every step of those runs met.
+observed (over every policy's run) as `a` and zero for the rest, a floor that every step of those runs met;
+and since in each run at least half the steps took that run's median or longer, a run of S steps lasts at
+least S / 2 x its median: half the smallest median floors the mean step of a whole run (`run_base_s`, which
+bounds D from the first arrival only: the steps after a later arrival may be the short ones). A step's time
+there runs from the start of the loop iteration that yields tokens to their time stamp; these intervals do
+not overlap and lie between the first arrival and the last token.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class StepCosts:
     max_num_seqs: int  # N
     max_batch_tokens: int  # T
     speed: float = 1.0  # the smallest factor a step's cost is ever multiplied by
+    # A floor on the mean of a whole run's steps, if higher than `base_s` (which floors every single step):
+    # it bounds the run's duration from its first arrival, not the part after a later arrival.
+    run_base_s: float | None = None
 
     @classmethod
     def of_executor(cls, executor) -> StepCosts:  # noqa: ANN001 (a SimExecutor; sim imports stay lazy)
@@ -92,12 +100,18 @@ class StepCosts:
                    executor.max_batch_tokens, min(1.0, slowest_down))  # fmt: skip
 
 
-def engine_floor_costs(executor, step_seconds: Sequence[float]) -> StepCosts:  # noqa: ANN001
-    """A floor for the real engine: every token-yielding step took at least the shortest one observed."""
-    if not step_seconds:
+def engine_floor_costs(executor, step_seconds: Sequence[Sequence[float]]) -> StepCosts:  # noqa: ANN001
+    """Floors for the real engine from each run's token-yielding steps (`step_seconds`, one list per run): every
+    step took at least the shortest of all (`base_s`), and in each run at least half its steps took at least
+    that run's median, so its steps average at least half the smallest median (`run_base_s`)."""
+    runs = [sorted(r) for r in step_seconds if len(r)]
+    if not runs:
         raise ValueError("no step was timed: the bound needs at least one token-yielding step")
-    return StepCosts(float(min(step_seconds)), 0.0, 0.0, 0.0, 0.0, executor.num_device_pages * executor.page_size,
-                     executor.max_num_seqs, executor.max_batch_tokens)  # fmt: skip
+    shortest = float(min(r[0] for r in runs))
+    half_median = 0.5 * float(min(r[len(r) // 2] for r in runs))
+    pool = executor.num_device_pages * executor.page_size
+    return StepCosts(shortest, 0.0, 0.0, 0.0, 0.0, pool, executor.max_num_seqs, executor.max_batch_tokens,
+                     run_base_s=max(shortest, half_median))  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +156,10 @@ def min_duration(specs: Sequence[RequestSpec], costs: StepCosts) -> float:
         np.ceil(tokens / costs.max_batch_tokens),
         np.ceil(context / costs.device_tokens),
     ])  # fmt: skip
-    work = costs.speed * (costs.base_s * steps + costs.per_token_s * tokens + costs.per_context_token_s * context
-                          + extra)  # fmt: skip
-    return float(np.max(arrival - arrival[0] + work))
+    rest = costs.per_token_s * tokens + costs.per_context_token_s * context + extra
+    work = costs.speed * (costs.base_s * steps + rest)
+    whole_run = costs.speed * ((costs.run_base_s or costs.base_s) * steps[0] + rest[0])
+    return float(max(np.max(arrival - arrival[0] + work), whole_run))
 
 
 def first_token_bounds(specs: Sequence[RequestSpec], costs: StepCosts) -> tuple[np.ndarray, np.ndarray]:
@@ -213,9 +228,13 @@ def of_bound(summary: dict, bounds: Bounds) -> dict[str, float]:
     }
 
 
-def bench_bounds(executor, specs: Sequence[RequestSpec], step_seconds: Sequence[float]) -> Bounds:  # noqa: ANN001
-    """The bounds of one bench: the simulator's own cost model, or on the real engine the floor of the
-    token-yielding steps of every run on it (`step_seconds`, all policies and repeats together)."""
+def bench_bounds(
+    executor,  # noqa: ANN001
+    specs: Sequence[RequestSpec],
+    step_seconds: Sequence[Sequence[float]],
+) -> Bounds:
+    """The bounds of one bench: the simulator's own cost model, or on the real engine the floors of the
+    token-yielding steps of every run on it (`step_seconds`: one list per run, all policies and repeats)."""
     costs = StepCosts.of_executor(executor) if hasattr(executor, "profile") else engine_floor_costs(
         executor, step_seconds)  # fmt: skip
     return workload_bounds(specs, costs)

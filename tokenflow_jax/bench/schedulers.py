@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.time_limit is None:  # the bounds hold for runs that complete every request
         from tokenflow_jax.bench.bounds import bench_bounds
 
-        bounds = bench_bounds(executor, specs, [t for rnd in rounds for run in rnd for t in run.step_seconds])
+        bounds = bench_bounds(executor, specs, [run.step_seconds for rnd in rounds for run in rnd])
     figures = spreads(rounds, bounds)
     table = format_table(runs) + "\n\n" + format_spread_table(figures, bounds, args.repeats)
     print(table)

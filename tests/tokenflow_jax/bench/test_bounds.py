@@ -12,6 +12,7 @@ import pytest
 
 from tokenflow_jax.bench import paper_setups as ps
 from tokenflow_jax.bench.bounds import StepCosts, prompt_extra, workload_bounds
+from tokenflow_jax.bench.faithful import faithful_setups
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.registry import make_policy
@@ -20,8 +21,9 @@ from tokenflow_jax.sim.profiles import load_profile
 from tokenflow_jax.sim.replay import replay
 from tokenflow_jax.workloads import RequestSpec, scale_lengths
 
-SCALE = 0.1  # requests of each setup
-LENGTH_SCALE = 0.25  # prompt and output lengths; the device pool shrinks by both
+SCALE = 0.1  # requests of each setup, at most MAX_REQUESTS
+LENGTH_SCALE = 0.125  # prompt and output lengths; the device pool shrinks by both
+MAX_REQUESTS = 32
 
 
 def assert_within(summary: dict, bounds, what: str) -> None:
@@ -34,16 +36,20 @@ def assert_within(summary: dict, bounds, what: str) -> None:
 
 
 def cheap(setup: ps.PaperSetup) -> ps.PaperSetup:
-    return dataclasses.replace(setup, num_requests=max(6, round(SCALE * setup.num_requests)))
+    """Fewer requests; a Poisson or gamma run keeps its rate and spans less time."""
+    n = min(MAX_REQUESTS, max(6, round(SCALE * setup.num_requests)))
+    return dataclasses.replace(setup, num_requests=n, duration_s=setup.duration_s and n / setup.request_rate)
 
 
-@pytest.mark.parametrize("setup", [cheap(s) for s in ps.paper_setups(("llama3-8b", "qwen2.5-32b"))],
-                         ids=lambda s: s.name)  # fmt: skip
+EVERY_SETUP = {s.name: s for s in ps.paper_setups(("llama3-8b", "qwen2.5-32b")) + faithful_setups()}
+
+
+@pytest.mark.parametrize("setup", [cheap(s) for s in EVERY_SETUP.values()], ids=lambda s: s.name)
 def test_no_policy_beats_the_bounds_on_a_paper_setup(setup: ps.PaperSetup) -> None:
-    profile = load_profile(setup.profile("roofline"))
+    profile = setup.sim_profile("roofline")
     pages = max(64, round(SCALE * LENGTH_SCALE * profile.device_pages(16)))
     specs = scale_lengths(setup.specs("15:0.4,20:0.6", seed=3), prompt_scale=LENGTH_SCALE, output_scale=LENGTH_SCALE)
-    for policy in ps.available_policies():
+    for policy in ps.available_policies(ps.FAITHFUL_POLICIES):
         ex = SimExecutor(profile, num_device_pages=pages, max_model_len=ps.MAX_MODEL_LEN)
         core = EngineCore(ex, make_policy(policy))
         records = replay(core, specs, progress=False)
