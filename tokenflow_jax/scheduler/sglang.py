@@ -136,7 +136,7 @@ class SGLangPolicy:
         self.new_token_ratio = min(1.0, max(self.new_token_ratio, estimate))
 
 
-CHUNKED_PREFILL_SIZE = 2048  # SGLang's default for GPUs under ~35 GB; we use one size on every executor
+CHUNKED_PREFILL_SIZE = 2048  # prompt tokens per mixed step, on every executor (SGLang sizes its default by GPU memory)
 
 
 @dataclasses.dataclass
