@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from tokenflow_jax.bench.paper_setups import PaperSetup
+from tokenflow_jax.bench.paper_setups import RATE_MIXES, PaperSetup
 
 H200_MEM_FRAC = 0.3
 QWEN_H200_MEM_FRAC = 0.83
@@ -65,6 +65,11 @@ def faithful_setups(models: Sequence[str] = ("llama3-8b", "qwen2.5-32b")) -> lis
             PaperSetup("h200", m, "burst", 200, "long", output_scale=2.0, mem_frac=f),
         ]
     return setups
+
+
+def faithful_plan(full: bool) -> list[tuple[PaperSetup, str]]:
+    """(setup, rate mix) pairs of the faithful setups: 20 tok/s, or every rate mix with `full`."""
+    return [(s, r) for s in faithful_setups() for r in (RATE_MIXES if full else FAITHFUL_RATES)]
 
 
 def paper_figure(setup: PaperSetup) -> str:

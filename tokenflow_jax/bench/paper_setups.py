@@ -4,28 +4,25 @@
         [--jobs 1] [--markdown PATH] [--json PATH]
     python -m tokenflow_jax.paper_setups --ablation [--kernels roofline]
 
-Each setup runs through `EngineCore` + `SimExecutor` under every policy, via `tokenflow_jax.sim.replay.replay`.
-`--setups faithful` (the default) runs Table 1 as the paper ran it (`bench.faithful`: H200 at mem-frac 0.3,
-Poisson and gamma arrivals over three reading times, the paper's baselines) at 20 tok/s and prints one table
-per setup with the bounds (`bench.bounds`) and the paper's stated figure. `--setups current` runs the earlier
-setups (H200 at 0.9 of memory, short Poisson runs) with ratios to fcfs: a representative subset (every workload
-at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B, the H200 bursts on Qwen2.5-32B); `--full` adds 25 and
-30 tok/s everywhere. `--ablation` reruns the RTX 4090 long burst with parts of TokenFlow switched off
-(`bench.ablation`).
+Each setup runs through `EngineCore` + `SimExecutor` under every policy, via `tokenflow_jax.sim.replay.replay`
+(the command line is in `bench.paper_cli`). `--setups faithful` (the default) runs Table 1 as the paper ran it
+(`bench.faithful`: H200 at mem-frac 0.3, Poisson and gamma arrivals long enough for a steady queue, the
+paper's baselines) at 20 tok/s and prints one table per setup with the bounds (`bench.bounds`) and the paper's
+stated figure. `--setups current` runs the earlier setups (H200 at 0.9 of memory, short Poisson runs) with
+ratios to fcfs: a representative subset (every workload at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B,
+the H200 bursts on Qwen2.5-32B); `--full` adds 25 and 30 tok/s everywhere. `--ablation` reruns the RTX 4090
+long burst with parts of TokenFlow switched off (`bench.ablation`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any
 
 from tokenflow_jax import workloads
@@ -122,13 +119,6 @@ def default_plan(full: bool) -> list[tuple[PaperSetup, str]]:
         return [(s, r) for s in paper_setups(("llama3-8b", "qwen2.5-32b")) for r in RATE_MIXES]
     plan = [(s, r) for s in paper_setups() for r in SUBSET_RATES]
     return plan + [(s, "20") for s in paper_setups(("qwen2.5-32b",)) if s.kind == "burst"]
-
-
-def faithful_plan(full: bool) -> list[tuple[PaperSetup, str]]:
-    """(setup, rate mix) pairs of the faithful setups: 20 tok/s, or every rate mix with `full`."""
-    from tokenflow_jax.bench.faithful import FAITHFUL_RATES, faithful_setups
-
-    return [(s, r) for s in faithful_setups() for r in (RATE_MIXES if full else FAITHFUL_RATES)]
 
 
 def available_policies(names: Sequence[str] = POLICIES) -> list[str]:
@@ -401,81 +391,3 @@ def report(results: Sequence[dict[str, Any]], plan: Sequence[tuple[PaperSetup, s
     no_harm = [f"Do no harm ({NO_HARM}): holds on {compared - len(harmed)} of {compared} setup x rate pairs.",
                *(f"- breaks on {h}" for h in harmed), ""]  # fmt: skip
     return "\n".join(head + summary + [""] + no_harm + tables)
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.paper_setups", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument(
-        "--setups",
-        choices=("faithful", "current"),
-        default="faithful",
-        help="Table 1 as the paper ran it, or the earlier setups (H200 at 0.9 of memory, short Poisson)",
-    )
-    p.add_argument("--ablation", action="store_true", help="the RTX 4090 long burst with parts switched off")
-    p.add_argument("--full", action="store_true", help="every rate mix (current: and Qwen2.5-32B everywhere it fits)")
-    p.add_argument(
-        "--kernels",
-        choices=("naive", "roofline"),
-        default="naive",
-        help="cost profile: docs/REFERENCE.md naive XLA decode fit, or the HBM floor",
-    )
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
-    p.add_argument("--policies", default=None, help="comma-separated policy names (default: the setups' own)")
-    p.add_argument("--only", default="", help="keep setups whose name contains this text")
-    p.add_argument("--rates", nargs="*", help="keep only these rate mixes, e.g. 20 '15:0.4,20:0.6'")
-    p.add_argument("--markdown", type=Path, help="also write the tables to this file")
-    p.add_argument("--json", type=Path, help="also write every run's summary to this file")
-    p.add_argument("--decision-bench", action="store_true", help="time one tokenflow decision at 256 requests")
-    args = p.parse_args(argv)
-    if args.decision_bench:
-        # Everyone fits the H200's pool; then a pool of 4,000 pages (~2/3 of the live KV) forces a choice; each
-        # after a burst (few distinct buffers) and with staggered arrivals (all distinct); the staggered ones also
-        # with 3 engine steps before each decision (caches as a serving loop leaves them).
-        text = json.dumps(
-            {
-                "fits": decision_benchmark(),
-                "memory_bound": decision_benchmark(device_pages=4000),
-                "fits_staggered": decision_benchmark(staggered=True),
-                "memory_bound_staggered": decision_benchmark(device_pages=4000, staggered=True),
-                "fits_staggered_in_loop": decision_benchmark(staggered=True, repeats=200, steps_between=3),
-                "memory_bound_staggered_in_loop": decision_benchmark(
-                    device_pages=4000, staggered=True, repeats=200, steps_between=3
-                ),
-                "in_replay": decisions_in_replay(),
-                # Memory bound in a replay: Qwen2.5-32B's KV leaves the fill choosing at most decisions.
-                "in_replay_memory_bound": decisions_in_replay("h200 qwen2.5-32b burst 400 short"),
-            },
-            indent=2,
-        )
-        print(text)
-        return text
-    t0 = time.perf_counter()
-    if args.ablation:
-        from tokenflow_jax.bench.ablation import ablation_report, run_ablation
-
-        results = run_ablation(args.kernels, args.jobs)
-        text = ablation_report(results, args.kernels)
-    else:
-        faithful = args.setups == "faithful"
-        plan = faithful_plan(args.full) if faithful else default_plan(args.full)
-        plan = [(s, r) for s, r in plan if args.only in s.name and (not args.rates or r in args.rates)]
-        names = args.policies.split(",") if args.policies else (FAITHFUL_POLICIES if faithful else POLICIES)
-        results = run_sweep(plan, args.kernels, args.jobs, available_policies(names))
-        if faithful:
-            from tokenflow_jax.bench.faithful import faithful_report
-
-            text = faithful_report(results, plan, args.kernels)
-        else:
-            text = report(results, plan, args.kernels)
-    text += f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s wall.\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
-    return text
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
