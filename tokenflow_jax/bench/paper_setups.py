@@ -1,40 +1,47 @@
 """The paper's evaluation setups (docs/REFERENCE.md, section 2) replayed on the simulator.
 
-    python -m tokenflow_jax.paper_setups [--full] [--kernels naive|roofline] [--jobs 2] [--markdown PATH]
-        [--rate-mix SPEC]
+    python -m tokenflow_jax.paper_setups [--setups faithful|current] [--full] [--kernels naive|roofline]
+        [--jobs 1] [--markdown PATH] [--json PATH] [--rate-mix SPEC]
+    python -m tokenflow_jax.paper_setups --ablation [--kernels roofline]
 
-Each setup runs through `EngineCore` + `SimExecutor` with fcfs, tokenflow and (if importable) sglang and
-andes, via `tokenflow_jax.sim.replay.replay`, and prints one table per setup with ratios to fcfs. The default
-is a representative subset (every workload at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B, the H200
-bursts on Qwen2.5-32B) that runs in a few minutes on 2 cores; `--full` adds 25 and 30 tok/s everywhere.
+Each setup runs through `EngineCore` + `SimExecutor` under every policy, via `tokenflow_jax.sim.replay.replay`
+(the command line is in `bench.paper_cli`). `--setups faithful` (the default) runs Table 1 as the paper ran it
+(`bench.faithful`: H200 at mem-frac 0.3, Poisson and gamma arrivals long enough for a steady queue, the
+paper's baselines) at 20 tok/s and prints one table per setup with the bounds (`bench.bounds`) and the paper's
+stated figure. `--setups current` runs the earlier setups (H200 at 0.9 of memory, short Poisson runs) with
+ratios to fcfs: a representative subset (every workload at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B,
+the H200 bursts on Qwen2.5-32B); `--full` adds 25 and 30 tok/s everywhere. `--ablation` reruns the RTX 4090
+long burst with parts of TokenFlow switched off (`bench.ablation`).
 `--rate-mix` replays every chosen setup at one mix instead, e.g. `20:0.5,none:0.5` (half the requests
-rate-less); with rate-less requests the report adds the streams and the rate-less requests apart.
+rate-less); with rate-less requests the report adds the streams and the rate-less requests apart
+(`mixed_traffic_table`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any
 
 from tokenflow_jax import workloads
+from tokenflow_jax.bench.bounds import StepCosts, workload_bounds
+from tokenflow_jax.config import PRESETS
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.registry import make_policy
 from tokenflow_jax.sim.executor import SimExecutor
+from tokenflow_jax.sim.profiles import HARDWARE, HOST_PAGES_PER_DEVICE_PAGE, SimProfile, load_profile, parameter_count
 from tokenflow_jax.sim.replay import replay
 
 RATE_MIXES = ("20", "25", "30", "15:0.4,20:0.6")
 SUBSET_RATES = ("20", "15:0.4,20:0.6")
 POLICIES = ("fcfs", "tokenflow", "sglang", "andes")
+FAITHFUL_POLICIES = ("tokenflow", "sglang", "sglang-chunked", "fcfs", "andes")
 MAX_MODEL_LEN = 16384  # long H200 outputs are 4096 +- 1024 tokens: draws reach past 8192
 TARGETS = "effective throughput >= 1.8x fcfs, P99 TTFT <= 0.2x, token throughput >= 0.97x, rebuffer increase <= 10%"
 
@@ -43,27 +50,49 @@ TARGETS = "effective throughput >= 1.8x fcfs, P99 TTFT <= 0.2x, token throughput
 class PaperSetup:
     gpu: str  # h200 | rtx4090
     model: str  # llama3-8b | qwen2.5-32b
-    kind: str  # burst | poisson
+    kind: str  # burst | poisson | gamma
     num_requests: int
     lengths: str  # short (512 in / 1024 out) | long (1024 / 2048)
     request_rate: float = math.inf
     output_scale: float = 1.0  # the paper doubles outputs on the H200
+    mem_frac: float | None = None  # share of GPU memory for weights + KV (SGLang's --mem-fraction-static)
+    burstiness: float = 1.0  # gamma shape of the inter-arrivals (1: Poisson)
+    duration_s: float | None = None  # arrivals span this long (num_requests = rate x duration)
 
     @property
     def name(self) -> str:
-        arrivals = "burst" if self.kind == "burst" else f"poisson {self.request_rate:g}/s"
-        return f"{self.gpu} {self.model} {arrivals} {self.num_requests} {self.lengths}"
+        if self.kind == "burst":
+            arrivals = "burst"
+        elif self.kind == "poisson":
+            arrivals = f"poisson {self.request_rate:g}/s"
+        else:
+            arrivals = f"gamma {self.request_rate:g}/s k={self.burstiness:g}"
+        memory = "" if self.mem_frac is None else f" mem-frac {self.mem_frac:g}"
+        span = "" if self.duration_s is None else f" over {self.duration_s:g} s"
+        return f"{self.gpu} {self.model}{memory} {arrivals} {self.num_requests}{span} {self.lengths}"
 
     def profile(self, kernels: str) -> str:
         return f"{self.gpu}-{self.model}" + ("-roofline" if kernels == "roofline" else "")
+
+    def sim_profile(self, kernels: str) -> SimProfile:
+        """The profile, with the KV pool `mem_frac` of the GPU's memory leaves after the weights (host tier 4x)."""
+        prof = load_profile(self.profile(kernels))
+        if self.mem_frac is None:
+            return prof
+        weights = 2 * parameter_count(PRESETS[self.model])
+        device_kv = self.mem_frac * HARDWARE[self.gpu].memory_bytes - weights
+        if device_kv <= 0:
+            raise ValueError(f"{self.name}: mem-frac {self.mem_frac} leaves no room for KV after the weights")
+        return dataclasses.replace(prof, device_kv_bytes=device_kv,
+                                   host_kv_bytes=HOST_PAGES_PER_DEVICE_PAGE * device_kv)  # fmt: skip
 
     def specs(self, rates: str, seed: int = 0) -> list[workloads.RequestSpec]:
         prompt, output = workloads.paper_lengths(self.lengths)
         output = output.scaled(self.output_scale)
         if self.kind == "burst":
             return workloads.burst(self.num_requests, prompt=prompt, output=output, rates=rates, seed=seed)
-        return workloads.poisson(self.num_requests, self.request_rate, prompt=prompt, output=output, rates=rates,
-                                 seed=seed)  # fmt: skip
+        return workloads.gamma(self.num_requests, self.request_rate, self.burstiness, prompt=prompt, output=output,
+                               rates=rates, seed=seed)  # fmt: skip
 
 
 def paper_setups(models: Sequence[str] = ("llama3-8b",)) -> list[PaperSetup]:
@@ -106,10 +135,20 @@ def available_policies(names: Sequence[str] = POLICIES) -> list[str]:
     return found
 
 
-def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int = 0) -> dict[str, Any]:
-    """One replay on the simulator; the summary plus what the comparison needs."""
-    executor = SimExecutor(setup.profile(kernels), max_model_len=MAX_MODEL_LEN)
-    core = EngineCore(executor, make_policy(policy))
+def run_one(
+    setup: PaperSetup,
+    rates: str,
+    policy: str,
+    kernels: str,
+    seed: int = 0,
+    preemption: str = "auto",
+    executor_options: tuple[tuple[str, Any], ...] = (),
+) -> dict[str, Any]:
+    """One replay on the simulator; the summary plus what the comparison needs, and the workload's bounds on
+    this executor (`bench.bounds`). `preemption` and `executor_options` (SimExecutor keywords) switch parts of
+    the system off for the ablation."""
+    executor = SimExecutor(setup.sim_profile(kernels), max_model_len=MAX_MODEL_LEN, **dict(executor_options))
+    core = EngineCore(executor, make_policy(policy), preemption=preemption)
     specs = setup.specs(rates, seed)
     t0 = time.perf_counter()
     records = replay(core, specs, progress=False)
@@ -123,6 +162,8 @@ def run_one(setup: PaperSetup, rates: str, policy: str, kernels: str, seed: int 
         "playback_s": {r.request_id: r.output_len / r.rate for r in records if r.completed and r.rate is not None},
         "decision_count": getattr(core.policy, "decisions", None),
         "decision_log": None if log is None else list(log),  # (live requests, seconds) per tokenflow decision
+        "bound": workload_bounds(specs, StepCosts.of_executor(executor)).as_dict(),
+        "preemption": preemption, "executor_options": dict(executor_options), "num_requests": len(specs),
         **{k: v for k, v in summary.items() if k not in ("ttfts", "itls", "qoes")},
     }  # fmt: skip
 
@@ -385,65 +426,3 @@ def mixed_traffic_table(results: Sequence[dict[str, Any]], plan: Sequence[tuple[
                      f"{tf['p99_rateless_e2el_ms'] / 1e3:.1f} ({e2e_x:.2f}) | {tokens_x:.2f} | "
                      f"{', '.join(missed) or 'none'} |")  # fmt: skip
     return "\n".join([*lines, "", note]) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m tokenflow_jax.paper_setups", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--full", action="store_true", help="every rate mix and Qwen2.5-32B everywhere it fits")
-    p.add_argument(
-        "--kernels",
-        choices=("naive", "roofline"),
-        default="naive",
-        help="cost profile: docs/REFERENCE.md naive XLA decode fit, or the HBM floor",
-    )
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policy names")
-    p.add_argument("--only", default="", help="keep setups whose name contains this text")
-    p.add_argument("--rates", nargs="*", help="keep only these rate mixes, e.g. 20 '15:0.4,20:0.6'")
-    p.add_argument("--rate-mix", help="replay every chosen setup at this mix instead, e.g. 20:0.5,none:0.5")
-    p.add_argument("--markdown", type=Path, help="also write the tables to this file")
-    p.add_argument("--json", type=Path, help="also write every run's summary to this file")
-    p.add_argument("--decision-bench", action="store_true", help="time one tokenflow decision at 256 requests")
-    args = p.parse_args(argv)
-    if args.decision_bench:
-        # Everyone fits the H200's pool; then a pool of 4,000 pages (~2/3 of the live KV) forces a choice; each
-        # after a burst (few distinct buffers) and with staggered arrivals (all distinct); the staggered ones also
-        # with 3 engine steps before each decision (caches as a serving loop leaves them).
-        text = json.dumps(
-            {
-                "fits": decision_benchmark(),
-                "memory_bound": decision_benchmark(device_pages=4000),
-                "fits_staggered": decision_benchmark(staggered=True),
-                "memory_bound_staggered": decision_benchmark(device_pages=4000, staggered=True),
-                "fits_staggered_in_loop": decision_benchmark(staggered=True, repeats=200, steps_between=3),
-                "memory_bound_staggered_in_loop": decision_benchmark(
-                    device_pages=4000, staggered=True, repeats=200, steps_between=3
-                ),
-                "in_replay": decisions_in_replay(),
-                # Memory bound in a replay: Qwen2.5-32B's KV leaves the fill choosing at most decisions.
-                "in_replay_memory_bound": decisions_in_replay("h200 qwen2.5-32b burst 400 short"),
-            },
-            indent=2,
-        )
-        print(text)
-        return text
-    plan = [(s, r) for s, r in default_plan(args.full) if args.only in s.name and (not args.rates or r in args.rates)]
-    if args.rate_mix:
-        workloads.RateMix.parse(args.rate_mix)  # a bad mix fails here, not in every run
-        plan = list({s.name: (s, args.rate_mix) for s, _ in plan}.values())
-    policies = available_policies(args.policies.split(","))
-    t0 = time.perf_counter()
-    results = run_sweep(plan, args.kernels, args.jobs, policies)
-    text = report(results, plan, args.kernels)
-    text += f"\n{len(results)} runs in {time.perf_counter() - t0:.0f} s wall.\n"
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
-    return text
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -17,3 +17,4 @@ class SchedulerRun:
     summary: dict[str, Any]
     start: float  # executor time at which the workload started (plots count from it)
     wall_s: float
+    step_seconds: list[float] = dataclasses.field(default_factory=list)  # per token-yielding step (bench.bounds)

@@ -4,14 +4,18 @@
         [--num-requests N] [--burst-size B] [--request-rate R] [--burstiness G]
         [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC] [--max-hold-s S]
         [--schedulers tokenflow,fcfs,sglang,andes] [--executor engine|sim] [--kv-pages N] [--seed S] [--out DIR]
+        [--repeats N]
     python -m tokenflow_jax.bench --executor sim --paper-setup "h200 llama3-8b burst 400 short"
         [--sim-kernels naive|roofline] [--rate R | --rate-mix SPEC]
 
 `--paper-setup` replays one of the paper's setups (`tokenflow_jax.paper_setups`: its workload, GPU and model
 profile, and engine limits) on the simulator; `python -m tokenflow_jax.paper_setups` runs them all.
 
-Writes DIR/results.json (per scheduler: its config and `metrics.summarize` dict), DIR/table.txt and plots
-(buffer occupancy per request, TTFT CDF, effective vs token throughput).
+Writes DIR/results.json (per scheduler: its config, `metrics.summarize` dict, the workload's bounds and each
+figure's median, min and max over `--repeats` runs), DIR/table.txt and plots (buffer occupancy per request,
+TTFT CDF, effective vs token throughput). The tables show each scheduler against the bounds no scheduler can
+beat on that executor (`tokenflow_jax.bench.bounds`): effective and token throughput as a fraction of their
+ceilings, and the P99 TTFT floor as a fraction of the run's P99 TTFT (1 would be as good as possible).
 
 Default setup (real engine, tiny model, CPU): a burst of 48 requests (prompt 64+-16, output 128+-32 tokens,
 each read at 20 tok/s). On 2 CPU cores the tiny model decodes a batch of 16 in ~6-7 ms, ~2,000 tok/s with
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenflow_jax.bench.results import SchedulerRun
+from tokenflow_jax.bench.spread import format_spread_table, spread_results, spreads
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.interface import Executor
@@ -135,11 +140,12 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
     core = EngineCore(executor, policy, eos_token_ids=eos, preemption=preemption)
     wall0 = time.perf_counter()
     start = executor.now()
+    step_seconds: list[float] = []
     records = replay(core, specs, lambda spec, arrival: spec_request(spec, arrival, seed=seed),
-                     time_limit=time_limit, progress=progress, desc=name)  # fmt: skip
+                     time_limit=time_limit, progress=progress, desc=name, step_seconds=step_seconds)  # fmt: skip
     summary = summarize(records, swap_bytes_out=core.bytes_to_host, swap_bytes_in=core.bytes_to_device,
                         scheduler_times_s=core.scheduler_times_s)  # fmt: skip
-    return SchedulerRun(name, records, summary, start, time.perf_counter() - wall0)
+    return SchedulerRun(name, records, summary, start, time.perf_counter() - wall0, step_seconds)
 
 
 def compare(
@@ -219,9 +225,12 @@ def _table(runs: Sequence[SchedulerRun], columns: list, ratios: list) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, runs: Sequence[SchedulerRun], config: dict[str, Any]) -> Path:
-    results = {run.name: {"config": {**config, "scheduler": run.name, "wall_s": run.wall_s}, "metrics": run.summary}
-               for run in runs}  # fmt: skip
+def write_results(
+    out: Path, runs: Sequence[SchedulerRun], config: dict[str, Any], extra: dict[str, dict] | None = None
+) -> Path:
+    """results.json: per scheduler its config and first run's metrics, plus `extra[name]` (bounds, spreads)."""
+    results = {run.name: {"config": {**config, "scheduler": run.name, "wall_s": run.wall_s}, "metrics": run.summary,
+                          **(extra or {}).get(run.name, {})} for run in runs}  # fmt: skip
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1))
     return path
@@ -291,10 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--time-limit", type=float, default=None, help="executor seconds per scheduler before aborting")
     p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
+    p.add_argument(
+        "--repeats",
+        type=type_positive_int,
+        default=1,
+        help="run every scheduler this many times (rounds over all of them); report median (min-max)",
+    )
     p.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
+
+
+def type_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
@@ -310,19 +335,22 @@ def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
 
 def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
     """(specs, simulator, limits) of the one paper setup `--paper-setup` names."""
+    from tokenflow_jax.bench.faithful import faithful_setups
     from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN, paper_setups
     from tokenflow_jax.sim.executor import SimExecutor
 
     if args.executor != "sim":
         raise SystemExit("--paper-setup runs on the simulator: add --executor sim")
-    setups = paper_setups(("llama3-8b", "qwen2.5-32b"))
+    # The RTX 4090 bursts are the same in both lists: one setup per name.
+    setups = list({s.name: s for s in paper_setups(("llama3-8b", "qwen2.5-32b")) + faithful_setups()}.values())
     matches = [s for s in setups if args.paper_setup in s.name]
+    matches = [s for s in matches if s.name == args.paper_setup] or matches
     if len(matches) != 1:
         names = "\n  ".join(s.name for s in setups)
         raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
     setup = matches[0]
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
-    ex = SimExecutor(setup.profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
+    ex = SimExecutor(setup.sim_profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
     limits = dict(
         kv_pages=ex.num_device_pages,
         host_kv_pages=ex.num_host_pages,
@@ -360,13 +388,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = json.loads(args.scheduler_config)
     if args.max_hold_s is not None:  # every policy takes it
         configs = {n: {"max_hold_s": args.max_hold_s, **configs.get(n, {})} for n in names}
-    runs = compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
-                   configs=configs, time_limit=args.time_limit,
-                   progress=args.progress)  # fmt: skip
-    table = format_table(runs)
+    # Each round runs every scheduler once, so a drift of the machine spreads over all of them alike.
+    rounds = [compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
+                      configs=configs, time_limit=args.time_limit,
+                      progress=args.progress) for _ in range(args.repeats)]  # fmt: skip
+    runs = rounds[0]
+    bounds = None
+    if args.time_limit is None:  # the bounds hold for runs that complete every request
+        from tokenflow_jax.bench.bounds import bench_bounds
+
+        bounds = bench_bounds(executor, specs, [run.step_seconds for rnd in rounds for run in rnd])
+    figures = spreads(rounds, bounds)
+    table = format_table(runs) + "\n\n" + format_spread_table(figures, bounds, args.repeats)
     print(table)
     (out / "table.txt").write_text(table + "\n")
-    write_results(out, runs, config)
+    write_results(out, runs, config, spread_results(figures, bounds))
     if args.plots:
         from tokenflow_jax.bench.plots import save_plots
 

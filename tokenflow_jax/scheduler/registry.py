@@ -10,6 +10,7 @@ from tokenflow_jax.scheduler.interface import Policy
 POLICIES = {
     "fcfs": ("tokenflow_jax.scheduler.fcfs", "FCFSPolicy"),
     "sglang": ("tokenflow_jax.scheduler.sglang", "SGLangPolicy"),
+    "sglang-chunked": ("tokenflow_jax.scheduler.sglang", "SGLangChunkedPolicy"),
     "andes": ("tokenflow_jax.scheduler.andes", "AndesPolicy"),
     "tokenflow": ("tokenflow_jax.scheduler.tokenflow", "TokenFlowPolicy"),
 }

@@ -12,6 +12,10 @@ a policy cannot tell the two apart except by speed. Time has three timelines:
   2k-token Llama-3-8B request loads in ~6 ms.)
 Sampled tokens are dummies (`token_id`); give requests `ignore_eos` or a length and they run to max_tokens.
 
+`overlap_transfers=False` puts evictions and loads on one timeline (one copy engine for both directions), so
+a load waits for every eviction queued before it and the other way round: the ablation of the evict-load
+overlap.
+
 `slowdown` makes the machine slower (or faster) part way through a run, as contention or thermal limits do: from
 each listed time on, every step costs that factor times the profile's. A policy learns it only by measuring.
 """
@@ -45,6 +49,7 @@ class SimExecutor(PagedExecutor):
         write_through: bool = True,
         token_id: int = 1,
         slowdown: Sequence[tuple[float, float]] = (),
+        overlap_transfers: bool = True,
     ) -> None:
         self.profile = load_profile(profile)
         self.slowdown = sorted((float(t), float(f)) for t, f in slowdown)
@@ -58,6 +63,7 @@ class SimExecutor(PagedExecutor):
             write_through=write_through,
         )  # fmt: skip
         self.token_id = token_id
+        self.overlap_transfers = overlap_transfers
         self.page_bytes = self.profile.page_bytes(page_size)
         self.clock = 0.0
         self.copy_free_at = 0.0  # when the device->host copy engine drains its backlog
@@ -134,7 +140,7 @@ class SimExecutor(PagedExecutor):
     def _copy_to_host(self, copy: PageCopy) -> float:
         """Returns when the copy lands (the ticket a swap-in of its request waits for)."""
         nbytes = len(copy.src) * self.page_bytes
-        start = max(self.copy_free_at, self.clock)
+        start = max(self.copy_free_at, self.clock, 0.0 if self.overlap_transfers else self.load_free_at)
         self.copy_free_at = start + self.profile.d2h_latency_s + nbytes / self.profile.d2h_bytes_per_s
         self.bytes_to_host += len(copy.src) * self.page_bytes
         return self.copy_free_at
@@ -147,7 +153,8 @@ class SimExecutor(PagedExecutor):
 
     def _load_to_device(self, copy: PageCopy) -> None:
         nbytes = len(copy.src) * self.page_bytes
-        start = max(self.load_free_at, self.clock, self._host_copy_landed_at)
+        start = max(self.load_free_at, self.clock, self._host_copy_landed_at,
+                    0.0 if self.overlap_transfers else self.copy_free_at)  # fmt: skip
         self.load_free_at = start + self.profile.h2d_latency_s + nbytes / self.profile.h2d_bytes_per_s
         self.bytes_to_device += len(copy.src) * self.page_bytes
         self._loads_pending = True

@@ -51,12 +51,15 @@ def replay(
     time_limit: float | None = None,
     progress: bool = True,
     desc: str | None = None,
+    step_seconds: list[float] | None = None,
 ) -> list[RequestRecord]:
     """Run `specs` through `core` and return their records in spec order.
 
     `make_request(spec, arrival)` builds each request (default: `spec_request`). With `time_limit` (executor
     seconds after the start) the run stops there: live requests are aborted and keep the tokens they got;
-    requests not yet submitted are returned as failed records (no tokens).
+    requests not yet submitted are returned as failed records (no tokens). With `step_seconds`, each step that
+    yields tokens appends the seconds from its start to its tokens' time (the real engine's step floor for
+    `tokenflow_jax.bench.bounds`).
     """
     from tqdm import tqdm
 
@@ -81,7 +84,9 @@ def replay(
             ex.idle_until(next_arrival)
             continue
         finished = len(core.records)
-        core.step()
+        events = core.step()
+        if step_seconds is not None and events:
+            step_seconds.append(events[0].time - now)
         bar.update(len(core.records) - finished)
         if core.last_step_moved:
             stalled_since = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from tokenflow_jax.bench import engine_bench
 from tokenflow_jax.sim.executor import SimExecutor
@@ -26,3 +27,33 @@ def test_engine_bench_measures_and_writes_a_profile_the_simulator_loads(tmp_path
                       max_batch_tokens=64, max_model_len=256)  # fmt: skip
     assert sim.estimates().decode_step_model == (profile.step_base_s, profile.step_per_token_s,
                                                   profile.step_per_context_token_s)  # fmt: skip
+
+
+def test_sim_vs_engine_prints_the_simulators_error_on_every_figure(tmp_path, capsys) -> None:
+    from tests.tokenflow_jax.bench.test_schedulers import CI_ARGS
+    from tokenflow_jax.bench import sim_vs_engine
+
+    profile = tmp_path / "profile.json"
+    engine_bench.main(["--batches", "4,8", "--context", "64", "--swap-pages", "8,16", "--repeats", "2",
+                       "--offline-requests", "0", "--profile-out", str(profile)])  # fmt: skip
+    out = tmp_path / "errors.json"
+    table = sim_vs_engine.main(["--profile", str(profile), "--schedulers", "fcfs,tokenflow", "--json", str(out),
+                                "--", *CI_ARGS])  # fmt: skip
+    assert list(table)[0] == "fitted" and list(table)[1].startswith("calibrated on fcfs (")
+    # Calibrated on fcfs's duration (a constant per step, clipped so that no step costs less than nothing),
+    # the simulator's fcfs comes closer to the engine's (equal unless clipped).
+    fitted, calibrated = (t["fcfs"]["output_throughput"] for t in table.values())
+    assert abs(calibrated["sim"] - calibrated["engine"]) <= abs(fitted["sim"] - fitted["engine"]) + 1e-9
+    table = table["fitted"]
+    assert list(table) == ["fcfs", "tokenflow"]
+    for figures in table.values():
+        for key, _ in sim_vs_engine.FIGURES:
+            f = figures[key]
+            assert f["engine"] >= 0 and f["sim"] >= 0
+            if f["engine"]:
+                assert math.isclose(f["error"], f["sim"] / f["engine"] - 1)
+    # fcfs never swaps, on either executor.
+    assert table["fcfs"]["preemptions_swap"] == {"engine": 0, "sim": 0, "error": 0.0}
+    printed = capsys.readouterr().out
+    assert "| fcfs |" in printed and "Within 15%:" in printed
+    assert json.loads(out.read_text())["profile"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4

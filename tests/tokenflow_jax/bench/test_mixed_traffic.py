@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tokenflow_jax.bench import paper_setups
+from tokenflow_jax.bench import paper_cli
 from tokenflow_jax.bench import schedulers as bench
 
 SIM_ARGS = ["--executor", "sim", "--num-requests", "24", "--input-len", "48:8:64", "--output-len", "64:16:96",
@@ -35,8 +35,10 @@ def test_a_bad_hold_bound_is_refused_by_every_policy(tmp_path) -> None:
 
 
 def test_paper_setups_replay_a_mix_and_report_it_by_class(tmp_path) -> None:
-    text = paper_setups.main(
+    text = paper_cli.main(
         [
+            "--setups",
+            "current",
             "--only",
             "rtx4090 llama3-8b burst 60 short",
             "--rate-mix",

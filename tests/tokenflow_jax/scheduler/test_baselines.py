@@ -123,6 +123,22 @@ def test_sglang_continues_a_chunked_prefill_first() -> None:
     assert plan.schedule == {"c": 34, "w": 6}
 
 
+def test_sglang_chunked_mixes_a_bounded_prefill_chunk_into_the_decode_batch() -> None:
+    pages = Pages()
+    a = make_req("a", 6, 3, running=True, pages=pages, order=1)
+    c = make_req("c", 50, running=True, pages=pages, order=2)
+    c.num_computed, c.device_pages = 16, pages.take(4)  # 34 prompt tokens still to compute
+    w = make_req("w", 10, arrival=1.0)
+    policy = make_policy("sglang-chunked", chunked_prefill_size=20)
+    assert isinstance(policy, SGLangPolicy) and policy.name == "sglang-chunked"
+    # `a` decodes, the chunked prefill continues with at most 20 tokens, `w` waits for the next chunk.
+    assert policy.plan(state_of([a, c, w], free=40)).schedule == {"a": 1, "c": 20}
+    c.num_computed = 40  # 10 left: `w` takes the rest of the chunk
+    assert policy.plan(state_of([a, c, w], free=40)).schedule == {"a": 1, "c": 10, "w": 10}
+    with pytest.raises(ValueError, match="chunked_prefill_size"):
+        SGLangPolicy(chunked_prefill_size=0)
+
+
 def test_sglang_retracts_the_request_with_fewest_output_tokens() -> None:
     pages = Pages()
     # Each decoder's KV ends on a page boundary (num_computed = 8), so each needs one new page; one is free.
@@ -256,6 +272,7 @@ def alone(llm) -> list[list[int]]:
         ("fcfs", {}, True),
         ("sglang", {}, False),
         ("sglang", {"init_new_token_ratio": 0.0, "min_new_token_ratio": 0.0}, True),
+        ("sglang-chunked", {"chunked_prefill_size": 8, "init_new_token_ratio": 0.0, "min_new_token_ratio": 0.0}, True),
         ("andes", {}, True),
     ],
 )

@@ -1,0 +1,240 @@
+"""The limit beside every figure: what no scheduler can beat on a workload, given the executor's step costs and
+its memory.
+
+For a workload (requests i with arrival a_i, prompt P_i, output L_i, reading rate r_i) on an executor whose
+step costs
+
+    a + b * batch_tokens + c * context_tokens + p * prefill_tokens + q * prefill_pairs      (`SimProfile`)
+
+times a speed factor s (the smallest `slowdown` factor, or 1), with M = device pages x page size tokens of KV,
+at most N sequences and T tokens per step, this module gives an upper bound on effective and token throughput
+and a lower bound on every TTFT, hence on mean and P99 TTFT. `summarize` is what the bounds bound: duration
+D = last token - first arrival t0; effective throughput = sum of token weights / D.
+
+**Work of a set R of requests.** Every schedule computes, for each request, every prompt token and L - 1
+output tokens at least once (recomputes, swaps and idle time only add). The step that yields output token k
+holds the request's KV up to context P + k - 1, all of it in device pages of its own, so
+- the b term is at least b * sum (P + L - 1);
+- the c term is at least c * C(R) with C(R) = sum (L P + L (L - 1) / 2), the contexts of the token-yielding
+  steps (earlier prefill chunks add context; that is only more);
+- a prompt token at position t either sits in a chunk of n > 1 tokens starting at s <= t, costing p + q (s +
+  n / 2) >= p + q (t + 1) / 2 per token, or is a chunk of its own whose context t + 1 the c term has not counted
+  unless t = P - 1: the prompt costs at least X(P) = sum_{t < P - 1} min(p + q (t + 1) / 2, c (t + 1));
+- the number of steps S is at least max L (one token per request per step), sum L / N (N sequences a step),
+  sum (P + L - 1) / T (T tokens a step) and C(R) / M (one step's contexts fit the device pool), each rounded
+  up; each step costs at least a.
+So the steps serving R take at least W(R) = s (a S(R) + b sum (P + L - 1) + c C(R) + sum X(P)). The requests
+that arrive at or after time u cannot be served before u, and steps run one at a time, so
+
+    D >= D_min = max over arrival times u of (u - t0 + W({i : a_i >= u})).
+
+**Token throughput** <= sum L / D_min.
+
+**TTFT.** Request i's first token needs its whole prompt computed after its arrival: tau_i = s (a ceil(P / T) +
+(b + c) P + X(P)). Among the k requests of one arrival time (a burst) the k-th first token needs the prompts of
+k requests, at least the k smallest: the k-th smallest TTFT of the group is at least s (a max(ceil(sum P / T),
+ceil(k / N)) + sum (b + c) P + X(P)) over its k shortest prompts. Matching sorted bounds to sorted TTFTs per
+group gives a vector that the sorted TTFTs dominate element by element, so its mean and (linearly
+interpolated, as `summarize` takes it) P99 are lower bounds of the run's.
+
+**Effective throughput.** A token's weight is at most 1 and positive only while the unread buffer B_j =
+(j - 1) - #{k < j : read_k <= g_j} is below 0.2 L. Reads come no faster than 1/r after the first token g_1, so
+#{k < j : read_k <= g_j} <= r (g_j - g_1) + 1 and a weighted token j has j < 2 + 0.2 L + r (g_j - g_1). With
+g_1 >= a_i + tau_i and g_j <= t0 + D, request i earns at most E_i(D) = min(L, max(0, 2 + 0.2 L + r (t0 + D -
+a_i - tau_i))). A run of duration D >= D_min earns at most sum E_i(D) / D per second; that is piecewise of the
+form alpha / D + beta, monotone between the breakpoints of the E_i, so its maximum over D >= D_min is at D_min
+or at a breakpoint: the bound.
+
+These are relaxations (swap and load traffic, memory for prefills, the policy's own time are free), so they
+are true but not tight; they hold for any order, preemption or batching a policy picks. They assume every
+prompt token is computed (no prefix cache) and that the run completes every request.
+
+On the real engine there is no cost model: `engine_floor_costs` takes the shortest token-yielding step
+observed (over every policy's run) as `a` and zero for the rest, a floor that every step of those runs met;
+and since in each run at least half the steps took that run's median or longer, a run of S steps lasts at
+least S / 2 x its median: half the smallest median floors the mean step of a whole run (`run_base_s`, which
+bounds D from the first arrival only: the steps after a later arrival may be the short ones). A step's time
+there runs from the start of the loop iteration that yields tokens to their time stamp; these intervals do
+not overlap and lie between the first arrival and the last token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from tokenflow_jax.reader import TAU2_FRACTION
+from tokenflow_jax.workloads import RequestSpec
+
+P99 = 99
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCosts:
+    """The executor's step cost model (seconds) and the limits every step obeys."""
+
+    base_s: float  # a
+    per_token_s: float  # b
+    per_context_token_s: float  # c
+    prefill_per_token_s: float  # p
+    prefill_per_pair_s: float  # q
+    device_tokens: int  # M: device pages x page size
+    max_num_seqs: int  # N
+    max_batch_tokens: int  # T
+    speed: float = 1.0  # the smallest factor a step's cost is ever multiplied by
+    # A floor on the mean of a whole run's steps, if higher than `base_s` (which floors every single step):
+    # it bounds the run's duration from its first arrival, not the part after a later arrival.
+    run_base_s: float | None = None
+
+    @classmethod
+    def of_executor(cls, executor) -> StepCosts:  # noqa: ANN001 (a SimExecutor; sim imports stay lazy)
+        """The cost model a `SimExecutor` charges, with its pool and batch limits."""
+        prof = executor.profile
+        slowest_down = min((f for _, f in executor.slowdown), default=1.0)
+        return cls(prof.step_base_s, prof.step_per_token_s, prof.step_per_context_token_s,
+                   prof.prefill_per_token_s, prof.prefill_per_token_pair_s,
+                   executor.num_device_pages * executor.page_size, executor.max_num_seqs,
+                   executor.max_batch_tokens, min(1.0, slowest_down))  # fmt: skip
+
+
+def engine_floor_costs(executor, step_seconds: Sequence[Sequence[float]]) -> StepCosts:  # noqa: ANN001
+    """Floors for the real engine from each run's token-yielding steps (`step_seconds`, one list per run): every
+    step took at least the shortest of all (`base_s`), and in each run at least half its steps took at least
+    that run's median, so its steps average at least half the smallest median (`run_base_s`)."""
+    runs = [sorted(r) for r in step_seconds if len(r)]
+    if not runs:
+        raise ValueError("no step was timed: the bound needs at least one token-yielding step")
+    shortest = float(min(r[0] for r in runs))
+    half_median = 0.5 * float(min(r[len(r) // 2] for r in runs))
+    pool = executor.num_device_pages * executor.page_size
+    return StepCosts(shortest, 0.0, 0.0, 0.0, 0.0, pool, executor.max_num_seqs, executor.max_batch_tokens,
+                     run_base_s=max(shortest, half_median))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    effective_throughput: float  # tokens/s, upper bound
+    output_throughput: float  # tokens/s, upper bound
+    mean_ttft_s: float  # lower bound
+    p99_ttft_s: float  # lower bound
+    min_duration_s: float  # D_min
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def prompt_extra(prompt_len: np.ndarray, costs: StepCosts) -> np.ndarray:
+    """X(P) = sum over positions t < P - 1 of min(p + q (t + 1) / 2, c (t + 1)), per prompt."""
+    longest = int(prompt_len.max(initial=1))
+    t1 = np.arange(1, longest, dtype=np.float64)  # t + 1 for t = 0 .. longest - 2
+    per_token = np.minimum(costs.prefill_per_token_s + costs.prefill_per_pair_s * t1 / 2,
+                           costs.per_context_token_s * t1)  # fmt: skip
+    cumulative = np.concatenate([[0.0, 0.0], np.cumsum(per_token)])  # index P -> sum over t < P - 1
+    return cumulative[np.clip(prompt_len, 0, longest)]
+
+
+def min_duration(specs: Sequence[RequestSpec], costs: StepCosts) -> float:
+    """D_min: seconds from the first arrival to the last token below which no schedule finishes `specs`."""
+    order = sorted(specs, key=lambda s: s.arrival)
+    arrival = np.array([s.arrival for s in order], dtype=np.float64)
+    p = np.array([s.prompt_len for s in order], dtype=np.float64)
+    out = np.array([s.output_len for s in order], dtype=np.float64)
+
+    # Suffix sums over requests sorted by arrival: the set arriving at or after each arrival time.
+    def suffix(x: np.ndarray) -> np.ndarray:
+        return np.cumsum(x[::-1])[::-1]
+
+    tokens = suffix(p + out - 1)
+    context = suffix(out * p + out * (out - 1) / 2)
+    extra = suffix(prompt_extra(p.astype(np.int64), costs))
+    steps = np.maximum.reduce([
+        np.maximum.accumulate(out[::-1])[::-1],
+        np.ceil(suffix(out) / costs.max_num_seqs),
+        np.ceil(tokens / costs.max_batch_tokens),
+        np.ceil(context / costs.device_tokens),
+    ])  # fmt: skip
+    rest = costs.per_token_s * tokens + costs.per_context_token_s * context + extra
+    work = costs.speed * (costs.base_s * steps + rest)
+    whole_run = costs.speed * ((costs.run_base_s or costs.base_s) * steps[0] + rest[0])
+    return float(max(np.max(arrival - arrival[0] + work), whole_run))
+
+
+def first_token_bounds(specs: Sequence[RequestSpec], costs: StepCosts) -> tuple[np.ndarray, np.ndarray]:
+    """(tau_i per request in spec order, a vector the sorted TTFTs dominate element by element)."""
+    p = np.array([s.prompt_len for s in specs], dtype=np.int64)
+    work = (costs.per_token_s + costs.per_context_token_s) * p + prompt_extra(p, costs)
+    tau = costs.speed * (costs.base_s * np.maximum(1, np.ceil(p / costs.max_batch_tokens)) + work)
+    groups: dict[float, list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault(s.arrival, []).append(i)
+    ranked = []
+    for members in groups.values():
+        idx = np.array(sorted(members, key=lambda i: p[i]))
+        k = np.arange(1, idx.size + 1)
+        steps = np.maximum(np.ceil(np.cumsum(p[idx]) / costs.max_batch_tokens), np.ceil(k / costs.max_num_seqs))
+        ranked.append(costs.speed * (costs.base_s * np.maximum(steps, 1) + np.cumsum(work[idx])))
+    return tau, np.sort(np.concatenate(ranked)) if ranked else np.zeros(0)
+
+
+def max_effective_throughput(specs: Sequence[RequestSpec], tau: np.ndarray, d_min: float) -> float:
+    """max over D >= d_min of sum_i E_i(D) / D (see the module docstring)."""
+    t0 = min(s.arrival for s in specs)
+    out = np.array([s.output_len for s in specs], dtype=np.float64)
+    rate = np.array([s.rate for s in specs], dtype=np.float64)
+    # E_i(D) = min(L, max(0, offset + r D)); offset = 2 + 0.2 L + r (t0 - a - tau).
+    offset = 2 + TAU2_FRACTION * out + rate * (t0 - np.array([s.arrival for s in specs]) - tau)
+    breaks = np.concatenate([-offset / rate, (out - offset) / rate])
+    candidates = np.unique(np.concatenate([[d_min], breaks[breaks > d_min]]))
+    if d_min <= 0:
+        return math.inf
+    best = 0.0
+    for chunk in np.array_split(candidates, max(1, candidates.size // 256)):
+        earned = np.minimum(out, np.maximum(0.0, offset[None, :] + rate[None, :] * chunk[:, None])).sum(axis=1)
+        best = max(best, float(np.max(earned / chunk)))
+    return best
+
+
+def workload_bounds(specs: Sequence[RequestSpec], costs: StepCosts) -> Bounds:
+    """Every bound of the module docstring for `specs` on an executor with `costs`."""
+    if not specs:
+        raise ValueError("no bound for an empty workload")
+    d_min = min_duration(specs, costs)
+    tau, ranked = first_token_bounds(specs, costs)
+    total = sum(s.output_len for s in specs)
+    return Bounds(
+        effective_throughput=max_effective_throughput(specs, tau, d_min),
+        output_throughput=total / d_min if d_min > 0 else math.inf,
+        mean_ttft_s=float(np.mean(ranked)),
+        p99_ttft_s=float(np.percentile(ranked, P99)),
+        min_duration_s=d_min,
+    )
+
+
+def of_bound(summary: dict, bounds: Bounds) -> dict[str, float]:
+    """A run as fractions of the bounds: effective and token throughput over their ceilings (<= 1), and the
+    P99 and mean TTFT floors over the run's (<= 1; 1 is as fast as possible)."""
+
+    def frac(a: float, b: float) -> float:
+        return a / b if b and math.isfinite(b) else math.nan
+
+    return {
+        "effective_of_bound": frac(summary["effective_throughput"], bounds.effective_throughput),
+        "output_of_bound": frac(summary["output_throughput"], bounds.output_throughput),
+        "p99_ttft_of_bound": frac(bounds.p99_ttft_s, summary["p99_ttft_ms"] / 1e3),
+        "mean_ttft_of_bound": frac(bounds.mean_ttft_s, summary["mean_ttft_ms"] / 1e3),
+    }
+
+
+def bench_bounds(
+    executor,  # noqa: ANN001
+    specs: Sequence[RequestSpec],
+    step_seconds: Sequence[Sequence[float]],
+) -> Bounds:
+    """The bounds of one bench: the simulator's own cost model, or on the real engine the floors of the
+    token-yielding steps of every run on it (`step_seconds`: one list per run, all policies and repeats)."""
+    costs = StepCosts.of_executor(executor) if hasattr(executor, "profile") else engine_floor_costs(
+        executor, step_seconds)  # fmt: skip
+    return workload_bounds(specs, costs)
