@@ -39,6 +39,7 @@ PARTS = {
     "apply_rope": "norms, RoPE",
 }
 OTHER = "matmuls, MLP, embedding"
+CONTEXT = 160  # tokens per sequence in the traced decode steps
 
 
 def _frame_functions(hlo: str) -> dict[int, list[str]]:
@@ -69,7 +70,7 @@ def _operation_parts(hlo: str) -> dict[str, str]:
     return parts
 
 
-def device_breakdown(llm: Any, batch: int, context: int = 160, steps: int = 30) -> dict[str, float]:
+def device_breakdown(llm: Any, batch: int, context: int = CONTEXT, steps: int = 30) -> dict[str, float]:
     """ms per decode step of each model part, summed over the XLA operations a profiler trace times."""
     from tokenflow_jax.batching import SequenceChunk
     from tokenflow_jax.kv.pages import page_ids, pages_for
@@ -168,7 +169,7 @@ def profile(batch: int = 32, tokens: int = 128) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         random_llama(Path(tmp))
-        longest = PROMPT_LEN + max(256, tokens)
+        longest = PROMPT_LEN + max(CONTEXT, tokens)  # no longer than needed: fewer buckets to compile
         llm = LLM(tmp, scheduler="fcfs", max_num_seqs=batch, max_batch_tokens=max(256, PROMPT_LEN * 4),
                   max_model_len=1 << math.ceil(math.log2(longest)), warmup=True)  # fmt: skip
         try:
