@@ -59,6 +59,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.engine.runner",
             "tokenflow_jax.engine.buckets",
             "tokenflow_jax.model",
+            "tokenflow_jax.attention",
             "tokenflow_jax.sampling",
             "tokenflow_jax.batching",
             "tokenflow_jax.kv.host_tier",

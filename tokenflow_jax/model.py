@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import reference as attention_reference
+from tokenflow_jax.attention import paged_attention
 from tokenflow_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -157,10 +158,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 AttentionFn = Callable[..., jax.Array]
+ATTENTION_IMPLS = ("xla", "reference", "pallas", "pallas_interpret")
 
 
 def attention_functions(impl: str) -> tuple[AttentionFn, AttentionFn]:
-    """(decode, prefill) attention for `impl` in {"reference", "pallas", "pallas_interpret"}."""
+    """(decode, prefill) attention over the pages for `impl` in {"reference", "pallas", "pallas_interpret"}
+    ("xla" also reads the new tokens' own K/V: `forward` calls `tokenflow_jax.attention` for it)."""
     if impl == "reference":
         return (
             attention_reference.paged_decode_attention_reference,
@@ -170,7 +173,7 @@ def attention_functions(impl: str) -> tuple[AttentionFn, AttentionFn]:
 
     interpret = impl == "pallas_interpret"
     if impl not in ("pallas", "pallas_interpret"):
-        raise ValueError(f"unknown attention implementation {impl!r}")
+        raise ValueError(f"unknown attention implementation {impl!r}; expected one of {ATTENTION_IMPLS}")
 
     def decode(*args: Any, **kw: Any) -> jax.Array:
         return pallas_kernels.paged_decode_attention(*args, interpret=interpret, **kw)
@@ -198,7 +201,7 @@ def forward(
     Returns float32 logits for the rows `logits_indices` [N] and the updated cache. With `decode=True` every
     sequence contributes exactly one token (T == B) and the decode attention kernel is used.
     """
-    decode_attn, prefill_attn = attention_functions(attention_impl)
+    decode_attn, prefill_attn = (None, None) if attention_impl == "xla" else attention_functions(attention_impl)
     inv_freq, rope_scale = rope_frequencies(cfg)
     t = tokens.shape[0]
     hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -214,7 +217,10 @@ def forward(
         v = v.reshape(t, hkv, hd)
         k_pages, v_pages = attention_reference.write_kv_pages(k_pages, v_pages, k, v, meta.slot_mapping)
         new_cache.append((k_pages, v_pages))
-        if decode:
+        if attention_impl == "xla":
+            attn = paged_attention(q, k, v, k_pages, v_pages, meta.cu_q_lens, meta.kv_lens, meta.block_tables,
+                                   decode=decode)  # fmt: skip
+        elif decode:
             attn = decode_attn(q, k_pages, v_pages, meta.kv_lens, meta.block_tables)
         else:
             attn = prefill_attn(q, k_pages, v_pages, meta.cu_q_lens, meta.kv_lens, meta.block_tables)

@@ -9,6 +9,7 @@ distribution by far more than eps (each case asserts the wrong distribution is >
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,3 +103,26 @@ def test_a_seed_and_step_give_the_same_token_in_any_batch() -> None:
     same = np.asarray(sample(jnp.asarray(np.tile(logits[0], (n, 1))), jnp.full(n, 1.0), jnp.zeros(n, jnp.int32),
                              jnp.ones(n), jnp.arange(n, dtype=jnp.int32), jnp.zeros(n, jnp.int32)))  # fmt: skip
     assert len(set(same.tolist())) > 10
+
+
+def test_a_row_draws_the_same_token_whichever_filters_its_batch_runs() -> None:
+    """A batch with no filter skips them, top-k alone takes `lax.top_k`, top-p (or a large top_k) one sort: the
+    rows that ask for neither, or for top-k alone, draw the same tokens in all three."""
+    n, vocab = 32, 300
+    jit_sample = jax.jit(sample)  # one compilation for the four batches
+    logits = jnp.asarray(np.random.default_rng(2).normal(size=(n, vocab)) * 3, jnp.float32)
+    top_k = np.where(np.arange(n) % 2 == 0, 0, 5).astype(np.int32)  # half plain, half top-k 5
+
+    def draw(top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+        return np.asarray(jit_sample(logits, jnp.ones(n), jnp.asarray(top_k), jnp.asarray(top_p, jnp.float32),
+                                     jnp.arange(n, dtype=jnp.int32), jnp.full(n, 3, jnp.int32)))  # fmt: skip
+
+    plain = draw(np.zeros(n, np.int32), np.ones(n))[::2]
+    by_top_k = draw(top_k, np.ones(n))
+    with_nucleus = draw(top_k, np.where(np.arange(n) == n - 1, 0.5, 1.0))  # one row asks for top-p
+    with_large_k = draw(np.where(np.arange(n) == n - 1, 200, top_k), np.ones(n))  # one top_k past lax.top_k's
+    assert by_top_k[::2].tolist() == plain.tolist() == with_nucleus[::2].tolist() == with_large_k[::2].tolist()
+    assert by_top_k[1::2].tolist() == with_nucleus[1:-1:2].tolist() + [by_top_k[-1]]
+    assert by_top_k[1::2].tolist() == with_large_k[1:-1:2].tolist() + [by_top_k[-1]]
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    assert all(t in top5[i] for i, t in enumerate(by_top_k) if i % 2)

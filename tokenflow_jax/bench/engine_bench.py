@@ -225,8 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per figure")
     p.add_argument(
         "--attention",
-        choices=["reference", "pallas", "pallas_interpret"],
-        help="None: Pallas on a GPU, the XLA reference elsewhere",
+        choices=["xla", "reference", "pallas", "pallas_interpret"],
+        help="None: Pallas on a GPU, plain XLA (tokenflow_jax.attention) elsewhere",
     )
     p.add_argument("--offline-requests", type=int, default=32, help="requests of the offline run (0: skip it)")
     p.add_argument("--offline-tokens", type=int, default=128, help="tokens per request of the offline run")
@@ -234,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vs-hf-batch", type=int, default=32, help="--vs-hf: requests in the fixed and mixed workloads")
     p.add_argument("--vs-hf-tokens", type=int, default=128, help="--vs-hf: tokens per request (fixed, batch 1)")
     p.add_argument("--vs-hf-rounds", type=int, default=3, help="--vs-hf: alternating rounds per workload")
+    p.add_argument("--step-profile", action="store_true",
+                   help="where a decode step's time goes, device and host (see bench.step_profile)")  # fmt: skip
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument(
         "--profile-out",
@@ -247,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = vs_hf.compare(args.vs_hf_batch, args.vs_hf_tokens, args.vs_hf_rounds)
         vs_hf.print_report(result)
+    elif args.step_profile:
+        from tokenflow_jax.bench import step_profile
+
+        result = step_profile.profile(args.vs_hf_batch, args.vs_hf_tokens)
+        step_profile.print_report(result)
     else:
         result = run(args)
         print_report(result)

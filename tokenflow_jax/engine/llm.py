@@ -114,8 +114,8 @@ def check_fits(model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_
 
 
 def default_attention() -> str:
-    # Interpret-mode Pallas is too slow to serve on CPU; the XLA reference is the CPU path.
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    # Interpret-mode Pallas is too slow to serve on CPU; plain XLA (`tokenflow_jax.attention`) is the CPU path.
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 class LLM:
