@@ -21,6 +21,14 @@ from tests.serving.conftest import (
 PROMPT = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
 
 
+@pytest.fixture(autouse=True)
+def idle_engine_around_each_test(apps: InProcessApps) -> None:
+    """The module's apps share one engine: each test finds it idle and leaves it so."""
+    apps.wait_for_idle()
+    yield
+    apps.wait_for_idle()
+
+
 def test_api_key_is_required_on_v1_only(apps: InProcessApps) -> None:
     url = apps.serve(api_key="s3cret")
     assert_openai_error(http_request(url, "POST", "/v1/completions", PROMPT), 401)

@@ -25,6 +25,15 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 
 
+@pytest.fixture(autouse=True)
+def idle_server_around_each_test(server: ServerProcess) -> None:
+    """The module's tests share one server: each finds it idle (no request, no page held) and leaves it so."""
+    wait_for_idle_pages(server.base_url)
+    yield
+    if server.proc.poll() is None:  # the SIGTERM test stops it
+        wait_for_idle_pages(server.base_url)
+
+
 def sdk(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 

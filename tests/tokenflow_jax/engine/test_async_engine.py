@@ -21,6 +21,19 @@ def llm() -> LLM:
     llm.close()
 
 
+@pytest.fixture(autouse=True)
+def clean_shared_engine(llm: LLM) -> None:
+    """The module's tests share one LLM: each finds and leaves no request and no page held."""
+
+    def check(when: str) -> None:
+        assert not llm.core.requests and not llm.core.live_ids(), f"{when} the test: requests left"
+        assert llm.executor.page_usage()[::2] == (0, 0), f"{when} the test: pages held"
+
+    check("before")
+    yield
+    check("after")
+
+
 def run_with_engine(llm: LLM, body: Callable[[AsyncEngine], Awaitable[None]]) -> None:
     async def main() -> None:
         engine = AsyncEngine(llm)
