@@ -144,7 +144,9 @@ def check_host_copies(core: EngineCore) -> None:
 
 
 def check_executor_clean(ex: EngineExecutor, when: str) -> None:
-    """A shared executor between tests: no page held on either tier, no write-through copy pending."""
+    """A shared executor between tests: no page held on either tier, and every write-through copy drains (the copy
+    thread may still be running the last ones: wait for it, then none may be left counted)."""
     device, _, host, _ = ex.page_usage()
     assert device == 0 and host == 0, f"{when} the test: {device} device and {host} host pages held"
-    assert ex._pending_to_host_pages() == 0, f"{when} the test: host copies pending"
+    ex.host.flush()
+    assert ex._pending_to_host_pages() == 0, f"{when} the test: host copies still counted after a flush"
