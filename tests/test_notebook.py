@@ -11,15 +11,18 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "streaming_under_burst.ipynb"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "streaming_under_burst.ipynb"
 TIMEOUT_S = 600  # a cold compile cache on 2 cores takes minutes: a deadline against hangs, not a speed test
 
 os.environ.setdefault("TOKENFLOW_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "tokenflow_jax_test_xla"))
 
 
-def test_notebook_executes(tmp_path: Path) -> None:
+def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    # The kernel inherits this process's environment (the shared compilation cache included).
+    # The kernel inherits this process's environment (the shared compilation cache included) and runs in
+    # tmp_path, so it gets this tree by absolute path: a relative PYTHONPATH=. would point it at tmp_path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]

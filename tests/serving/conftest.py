@@ -116,6 +116,14 @@ class InProcessApps:
         self.runners.append(runner)
         return f"http://127.0.0.1:{port}"
 
+    def wait_for_idle(self, timeout: float = 60.0) -> None:
+        """Poll until the shared engine holds no request and no page; fail if that never comes."""
+        deadline = time.monotonic() + timeout
+        while self.engine.num_unfinished or self.llm.executor.page_usage()[::2] != (0, 0):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the engine did not go idle within {timeout} s: {self.engine.stats()}")
+            time.sleep(0.05)
+
     def close(self) -> None:
         for runner in self.runners:
             self.run(runner.cleanup())
@@ -129,6 +137,7 @@ class InProcessApps:
 def apps() -> Iterator[InProcessApps]:
     servers = InProcessApps()
     yield servers
+    servers.wait_for_idle()
     servers.close()
 
 

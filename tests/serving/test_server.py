@@ -25,6 +25,15 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 
 
+@pytest.fixture(autouse=True)
+def idle_server_around_each_test(server: ServerProcess) -> None:
+    """The module's tests share one server: each finds it idle (no request, no page held) and leaves it so."""
+    wait_for_idle_pages(server.base_url)
+    yield
+    if server.proc.poll() is None:  # the SIGTERM test stops it
+        wait_for_idle_pages(server.base_url)
+
+
 def sdk(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -106,6 +115,34 @@ def test_raw_sse_stream_and_stop_strings(server: ServerProcess) -> None:
         assert usage["completion_tokens"] == len(chunks) < 16
 
     asyncio.run(run())
+
+
+def test_stop_strings_in_non_streamed_and_chat_responses(server: ServerProcess) -> None:
+    """A stop string cuts the text before it (the stop string itself is not returned) and finishes with "stop",
+    in a non-streamed completion and in a chat completion, streamed and not."""
+    client = sdk(server)
+    free = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=16, temperature=0)
+    free_text = free.choices[0].text
+    stop = free_text[4:6]
+    cut = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=16, temperature=0,
+                                    stop=[stop, "never in the text"])  # fmt: skip
+    assert cut.choices[0].text == free_text[: free_text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens < free.usage.completion_tokens
+
+    # The tiny model's replies start with spaces; a seeded sampled one goes on to other characters.
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = dict(model="tiny", messages=messages, max_tokens=24, temperature=0.8)
+    for seed in range(1, 9):
+        chat_text = client.chat.completions.create(**chat, seed=seed).choices[0].message.content
+        if chat_text.strip():
+            break
+    chat_stop = chat_text.strip()[0]
+    assert chat_text.find(chat_stop) > 0, chat_text  # the reply has text before the stop string
+    whole = client.chat.completions.create(**chat, seed=seed, stop=chat_stop)
+    chunks = list(client.chat.completions.create(**chat, seed=seed, stop=chat_stop, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert whole.choices[0].message.content == streamed == chat_text[: chat_text.find(chat_stop)]
+    assert whole.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "stop"
 
 
 BAD_COMPLETIONS: list[tuple[Any, str | None]] = [

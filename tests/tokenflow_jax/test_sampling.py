@@ -5,9 +5,15 @@ False-alarm rate: for N draws over K tokens, P(TV(empirical, true) >= eps) <= 2^
 (Bretagnolle-Huber-Carol). With K = 8, N = 20,000 and eps = 0.02 that is 256 e^-16 < 3e-5 per case, so a
 correct sampler fails a case about once in 30,000 runs; a sampler that ignores T, top-k or top-p moves the
 distribution by far more than eps (each case asserts the wrong distribution is > 3 eps away).
+
+The same check runs on the logits a trained HF checkpoint gives (the embedded `tiny` model's folder, through
+transformers' own forward pass): a 512-token vocabulary, peaked and flat next-token distributions. There K is
+the allowed set's size (at most 16), N = 20,000 and eps = 0.025, so the bound is 2^16 e^-25 < 1e-6 per case.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +44,17 @@ def reference(logits: np.ndarray, temperature: float, top_k: int, top_p: float) 
     return probs / probs.sum()
 
 
-def empirical(temperature: float, top_k: int, top_p: float, *, step: int = 0) -> np.ndarray:
-    n = N_DRAWS
+def empirical(temperature: float, top_k: int, top_p: float, *, step: int = 0, logits: np.ndarray = LOGITS,
+              n: int = N_DRAWS) -> np.ndarray:  # fmt: skip
     tokens = sample(
-        jnp.asarray(np.tile(LOGITS, (n, 1)), jnp.float32),
+        jnp.asarray(np.tile(logits, (n, 1)), jnp.float32),
         jnp.full(n, temperature, jnp.float32),
         jnp.full(n, top_k, jnp.int32),
         jnp.full(n, top_p, jnp.float32),
         jnp.arange(n, dtype=jnp.int32),  # one seed per draw: independent keys
         jnp.full(n, step, jnp.int32),
     )
-    return np.bincount(np.asarray(tokens), minlength=LOGITS.size) / n
+    return np.bincount(np.asarray(tokens), minlength=logits.size) / n
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> float:
@@ -126,3 +132,49 @@ def test_a_row_draws_the_same_token_whichever_filters_its_batch_runs() -> None:
     assert by_top_k[1::2].tolist() == with_large_k[1:-1:2].tolist() + [by_top_k[-1]]
     top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
     assert all(t in top5[i] for i, t in enumerate(by_top_k) if i % 2)
+
+
+TINY_HF_FOLDER = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+HF_DRAWS, HF_EPS = 20_000, 0.025
+# (prompt, temperature, top_k, top_p): a flat and a peaked next-byte distribution; every knob moves one case.
+HF_CASES = [("The module ", 1.0, 10, 1.0), ("def main(", 0.7, 0, 0.9), ("The module ", 1.3, 12, 0.8)]
+
+
+def hf_next_token_logits(texts: list[str]) -> dict[str, np.ndarray]:
+    """Next-token logits of the trained `tiny` HF folder, computed by transformers (not by our model code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_HF_FOLDER).eval()
+    out = {}
+    for text in texts:
+        ids = [model.config.bos_token_id, *text.encode("utf-8")]
+        with torch.no_grad():
+            out[text] = model(torch.tensor([ids])).logits[0, -1].double().numpy()
+    return out
+
+
+def test_draws_on_an_hf_checkpoints_logits_follow_the_restricted_softmax() -> None:
+    """All cases in one batch (per-row temperature, top-k and top-p), HF_DRAWS rows each."""
+    logits = hf_next_token_logits(sorted({c[0] for c in HF_CASES}))
+    n = HF_DRAWS
+    rows = np.concatenate([np.tile(logits[text], (n, 1)) for text, *_ in HF_CASES])
+    params = np.repeat(np.array([c[1:] for c in HF_CASES]), n, axis=0)
+    tokens = np.asarray(sample(jnp.asarray(rows, jnp.float32), jnp.asarray(params[:, 0], jnp.float32),
+                               jnp.asarray(params[:, 1], jnp.int32), jnp.asarray(params[:, 2], jnp.float32),
+                               jnp.arange(len(rows), dtype=jnp.int32), jnp.zeros(len(rows), jnp.int32)))  # fmt: skip
+    for i, (text, temperature, top_k, top_p) in enumerate(HF_CASES):
+        lg = logits[text]
+        want = reference(lg, temperature, top_k, top_p)
+        assert 2 <= (want > 0).sum() <= 16  # the stated false-alarm bound holds for this K
+        # float32 there and float64 here agree on the top-p cut: no prefix mass lies within 1e-4 of p.
+        scaled = np.sort(lg / temperature)[::-1][: top_k or lg.size]
+        probs = np.exp(scaled - scaled.max()) / np.exp(scaled - scaled.max()).sum()
+        assert top_p == 1.0 or np.min(np.abs(np.cumsum(probs) - probs - top_p)) > 1e-4
+        got = np.bincount(tokens[i * n : (i + 1) * n], minlength=lg.size) / n
+        outside = np.flatnonzero(got * (want == 0))
+        assert outside.size == 0, f"{text!r}: drawn outside the allowed set: {outside}"
+        assert total_variation(got, want) < HF_EPS, (text, np.round(got[want > 0], 3), np.round(want[want > 0], 3))
+        knobs_ignored = [reference(lg, 1.0, top_k, top_p), reference(lg, temperature, 0, top_p),
+                         reference(lg, temperature, top_k, 1.0)]  # fmt: skip
+        assert max(total_variation(wrong, want) for wrong in knobs_ignored) > 3 * HF_EPS  # the case can tell

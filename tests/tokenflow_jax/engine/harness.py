@@ -141,3 +141,12 @@ def check_host_copies(core: EngineCore) -> None:
             device = np.stack([np.stack([np.asarray(k[:, dp, t % s]), np.asarray(v[:, dp, t % s])])
                                for k, v in ex.runner.kv_cache])  # fmt: skip
             np.testing.assert_array_equal(host, device, err_msg=f"{req.request_id} token {t}")
+
+
+def check_executor_clean(ex: EngineExecutor, when: str) -> None:
+    """A shared executor between tests: no page held on either tier, and every write-through copy drains (the copy
+    thread may still be running the last ones: wait for it, then none may be left counted)."""
+    device, _, host, _ = ex.page_usage()
+    assert device == 0 and host == 0, f"{when} the test: {device} device and {host} host pages held"
+    ex.host.flush()
+    assert ex._pending_to_host_pages() == 0, f"{when} the test: host copies still counted after a flush"

@@ -21,6 +21,19 @@ def llm() -> LLM:
     llm.close()
 
 
+@pytest.fixture(autouse=True)
+def clean_shared_engine(llm: LLM) -> None:
+    """The module's tests share one LLM: each finds and leaves no request and no page held."""
+
+    def check(when: str) -> None:
+        assert not llm.core.requests and not llm.core.live_ids(), f"{when} the test: requests left"
+        assert llm.executor.page_usage()[::2] == (0, 0), f"{when} the test: pages held"
+
+    check("before")
+    yield
+    check("after")
+
+
 def run_with_engine(llm: LLM, body: Callable[[AsyncEngine], Awaitable[None]]) -> None:
     async def main() -> None:
         engine = AsyncEngine(llm)
@@ -132,7 +145,10 @@ def test_engine_thread_idles_without_work(llm: LLM, monkeypatch: pytest.MonkeyPa
     async def body(engine: AsyncEngine) -> None:
         await collect(engine.submit("Hi", SamplingParams(max_tokens=2)))
         assert steps
-        await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + 60
+        while llm.core.has_work():  # a last step may still drain; a deadline against a hang, not a timing
+            assert asyncio.get_running_loop().time() < deadline, "the engine never ran out of work"
+            await asyncio.sleep(0.01)
         before = len(steps)
         await asyncio.sleep(0.3)
         assert len(steps) == before  # no step (and no spinning) without work
