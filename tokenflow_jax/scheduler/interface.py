@@ -104,6 +104,13 @@ class Executor(Protocol):
 
     def release(self, request: Request) -> None: ...
 
+    def pages_freed_by(self, request: Request) -> int: ...  # device pages it frees (shared ones stay)
+
+    # Prefix cache: map waiting requests onto cached KV before a plan; a request not started lets go of it.
+    def attach_cached(self, waiting: Sequence[Request]) -> dict[str, tuple[int, int]]: ...
+
+    def detach(self, request: Request) -> None: ...
+
     def idle_until(self, t: float) -> None: ...
 
 
@@ -120,6 +127,10 @@ class SchedulerState:
     # How far behind the engine its clients receive tokens (a recent peak, s): a server measures it where it
     # writes each chunk; the lag's swings are stalls the tracker cannot see, so resumes come this much earlier.
     delivery_lag_s: float = 0.0
+
+    def pages_freed_by(self, request: Request) -> int:
+        """Device pages that pausing or dropping `request` frees: a page another request shares stays."""
+        return self.executor.pages_freed_by(request)
 
     def extra_pages_for(self, request: Request, num_new_tokens: int) -> int:
         """Device pages `request` must gain to compute `num_new_tokens` more tokens."""

@@ -45,6 +45,9 @@ class ExecutorLimits:
     def free_host_pages(self) -> int:
         return 0
 
+    def pages_freed_by(self, request: Request) -> int:
+        return len(request.device_pages)  # hand-built requests share no page
+
 
 class Pages:
     """Hands out distinct device page ids to hand-built requests."""
