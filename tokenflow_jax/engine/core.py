@@ -250,9 +250,7 @@ class EngineCore:
         self._apply_preemption_mode(plan)
         self._validate(plan)
         if attached:
-            for rid in attached:
-                if rid not in plan.schedule:
-                    self.executor.detach(self.requests[rid])
+            self.executor.keep_attached([self.requests[rid] for rid in attached], plan.schedule)
         self._count_hits(plan, attached)
         swapped_out = set(plan.swap_out)
         result = self.executor.execute(plan, self.requests)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,6 @@ import numpy as np
 from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.estimators import DecayingPeak, MovingAverage
 from tokenflow_jax.kv.block_manager import KVBlockManager, PageCopy
-from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.interface import CostEstimates, StepPlan, StepResult
 
@@ -140,6 +139,10 @@ class PagedExecutor:
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
         self._host_ticket: dict[int, Any] = {}  # host page -> ticket of the latest copy into it
+        # While a plan is made: waiting requests attached to idle cached (or loaded) pages, and those pages. They
+        # count as free until a request that holds them starts, which is charged for them (`pinned_pages_of`).
+        self._pinned_of: dict[str, int] = {}
+        self._pinned: set[int] = set()
 
     # Read sampled tokens one step late: the next step is dispatched before the host waits for this one's.
     pipelined = False
@@ -178,7 +181,7 @@ class PagedExecutor:
 
     # ---- Executor protocol
     def free_device_pages(self) -> int:
-        return self.blocks.device.num_free
+        return self.blocks.device.num_free + len(self._pinned)
 
     def free_host_pages(self) -> int:
         return self.blocks.host.num_free if self.blocks.host else 0
@@ -261,6 +264,9 @@ class PagedExecutor:
     def pages_freed_by(self, req: Request) -> int:
         return self.blocks.pages_freed_by(req)
 
+    def shared_pages_overcount(self, requests: Sequence[Request]) -> list[float] | None:
+        return self.blocks.overcount(requests)
+
     # ---- prefix cache
     @property
     def prefix_caching(self) -> bool:
@@ -271,15 +277,14 @@ class PagedExecutor:
         self.blocks.reset_prefix_cache(self.prefix_caching if enabled is None else enabled)
 
     def attach_cached(self, waiting: Sequence[Request]) -> dict[str, tuple[int, int]]:
-        """Map waiting requests (in the order a policy would admit them) onto their cached prefixes before it
-        plans, so that it sees only the tokens left to compute. Host-only pages are loaded when that is cheaper
-        than recomputing them (the live estimates, as preemption weighs). A request's own pages that no one else
-        holds pin the pool while it waits, so only those that fit in the free pages after every request before
-        them are attached. Returns request id -> (device, host) pages attached."""
+        """Map waiting requests (the first `max_num_seqs`, in the order a policy would admit them) onto their
+        cached prefixes before it plans, so that it sees only the tokens left to compute. Host-only pages are
+        loaded when that is cheaper than recomputing them (the live estimates, as preemption weighs). Idle pages
+        an attached request holds still count as free while the plan is made (`keep_attached` settles them).
+        Returns request id -> (device, host) pages attached."""
         attached: dict[str, tuple[int, int]] = {}
         if not (waiting and self.prefix_caching):
             return attached
-        room = self.free_device_pages()
         est = self.estimates()
         device = self.blocks.device
         for req in waiting[: self.max_num_seqs]:
@@ -289,24 +294,31 @@ class PagedExecutor:
             host_only = prefix.host_only
             if host_only and est.swap_in_per_page_s > self.page_size * est.prefill_per_token_s:
                 host_only = 0  # recomputing a page costs less than loading it
-            hit = len(prefix.device_pages) + host_only
-            revived = sum(map(device.is_idle, prefix.device_pages))
-            room -= revived + host_only + pages_for(req.num_tokens, self.page_size) - hit
-            if room < 0:
-                break
-            if not hit:
+            if not prefix.device_pages and not host_only:
                 continue
+            revived = [p for p in prefix.device_pages if device.is_idle(p)]
             copy = self.blocks.attach(req, prefix, host_only)
             if copy is None:
                 break
             if copy.src:
                 self._load(copy)
+            self._pinned.update(revived, copy.dst)
+            self._pinned_of[req.request_id] = len(revived) + len(copy.dst)
             attached[req.request_id] = (len(prefix.device_pages), host_only)
         return attached
 
-    def detach(self, req: Request) -> None:
-        """A waiting request was not admitted: let go of its cached prefix (it stays cached)."""
-        self.drop(req)
+    def pinned_pages_of(self, req: Request) -> int:
+        """Pages counted as free that `req` holds only because it was attached: starting it takes them."""
+        return self._pinned_of.get(req.request_id, 0) if self._pinned_of else 0
+
+    def keep_attached(self, requests: Sequence[Request], started: Container[str]) -> None:
+        """The plan is made: attached requests it starts keep their prefix, the others let go of it (it stays
+        cached)."""
+        for req in requests:
+            if req.request_id not in started:
+                self.drop(req)
+        self._pinned_of.clear()
+        self._pinned.clear()
 
     # ---- KV movement
     def drop(self, req: Request) -> None:

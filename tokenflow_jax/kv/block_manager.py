@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenflow_jax.kv.page_pool import OutOfPages, PageAllocator
 from tokenflow_jax.kv.pages import page_ids, pages_for
@@ -164,6 +164,14 @@ class KVBlockManager:
             return len(req.device_pages)
         refcount = self.device.refcount
         return sum(refcount(p) == 1 for p in req.device_pages)
+
+    def overcount(self, reqs: Sequence[Request]) -> list[float] | None:
+        """Per request, how far counting its device pages whole overcounts the pool: the pages it shares, less its
+        share of them (so a shared page counts once over its owners). None: no page is shared."""
+        if not self.device.num_shared:
+            return None
+        refcount = self.device.refcount
+        return [sum(1.0 - 1.0 / n for p in r.device_pages if (n := refcount(p)) > 1) for r in reqs]
 
     # ---- host tier
     def free_host(self, req: Request) -> None:

@@ -29,6 +29,7 @@ class PageAllocator:
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._kept: set[int] = set()  # pages whose content the prefix cache indexes
         self._idle: OrderedDict[int, None] = OrderedDict()  # kept pages nobody holds, least recently used first
+        self.num_shared = 0  # pages more than one owner holds
         self.on_evict: Callable[[int], None] | None = None
 
     @property
@@ -72,13 +73,17 @@ class PageAllocator:
                     raise ValueError(f"{self.tier}: retain of free page {p}")
                 del self._idle[p]
             self._refcount[p] += 1
+            if self._refcount[p] == 2:
+                self.num_shared += 1
 
     def free(self, pages: list[int]) -> None:
         for p in pages:
             if p == NULL_PAGE or self._refcount[p] <= 0:
                 raise ValueError(f"{self.tier}: double free or null page {p}")
             self._refcount[p] -= 1
-            if self._refcount[p] == 0:
+            if self._refcount[p] == 1:
+                self.num_shared -= 1
+            elif self._refcount[p] == 0:
                 if p in self._kept:
                     self._idle[p] = None  # most recently used last
                 else:

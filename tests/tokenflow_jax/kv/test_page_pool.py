@@ -56,3 +56,14 @@ def test_a_cached_page_stays_idle_after_its_last_owner_and_is_evicted_least_rece
     assert evicted == [b, a] and pool.num_idle == 0 and pool.num_free == 1
     with pytest.raises(ValueError, match="keep of free page"):
         pool.keep(a)
+
+
+def test_shared_pages_are_counted_as_they_gain_and_lose_owners() -> None:
+    pool = PageAllocator(2)
+    a, b = pool.allocate(2)
+    pool.retain([a, a, b])
+    assert pool.num_shared == 2
+    pool.free([a])
+    assert pool.num_shared == 2 and pool.refcount(a) == 2
+    pool.free([a, b])
+    assert pool.num_shared == 0 and pool.num_used == 2
