@@ -105,7 +105,7 @@ class KVBlockManager:
         assert self.device_index is not None
         device = prefix.device_pages
         loaded = prefix.host_pages[len(device) : len(device) + num_host_only]
-        if len(loaded) > self.device.num_free:
+        if len(loaded) + sum(map(self.device.is_idle, device)) > self.device.num_free:  # idle hits count as free
             return None
         self.device.retain(device)
         new = self.device.allocate(len(loaded)) if loaded else []
