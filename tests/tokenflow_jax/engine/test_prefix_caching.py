@@ -248,6 +248,9 @@ class PrefixCacheMachine(RuleBasedStateMachine):
             paused = self.core.paused
             if paused and -(-paused[0].num_computed // self.ex.page_size) + 2 <= self.ex.free_device_pages():
                 self.policy.swap_in.append(paused[0].request_id)
+            elif not self.core.last_step_moved and self.core.running:
+                # Sharing fits more requests in than their growth does, and the script never preempts by itself.
+                self.policy.recompute_out.append(self.core.running[-1].request_id)
             self.core.step()
         assert not self.core.has_work(), (
             f"stuck: {[(r.request_id, r.status, r.num_computed) for r in self.core.requests.values()]}"
