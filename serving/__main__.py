@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=dtype_help)
     seed_help = "seeds requests that set no seed, and a preset's random weights (default: 0)"
     engine.add_argument("--seed", type=int, default=0, help=seed_help)
+    cache_help = "reuse the KV of prompt prefixes already computed, on both tiers (default: on)"
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help=cache_help)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     return p
 
@@ -121,7 +123,8 @@ def start_engine(args: argparse.Namespace) -> LLM:
               gpu_memory_utilization=args.gpu_memory_utilization, preemption=args.preemption, seed=args.seed,
               dtype=args.dtype, page_size=args.page_size,
               max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-              max_model_len=args.max_model_len, default_rate=args.default_rate, warmup=False,
+              max_model_len=args.max_model_len, default_rate=args.default_rate,
+              enable_prefix_caching=args.enable_prefix_caching, warmup=False,
               scheduler_config={"max_hold_s": args.max_hold_s})  # fmt: skip
     logger.info("loaded in %.1f s; compiling the engine's step shapes (cached for the next start) ...",
                 time.perf_counter() - start)  # fmt: skip

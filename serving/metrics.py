@@ -82,6 +82,21 @@ class EngineCollector(Collector):
         yield family(GaugeMetricFamily, "vllm:gpu_cache_usage_perc", "Device KV pages in use (1 = all).", usage)
         yield family(CounterMetricFamily, "vllm:num_preemptions", "Preemptions (swap and recompute).",
                      s.preemptions_swap + s.preemptions_recompute)  # fmt: skip
+        yield family(
+            CounterMetricFamily,
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache as requests start.",
+            s.prefix_cache_queries,
+        )
+        yield family(
+            CounterMetricFamily,
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (device or host tier).",
+            s.prefix_cache_hits,
+        )
+        yield family(CounterMetricFamily, "tokenflow:prefix_cache_host_hits",
+                     "Prompt tokens of prefix-cache hits loaded back from the host tier.",
+                     s.prefix_cache_host_hits)  # fmt: skip
         success = CounterMetricFamily("vllm:request_success", "Finished requests by finish reason.",
                                       labels=["model_name", "finished_reason"])  # fmt: skip
         for reason in ("stop", "length", "abort", "error"):

@@ -296,11 +296,13 @@ def parse_generation(body: Any, model: ModelInfo, *, chat: bool) -> GenerationRe
 
 
 # ---- responses
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache served (either tier)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -331,17 +333,20 @@ class ResponseShape:
         choice.update(logprobs=None, finish_reason=finish_reason)
         return self._envelope(self.chunk_object, [choice])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        return {**self._envelope(self.chunk_object, []), "usage": usage(prompt_tokens, completion_tokens)}
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+        envelope = self._envelope(self.chunk_object, [])
+        return {**envelope, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
-    def whole(self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict:
+    def whole(
+        self, text: str, finish_reason: str | None, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
             obj = "chat.completion"
         else:
             choice, obj = {"index": 0, "text": text}, "text_completion"
         choice.update(logprobs=None, finish_reason=finish_reason)
-        return {**self._envelope(obj, [choice]), "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self._envelope(obj, [choice]), "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

@@ -72,7 +72,7 @@ async def stream_events(
             last = batch[-1]
             if last.finished:
                 if include_usage:
-                    out += sse_event(shape.usage_chunk(last.prompt_tokens, last.completion_tokens))
+                    out += sse_event(shape.usage_chunk(last.prompt_tokens, last.completion_tokens, last.cached_tokens))
                 out += SSE_DONE
             await response.write(bytes(out))
             out.clear()
@@ -99,4 +99,6 @@ async def whole_response(stream: RequestStream, shape: ResponseShape, first: Str
         text.append(last.text)
     if last.finish_reason == "abort":
         raise ApiError(SHUTDOWN_MESSAGE, status=503, type="server_error", code="aborted")
-    return shape.whole("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    return shape.whole(
+        "".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens
+    )

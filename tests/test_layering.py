@@ -71,6 +71,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "tokenflow_jax.kv.block_manager",
             "tokenflow_jax.kv.page_pool",
+            "tokenflow_jax.kv.prefix_cache",
             "tokenflow_jax.kv.__init__",
             "tokenflow_jax.request",
         ),

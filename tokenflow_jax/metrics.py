@@ -262,11 +262,13 @@ def summarize(
     swap_bytes_in: int = 0,
     scheduler_times_s: Sequence[float] = (),
     ttft_expected: float = DEFAULT_TTFT_EXPECTED_S,
+    prefix_cache: tuple[int, int, int] = (0, 0, 0),
 ) -> dict:
     """Benchmark summary as a flat JSON-ready dict (vLLM `bench serve` names plus TokenFlow's own).
 
     `duration` defaults to last token time - first arrival; throughputs are 0 when it is not positive.
     Per-request lists (`ttfts`, `itls`, `qoes`, ...) follow `request_ids` and cover completed requests only.
+    `prefix_cache`: (queries, hits, host-tier hits) in prompt tokens, as the engine core counts them.
     """
     records = list(records)
     for record in records:
@@ -333,6 +335,10 @@ def summarize(
         "swap_bytes_in": int(swap_bytes_in),
         "mean_scheduler_time_ms": _mean(scheduler_ms),
         "p99_scheduler_time_ms": _percentile(scheduler_ms, 99),
+        "prefix_cache_queries": int(prefix_cache[0]),
+        "prefix_cache_hits": int(prefix_cache[1]),
+        "prefix_cache_host_hits": int(prefix_cache[2]),
+        "prefix_cache_hit_rate": prefix_cache[1] / prefix_cache[0] if prefix_cache[0] else 0.0,
         **_by_class(streams, rateless, per_second),
     }
 

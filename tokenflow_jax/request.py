@@ -60,6 +60,7 @@ class Request:
     preemptions_recompute: int = 0
     admitted_order: int = -1  # when it last entered RUNNING (baselines preempt the latest)
     finish_reason: str | None = None
+    num_cached_tokens: int = -1  # prompt tokens its first start found in the prefix cache (-1: not started)
 
     @property
     def num_tokens(self) -> int:

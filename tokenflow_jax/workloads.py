@@ -1,4 +1,4 @@
-"""Request workloads: bursts, Poisson and gamma arrivals, and Azure trace replay.
+"""Request workloads: bursts, Poisson and gamma arrivals, multi-turn chat, and Azure trace replay.
 
 Every generator is seeded through `numpy.random.default_rng(seed)` and returns `RequestSpec`s sorted by
 arrival (seconds from the start of the run). Lengths come from `LengthDist` (normal, rounded, clipped) and
@@ -21,13 +21,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request to replay: when it arrives, how long its prompt and output are, how fast it is read."""
+    """One request to replay: when it arrives, how long its prompt and output are, how fast it is read.
+    `segments`: the prompt as (content seed, length) pieces, which requests share (empty: its own content)."""
 
     request_id: str
     arrival: float
     prompt_len: int
     output_len: int
     rate: float | None  # None: states no rate (rate-less)
+    segments: tuple[tuple[int, int], ...] = ()
 
 
 def _parse_rate(text: str, spec: str) -> float | None:
@@ -266,6 +268,37 @@ def poisson(
     return gamma(n, request_rate, 1.0, prompt=prompt, output=output, rates=rates, seed=seed)
 
 
+def chat(
+    n: int, *, turns: int = 4, system_len: int = 64, think_s: float = 2.0, burst_size: int | None = None,
+    burst_interval: float = 10.0, prompt: LengthLike = "32:8", output: LengthLike = DEFAULT_OUTPUT,
+    rates: RateLike = DEFAULT_RATES, seed: int = 0,
+) -> list[RequestSpec]:  # fmt: skip
+    """n requests of conversations of `turns` turns that share a system prompt; each turn's prompt is the one
+    before, its answer (`output` long; drawn content, not the model's own) and a new user message (`prompt`
+    long). Conversations start in bursts of `burst_size` (None: all at once) and send a turn every `think_s`."""
+    _check_count(n)
+    if turns < 1 or system_len < 0 or think_s < 0 or (burst_size is not None and burst_size < 1):
+        raise ValueError("chat needs turns >= 1, system_len >= 0, think_s >= 0 and burst_size >= 1")
+    rng = np.random.default_rng(seed)
+    conversations = -(-n // turns)
+    users = _as_lengths(prompt).sample(rng, conversations * turns).reshape(conversations, turns)
+    answers = _as_lengths(output).sample(rng, conversations * turns).reshape(conversations, turns)
+    conv_rates = _as_rates(rates).sample(rng, conversations)
+    specs = []
+    for c in range(conversations):
+        start = (c // burst_size) * burst_interval if burst_size else 0.0
+        history: tuple[tuple[int, int], ...] = ((0, system_len),) if system_len else ()
+        for k in range(turns):
+            if len(specs) == n:
+                break
+            turn_id = 1 + 2 * (c * turns + k)  # content seeds: 0 the system prompt, odd a user's, even an answer's
+            segments = (*history, (turn_id, int(users[c, k])))
+            specs.append(RequestSpec(f"chat-{c}-{k}", start + k * think_s, sum(n for _, n in segments),
+                                     int(answers[c, k]), float(conv_rates[c]), segments))  # fmt: skip
+            history = (*segments, (turn_id + 1, int(answers[c, k])))
+    return sorted(specs, key=lambda s: s.arrival)
+
+
 _TIMESTAMP = re.compile(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?$")
 
 
@@ -384,7 +417,8 @@ def make_workload(
     start: int = 0,
     length_scale: float = 1.0,
 ) -> list[RequestSpec]:
-    """Dispatch on kind "burst", "poisson", "gamma" or "trace:PATH" (n caps the trace's requests).
+    """Dispatch on kind "burst", "poisson", "gamma", "chat" (`chat`'s defaults) or "trace:PATH" (n caps the
+    trace's requests).
 
     `length_scale` multiplies prompt and output lengths for every kind.
     """
@@ -395,8 +429,8 @@ def make_workload(
         return trace(
             path, time_scale=time_scale, max_requests=n, start=start, length_scale=length_scale, rates=rates, seed=seed
         )
-    if kind not in ("burst", "poisson", "gamma"):
-        raise ValueError(f"unknown workload kind {kind!r}; expected burst, poisson, gamma or trace:PATH")
+    if kind not in ("burst", "poisson", "gamma", "chat"):
+        raise ValueError(f"unknown workload kind {kind!r}; expected burst, poisson, gamma, chat or trace:PATH")
     if n is None:
         raise ValueError(f"workload {kind!r} needs a number of requests n")
     common = {
@@ -407,6 +441,8 @@ def make_workload(
     }
     if kind == "burst":
         return burst(n, **common)
+    if kind == "chat":
+        return chat(n, **common)
     if kind == "poisson":
         return poisson(n, request_rate, **common)
     return gamma(n, request_rate, burstiness, **common)

@@ -95,6 +95,27 @@ def test_openai_sdk_streams_chat(server: ServerProcess) -> None:
     assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
 
 
+def test_prompt_tokens_served_from_the_prefix_cache_are_reported(server: ServerProcess) -> None:
+    client = sdk(server)
+    before = metric_values(server.base_url)
+    prompt = "A long shared instruction that spans several pages of sixteen tokens. " * 2  # 141 tokens: 8 pages
+    first = client.completions.create(model="tiny", prompt=prompt + "One", max_tokens=4, temperature=0)
+    again = client.completions.create(model="tiny", prompt=prompt + "Two", max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 8 * 16
+    chunks = list(client.completions.create(model="tiny", prompt=prompt + "Three", max_tokens=4, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 8 * 16
+    messages = [{"role": "system", "content": prompt}, {"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+    assert chat.usage.prompt_tokens_details.cached_tokens >= 8 * 16
+    after = metric_values(server.base_url)
+    name = 'vllm:prefix_cache_{}_total{{model_name="tiny"}}'
+    assert after[name.format("hits")] - before[name.format("hits")] >= 3 * 8 * 16
+    assert after[name.format("queries")] - before[name.format("queries")] >= 5 * 141
+
+
 def test_raw_sse_stream_and_stop_strings(server: ServerProcess) -> None:
     async def run() -> None:
         async with aiohttp.ClientSession() as session:

@@ -199,3 +199,27 @@ def test_make_workload_dispatch(tmp_path):
         workloads.poisson(5, 0.0)
     with pytest.raises(ValueError, match="burstiness"):
         workloads.gamma(5, 1.0, 0.0)
+
+
+def test_chat_turns_grow_by_the_answer_and_a_new_message_and_share_the_system_prompt():
+    from tokenflow_jax.sim.replay import prompt_ids
+
+    specs = workloads.chat(10, turns=3, system_len=20, think_s=1.5, burst_size=2, burst_interval=10.0,
+                           prompt="8:2", output="16:4", seed=5)  # fmt: skip
+    assert len(specs) == 10 and [s.arrival for s in specs] == sorted(s.arrival for s in specs)
+    by_id = {s.request_id: s for s in specs}
+    assert by_id["chat-0-0"].arrival == by_id["chat-1-0"].arrival == 0.0 and by_id["chat-2-0"].arrival == 10.0
+    assert by_id["chat-0-2"].arrival == 3.0  # a turn every think_s
+    assert "chat-3-1" not in by_id  # n caps the last conversation
+    for c in range(3):
+        turns = [by_id[f"chat-{c}-{k}"] for k in range(3)]
+        ids = [prompt_ids(t) for t in turns]
+        assert [len(i) for i in ids] == [t.prompt_len for t in turns]
+        for before, after, spec in zip(ids, ids[1:], turns, strict=False):
+            assert after[: len(before)] == before  # the whole earlier prompt, then its answer and a new message
+            assert len(after) - len(before) > spec.output_len
+    firsts = [prompt_ids(by_id[f"chat-{c}-0"]) for c in range(4)]
+    assert all(f[:20] == firsts[0][:20] for f in firsts) and firsts[0][20:] != firsts[1][20:]
+    with pytest.raises(ValueError, match="turns >= 1"):
+        workloads.chat(4, turns=0)
+    assert workloads.make_workload("chat", 6, prompt="8", output="8") == workloads.chat(6, prompt="8", output="8")

@@ -1,10 +1,10 @@
 """Streaming benchmark: one workload replayed under several schedulers on the same executor, side by side.
 
-    python -m tokenflow_jax.bench [--model tiny] [--workload burst|poisson|gamma|trace:PATH]
+    python -m tokenflow_jax.bench [--model tiny] [--workload burst|poisson|gamma|chat|trace:PATH]
         [--num-requests N] [--burst-size B] [--request-rate R] [--burstiness G]
         [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC] [--max-hold-s S]
         [--schedulers tokenflow,fcfs,sglang,andes] [--executor engine|sim] [--kv-pages N] [--seed S] [--out DIR]
-        [--repeats N]
+        [--repeats N] [--no-enable-prefix-caching | --compare-prefix-caching]
     python -m tokenflow_jax.bench --executor sim --paper-setup "h200 llama3-8b burst 400 short"
         [--sim-kernels naive|roofline] [--rate R | --rate-mix SPEC]
 
@@ -43,7 +43,7 @@ from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.interface import Executor
 from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S
 from tokenflow_jax.scheduler.registry import POLICIES, make_policy
-from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, make_workload, trace
+from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, chat, make_workload, trace
 
 DEFAULT_SCHEDULERS = "tokenflow,fcfs,sglang,andes"
 KV_FRACTION = 1 / 3  # default device pool: this share of the workload's total KV
@@ -58,6 +58,11 @@ def workload_specs(args: argparse.Namespace) -> list[RequestSpec]:
         return trace(args.workload.removeprefix("trace:"), time_scale=args.time_scale,
                      max_requests=args.num_requests, length_scale=args.length_scale, rates=rates,
                      seed=args.seed, max_prompt_len=limit // 2, max_output_len=limit // 2)  # fmt: skip
+    if args.workload == "chat":
+        return chat(args.num_requests, turns=args.chat_turns, system_len=args.chat_system_len,
+                    think_s=args.chat_think_time, burst_size=args.burst_size, burst_interval=args.burst_interval,
+                    prompt=prompt.scaled(args.length_scale), output=output.scaled(args.length_scale), rates=rates,
+                    seed=args.seed)  # fmt: skip
     specs = make_workload(args.workload, args.num_requests, request_rate=args.request_rate,
                           burstiness=args.burstiness, prompt=prompt, output=output, rates=rates, seed=args.seed,
                           length_scale=args.length_scale)  # fmt: skip
@@ -128,8 +133,10 @@ def available_schedulers(names: Sequence[str]) -> list[str]:
 # ---- running
 def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *, eos: frozenset[int] = frozenset(),
                   preemption: str = "auto", config: dict[str, Any] | None = None, seed: int = 0,
-                  time_limit: float | None = None, progress: bool = True) -> SchedulerRun:  # fmt: skip
-    """Replay `specs` under policy `name` on an idle executor (a fresh EngineCore over it)."""
+                  time_limit: float | None = None, progress: bool = True, prefix_caching: bool | None = None,
+                  label: str | None = None) -> SchedulerRun:  # fmt: skip
+    """Replay `specs` under policy `name` on an idle executor (a fresh EngineCore over it), from a cold prefix
+    cache (`prefix_caching` turns it on or off; None keeps the executor's setting)."""
     from tokenflow_jax.engine.core import EngineCore
     from tokenflow_jax.sim.replay import replay, spec_request
 
@@ -137,6 +144,8 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
     if hasattr(executor, "write_through_enabled"):
         # Baselines that only preempt by recompute run without it, like SGLang and vLLM (no host tier).
         executor.write_through_enabled = policy.uses_write_through and executor.num_host_pages > 0
+    if hasattr(executor, "reset_prefix_cache"):  # a run must not hit what the previous one cached
+        executor.reset_prefix_cache(prefix_caching)
     core = EngineCore(executor, policy, eos_token_ids=eos, preemption=preemption)
     wall0 = time.perf_counter()
     start = executor.now()
@@ -144,16 +153,23 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
     records = replay(core, specs, lambda spec, arrival: spec_request(spec, arrival, seed=seed),
                      time_limit=time_limit, progress=progress, desc=name, step_seconds=step_seconds)  # fmt: skip
     summary = summarize(records, swap_bytes_out=core.bytes_to_host, swap_bytes_in=core.bytes_to_device,
-                        scheduler_times_s=core.scheduler_times_s)  # fmt: skip
-    return SchedulerRun(name, records, summary, start, time.perf_counter() - wall0, step_seconds)
+                        scheduler_times_s=core.scheduler_times_s,
+                        prefix_cache=dataclasses.astuple(core.prefix_cache))  # fmt: skip
+    return SchedulerRun(label or name, records, summary, start, time.perf_counter() - wall0, step_seconds)
 
 
 def compare(
     executor: Executor, names: Sequence[str], specs: Sequence[RequestSpec], **kwargs: Any
 ) -> list[SchedulerRun]:
-    """`run_scheduler` for each name in turn over the same executor and workload."""
+    """`run_scheduler` for each name in turn over the same executor and workload; with `prefix_caching` a list
+    of settings, each name runs once per setting (the cache-off runs are labelled NAME/no-cache)."""
     configs = kwargs.pop("configs", None) or {}
-    return [run_scheduler(executor, n, specs, config=configs.get(n), **kwargs) for n in names]
+    settings = kwargs.pop("prefix_caching", None)
+    if not isinstance(settings, list):
+        settings = [settings]
+    return [run_scheduler(executor, n, specs, config=configs.get(n), prefix_caching=on,
+                          label=n if on or on is None or len(settings) == 1 else f"{n}/no-cache", **kwargs)
+            for n in names for on in settings]  # fmt: skip
 
 
 # ---- reporting
@@ -171,6 +187,7 @@ COLUMNS = [  # header, summary key, format
     ("pre swap", "preemptions_swap", "{:d}"),
     ("pre recomp", "preemptions_recompute", "{:d}"),
     ("swap MiB", "swap_bytes", "{:.1f}"),
+    ("hit %", "prefix_cache_hit_rate", "{:.0%}"),
 ]
 RATIOS = [("eff/fcfs", "effective_throughput"), ("p99TTFT/fcfs", "p99_ttft_ms"), ("tok/fcfs", "output_throughput")]
 # With rate-less requests in the workload: the streams and the rate-less requests apart.
@@ -241,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tokenflow_jax.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument("--model", default="tiny", help="preset or checkpoint folder (engine executor)")
-    p.add_argument("--workload", default="burst", help="burst, poisson, gamma or trace:PATH")
+    p.add_argument("--workload", default="burst", help="burst, poisson, gamma, chat or trace:PATH")
     p.add_argument("--num-requests", type=int, default=48, help="requests in the workload")
     p.add_argument("--burst-size", type=int, default=None, help="requests per burst (None: all in one)")
     p.add_argument("--burst-interval", type=float, default=10.0, help="seconds between bursts")
@@ -249,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 is Poisson, < 1 burstier")
     p.add_argument("--input-len", default="64:16:96", help="prompt tokens MEAN[:STD[:MAX]]")
     p.add_argument("--output-len", default="128:32:160", help="output tokens MEAN[:STD[:MAX]]")
+    p.add_argument("--chat-turns", type=int, default=4, help="chat: turns per conversation")
+    p.add_argument("--chat-system-len", type=int, default=64, help="chat: tokens of the shared system prompt")
+    p.add_argument("--chat-think-time", type=float, default=2.0, help="chat: seconds between a conversation's turns")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply every length (trace: Azure lengths)")
     p.add_argument("--time-scale", type=float, default=1.0, help="trace: replay this many times faster")
     rates = p.add_mutually_exclusive_group()
@@ -297,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "swap", "recompute"),
         default="auto",
         help="how preempted requests lose their KV: the policy's choice, always swap, always recompute",
+    )
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of prompt prefixes already computed, on both tiers (default: on)",
+    )
+    cache.add_argument(
+        "--compare-prefix-caching",
+        action="store_true",
+        help="run every scheduler with the prefix cache on and off (NAME/no-cache)",
     )
     p.add_argument("--time-limit", type=float, default=None, help="executor seconds per scheduler before aborting")
     p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
@@ -388,13 +420,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = json.loads(args.scheduler_config)
     if args.max_hold_s is not None:  # every policy takes it
         configs = {n: {"max_hold_s": args.max_hold_s, **configs.get(n, {})} for n in names}
+    caching = [True, False] if args.compare_prefix_caching else args.enable_prefix_caching
     # Each round runs every scheduler once, so a drift of the machine spreads over all of them alike.
     rounds = [compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
-                      configs=configs, time_limit=args.time_limit,
-                      progress=args.progress) for _ in range(args.repeats)]  # fmt: skip
+                      configs=configs, time_limit=args.time_limit, progress=args.progress,
+                      prefix_caching=caching) for _ in range(args.repeats)]  # fmt: skip
     runs = rounds[0]
     bounds = None
-    if args.time_limit is None:  # the bounds hold for runs that complete every request
+    # The bounds hold for runs that complete every request and compute every prompt token at least once
+    # (a workload whose prompts share segments lets a prefix cache skip some).
+    if args.time_limit is None and not any(s.segments for s in specs):
         from tokenflow_jax.bench.bounds import bench_bounds
 
         bounds = bench_bounds(executor, specs, [run.step_seconds for rnd in rounds for run in rnd])

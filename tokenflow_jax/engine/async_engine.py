@@ -52,6 +52,7 @@ class StreamDelta:
     prompt_tokens: int
     completion_tokens: int
     created_at: float = 0.0  # time.monotonic() when the engine read the token
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (usage.prompt_tokens_details)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,9 @@ class EngineStats:
     rebuffer_s: float = 0.0
     finished_requests: int = 0
     finished_by_reason: tuple[tuple[str, int], ...] = ()  # ("stop" | "length" | "abort" | "error", count)
+    prefix_cache_queries: int = 0  # prompt tokens looked up as requests start (`core.PrefixCacheStats`)
+    prefix_cache_hits: int = 0  # of those, found cached (either tier)
+    prefix_cache_host_hits: int = 0  # of those, loaded back from the host tier
 
 
 class EngineStopped(RuntimeError):
@@ -95,8 +99,16 @@ class _LiveRequest:
     """Engine-thread state of one request."""
 
     detokenizer: IncrementalDetokenizer
-    prompt_tokens: int
+    request: Request
     completion_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def cached_tokens(self) -> int:
+        return max(self.request.num_cached_tokens, 0)
 
 
 # What the engine thread hands to the loop each iteration: deltas or errors per request, finished records.
@@ -332,7 +344,7 @@ class AsyncEngine:
             logger.exception("could not add %s", request.request_id)
             outbox.append((request.request_id, EngineError(f"could not add the request: {e}")))
             return
-        self._live[request.request_id] = _LiveRequest(detokenizer, prompt_tokens=len(request.prompt_ids))
+        self._live[request.request_id] = _LiveRequest(detokenizer, request)
 
     def _on_token(self, event: TokenEvent, outbox: _Outbox, records: list[RequestRecord]) -> None:
         live = self._live.get(event.request_id)
@@ -342,7 +354,7 @@ class AsyncEngine:
         text, finished, reason = token_text(self.core, event, live.detokenizer)
         outbox.append((event.request_id, StreamDelta(
             event.request_id, event.token_id, text, finished, reason if finished else None,
-            live.prompt_tokens, live.completion_tokens, time.monotonic(),
+            live.prompt_tokens, live.completion_tokens, time.monotonic(), live.cached_tokens,
         )))  # fmt: skip
         if finished:
             self._retire(event.request_id, records, reason or "stop")
@@ -352,7 +364,7 @@ class AsyncEngine:
         live = self._live[request_id]
         self.core.finish(request_id, reason)
         outbox.append((request_id, StreamDelta(
-            request_id, None, "", True, reason, live.prompt_tokens, live.completion_tokens,
+            request_id, None, "", True, reason, live.prompt_tokens, live.completion_tokens, 0.0, live.cached_tokens,
         )))  # fmt: skip
         self._retire(request_id, records, reason)
 
@@ -407,4 +419,7 @@ class AsyncEngine:
             rebuffer_s=self._finished_rebuffer_s + live.rebuffer_s,
             finished_requests=self._finished_count,
             finished_by_reason=tuple(sorted(self._finished_by_reason.items())),
+            prefix_cache_queries=self.core.prefix_cache.queries,
+            prefix_cache_hits=self.core.prefix_cache.hits,
+            prefix_cache_host_hits=self.core.prefix_cache.host_hits,
         )

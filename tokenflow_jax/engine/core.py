@@ -43,6 +43,16 @@ class CoreStats:
     rebuffer_s: float = 0.0
 
 
+@dataclasses.dataclass
+class PrefixCacheStats:
+    """Prompt tokens looked up in the prefix cache when requests start (or restart after recompute), and those
+    found: on the device, or on the host tier and loaded back (vLLM's prefix_cache_queries / _hits, in tokens)."""
+
+    queries: int = 0
+    hits: int = 0
+    host_hits: int = 0
+
+
 class EngineCore:
     """Owns the request queues. `step()` runs one iteration and returns the tokens it produced."""
 
@@ -71,6 +81,7 @@ class EngineCore:
         self.bytes_to_host = 0
         self.bytes_to_device = 0
         self._admissions = 0
+        self.prefix_cache = PrefixCacheStats()
         self.last_step_moved = False  # the latest step computed, sampled, paused or resumed something
 
     # ---- queues
@@ -215,14 +226,32 @@ class EngineCore:
             if req is None or rid in gone or (req.status is RequestStatus.PAUSED and rid not in plan.swap_in):
                 raise RuntimeError(f"policy {self.policy.name}: cannot schedule {rid}")
 
+    def _count_hits(self, plan: StepPlan, attached: dict[str, tuple[int, int]]) -> None:
+        """Fold the waiting requests this step starts into the cache counters; the rest let go of their prefix."""
+        for rid in plan.schedule:
+            req = self.requests[rid]
+            if req.status is not RequestStatus.WAITING:
+                continue
+            device, host = attached.get(rid, (0, 0))
+            self.prefix_cache.queries += req.num_tokens
+            self.prefix_cache.hits += req.num_computed
+            self.prefix_cache.host_hits += host * self.executor.page_size
+            if req.num_cached_tokens < 0:  # the first start is what the client's usage reports
+                req.num_cached_tokens = min(req.num_computed, len(req.prompt_ids))
+
     def step(self) -> list[TokenEvent]:
         now = self.executor.now()
-        state = SchedulerState(now, *self._queues(), self.tracker, self.executor, self.delivery_lag_s)
+        waiting, running, paused = self._queues()
+        attached = self.executor.attach_cached(waiting)
+        state = SchedulerState(now, waiting, running, paused, self.tracker, self.executor, self.delivery_lag_s)
         t0 = time.perf_counter()
         plan = self.policy.plan(state)
         self.scheduler_times_s.append(time.perf_counter() - t0)
         self._apply_preemption_mode(plan)
         self._validate(plan)
+        if attached:
+            self.executor.keep_attached([self.requests[rid] for rid in attached], plan.schedule)
+        self._count_hits(plan, attached)
         swapped_out = set(plan.swap_out)
         result = self.executor.execute(plan, self.requests)
         self.bytes_to_host += result.bytes_to_host

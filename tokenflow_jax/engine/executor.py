@@ -36,6 +36,8 @@ class EngineExecutor(PagedExecutor):
         attention_impl: str = "reference",
         write_through: bool = True,
         pipelined: bool = True,
+        prefix_caching: bool = False,
+        cache_salt: str = "",
     ) -> None:
         self.runner = ModelRunner(
             cfg, params, num_pages=pool_pages(num_device_pages), page_size=page_size, max_num_seqs=max_num_seqs,
@@ -46,6 +48,7 @@ class EngineExecutor(PagedExecutor):
             num_device_pages=num_device_pages, num_host_pages=num_host_pages, page_size=page_size,
             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, max_model_len=max_model_len,
             write_through=write_through, max_transfer_pages=self.runner.buckets.transfer_pages[-1],
+            prefix_caching=prefix_caching, cache_salt=cache_salt,
         )  # fmt: skip
         self.host = HostKVTier(cfg, pool_pages(num_host_pages), page_size, kv_dtype) if num_host_pages else None
         self.pipelined = pipelined

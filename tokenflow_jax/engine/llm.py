@@ -35,6 +35,7 @@ class Output:
     text: str
     finish_reason: str | None
     metrics: RequestMetrics | None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (device or host tier)
 
 
 def enable_compilation_cache() -> None:
@@ -150,6 +151,7 @@ class LLM:
         attention: str | None = None,
         default_rate: float | None = DEFAULT_RATE,
         scheduler_config: dict[str, Any] | None = None,
+        enable_prefix_caching: bool = True,
         warmup: bool = True,
         progress: bool = False,
     ) -> None:
@@ -183,6 +185,7 @@ class LLM:
             self.cfg, loaded.params, num_device_pages=kv_pages, num_host_pages=host_kv_pages,
             page_size=page_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
             max_model_len=max_model_len, kv_dtype=dtype, attention_impl=attention or default_attention(),
+            prefix_caching=enable_prefix_caching, cache_salt=f"{model}|{dtype}|seed={seed}",
         )  # fmt: skip
         if warmup:
             self.executor.warmup(progress=progress)
@@ -268,6 +271,7 @@ class LLM:
             text=text,
             finish_reason=req.finish_reason,
             metrics=request_metrics(record) if record is not None and record.token_times else None,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
         )
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,13 +115,16 @@ class PagedExecutor:
         max_model_len: int,
         write_through: bool = True,
         max_transfer_pages: int = 1 << 30,
+        prefix_caching: bool = False,
+        cache_salt: str = "",
     ) -> None:
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_model_len = max_model_len
         self.write_through_enabled = write_through and num_host_pages > 0
-        self.blocks = KVBlockManager(num_device_pages, num_host_pages, page_size)
+        self.blocks = KVBlockManager(num_device_pages, num_host_pages, page_size, prefix_caching=prefix_caching,
+                                     cache_salt=cache_salt)  # fmt: skip
         self.num_device_pages = self.blocks.device.capacity
         self.num_host_pages = self.blocks.host.capacity if self.blocks.host else 0
         self.max_transfer_pages = max_transfer_pages
@@ -135,7 +138,11 @@ class PagedExecutor:
         self._step_peak = DecayingPeak()  # of every step's duration, prefill chunks included
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
-        self._host_copy_of: dict[str, Any] = {}  # request id -> ticket of the latest copy into its host pages
+        self._host_ticket: dict[int, Any] = {}  # host page -> ticket of the latest copy into it
+        # While a plan is made: waiting requests attached to idle cached (or loaded) pages, and those pages. They
+        # count as free until a request that holds them starts, which is charged for them (`pinned_pages_of`).
+        self._pinned_of: dict[str, int] = {}
+        self._pinned: set[int] = set()
 
     # Read sampled tokens one step late: the next step is dispatched before the host waits for this one's.
     pipelined = False
@@ -174,7 +181,7 @@ class PagedExecutor:
 
     # ---- Executor protocol
     def free_device_pages(self) -> int:
-        return self.blocks.device.num_free
+        return self.blocks.device.num_free + len(self._pinned)
 
     def free_host_pages(self) -> int:
         return self.blocks.host.num_free if self.blocks.host else 0
@@ -251,14 +258,73 @@ class PagedExecutor:
 
     def release(self, req: Request) -> None:
         # Queued write-through copies into freed host pages are FIFO-ordered before any later owner's copies.
-        self._host_copy_of.pop(req.request_id, None)
-        self.blocks.release(req)
-        req.num_computed = 0
+        self.drop(req)
+        self.blocks.forget(req)
+
+    def pages_freed_by(self, req: Request) -> int:
+        return self.blocks.pages_freed_by(req)
+
+    def shared_pages_overcount(self, requests: Sequence[Request]) -> list[float] | None:
+        return self.blocks.overcount(requests)
+
+    # ---- prefix cache
+    @property
+    def prefix_caching(self) -> bool:
+        return self.blocks.prefix_caching
+
+    def reset_prefix_cache(self, enabled: bool | None = None) -> None:
+        """Empty the prefix cache; `enabled` turns it on or off too."""
+        self.blocks.reset_prefix_cache(self.prefix_caching if enabled is None else enabled)
+
+    def attach_cached(self, waiting: Sequence[Request]) -> dict[str, tuple[int, int]]:
+        """Map waiting requests (the first `max_num_seqs`, in the order a policy would admit them) onto their
+        cached prefixes before it plans, so that it sees only the tokens left to compute. Host-only pages are
+        loaded when that is cheaper than recomputing them (the live estimates, as preemption weighs). Idle pages
+        an attached request holds still count as free while the plan is made (`keep_attached` settles them).
+        Returns request id -> (device, host) pages attached."""
+        attached: dict[str, tuple[int, int]] = {}
+        if not (waiting and self.prefix_caching):
+            return attached
+        est = self.estimates()
+        device = self.blocks.device
+        for req in waiting[: self.max_num_seqs]:
+            if req.device_pages or req.num_computed:
+                continue
+            prefix = self.blocks.cached_prefix(req)
+            host_only = prefix.host_only
+            if host_only and est.swap_in_per_page_s > self.page_size * est.prefill_per_token_s:
+                host_only = 0  # recomputing a page costs less than loading it
+            if not prefix.device_pages and not host_only:
+                continue
+            revived = [p for p in prefix.device_pages if device.is_idle(p)]
+            copy = self.blocks.attach(req, prefix, host_only)
+            if copy is None:
+                break
+            if copy.src:
+                self._load(copy)
+            self._pinned.update(revived, copy.dst)
+            self._pinned_of[req.request_id] = len(revived) + len(copy.dst)
+            attached[req.request_id] = (len(prefix.device_pages), host_only)
+        return attached
+
+    def pinned_pages_of(self, req: Request) -> int:
+        """Pages counted as free that `req` holds only because it was attached: starting it takes them."""
+        return self._pinned_of.get(req.request_id, 0) if self._pinned_of else 0
+
+    def keep_attached(self, requests: Sequence[Request], started: Container[str]) -> None:
+        """The plan is made: attached requests it starts keep their prefix, the others let go of it (it stays
+        cached)."""
+        for req in requests:
+            if req.request_id not in started:
+                self.drop(req)
+        self._pinned_of.clear()
+        self._pinned.clear()
 
     # ---- KV movement
     def drop(self, req: Request) -> None:
         """Preempt by recompute: forget the request's KV on both tiers."""
-        self.release(req)
+        self.blocks.release(req)
+        req.num_computed = 0
 
     def swap_out(self, req: Request) -> bool:
         """Preempt by swap: complete the host copy, then free device pages at once. False: the host tier is
@@ -267,29 +333,31 @@ class PagedExecutor:
         if copy is None:
             self.drop(req)
             return False
-        self._transfer_to_host(copy, [req.request_id])
+        self._transfer_to_host(copy)
         self.blocks.free_device(req)
         return True
 
     def swap_in(self, req: Request) -> None:
-        # Its host copy must be complete before it is read: wait for its own latest copy, not for the copies the
-        # running requests queued since (FIFO: that one landing means every earlier one has).
-        self._await_host_copy(self._host_copy_of.get(req.request_id))
-        copy = self.blocks.swap_in(req)
+        self._load(self.blocks.swap_in(req))
+
+    def _load(self, copy: PageCopy) -> None:
+        """Load host pages to the device once their copies have landed."""
+        # Wait for the latest copy into these pages, not for the copies the running requests queued since
+        # (FIFO: that one landing means every earlier one has).
+        tickets = [t for p in copy.src if (t := self._host_ticket.get(p)) is not None]
+        self._await_host_copy(max(tickets) if tickets else None)
         t0 = self.now()
         self._transfer_to_device(copy)
         if copy.src:
             self._h2d_per_page.update((self.now() - t0) / len(copy.src))
 
-    def _transfer_to_host(self, copy: PageCopy, request_ids: Sequence[str] = ()) -> None:
-        """Copy in chunks of at most `max_transfer_pages`; the last chunk's ticket stands for the requests' pages."""
-        ticket = None
+    def _transfer_to_host(self, copy: PageCopy) -> None:
+        """Copy in chunks of at most `max_transfer_pages`; each host page remembers the ticket of its copy."""
         for start in range(0, len(copy.src), self.max_transfer_pages):
             end = start + self.max_transfer_pages
             ticket = self._copy_to_host(PageCopy(copy.request_id, copy.src[start:end], copy.dst[start:end]))
-        if ticket is not None:
-            for rid in request_ids:
-                self._host_copy_of[rid] = ticket
+            if ticket is not None:
+                self._host_ticket.update(dict.fromkeys(copy.dst[start:end], ticket))
 
     def _transfer_to_device(self, copy: PageCopy) -> None:
         for start in range(0, len(copy.src), self.max_transfer_pages):
@@ -303,8 +371,7 @@ class PagedExecutor:
         copies = self.blocks.write_through(order, budget)
         src = [p for c in copies for p in c.src]
         if src:
-            self._transfer_to_host(PageCopy("write-through", src, [p for c in copies for p in c.dst]),
-                                   [c.request_id for c in copies])  # fmt: skip
+            self._transfer_to_host(PageCopy("write-through", src, [p for c in copies for p in c.dst]))
 
     def _dispatch(self, plan: StepPlan, requests: dict[str, Request]) -> InFlightStep:
         chunks, rows, completing = [], [], []
@@ -321,7 +388,11 @@ class PagedExecutor:
         dispatched_at = self.now()
         handle = self._compute(chunks, rows, list(plan.schedule))
         for rid, n in plan.schedule.items():
-            requests[rid].num_computed += n
+            req = requests[rid]
+            first_full = req.num_computed // self.page_size
+            req.num_computed += n
+            if self.prefix_caching and req.num_computed // self.page_size > first_full:
+                self.blocks.index_device(req, first_full)
         if self.write_through_enabled:
             order = [requests[rid] for rid in (plan.sync_order or plan.schedule)]
             self._write_through([r for r in order if r.device_pages])

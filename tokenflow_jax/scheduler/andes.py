@@ -67,7 +67,8 @@ class AndesPolicy:
         """The knapsack: highest gain per page first, while pages and sequence slots last. Running requests that
         reached the preemption cap go in first, as long as memory holds them."""
         ex = state.executor
-        capacity = ex.free_device_pages() + sum(len(r.device_pages) for r in state.running)
+        # (a page running requests share counts once)
+        capacity = ex.free_device_pages() + len({p for r in state.running for p in r.device_pages})
         chosen: list[Request] = []
         for req in state.running:  # admission order: if memory runs out even for these, the latest yield
             size = self.pages(state, req)
@@ -97,7 +98,7 @@ class AndesPolicy:
             for req in state.running:
                 if req.request_id not in keep:
                     plan.recompute_out.append(req.request_id)
-                    budget.pages += len(req.device_pages)
+                    budget.pages += state.pages_freed_by(req)
             admit = [r for r in chosen if r.status is not RequestStatus.RUNNING]
         else:
             admit = sorted(admission_queue(state), key=lambda r: -self.gain(state, r) / max(self.pages(state, r), 1))

@@ -35,12 +35,12 @@ class FCFSPolicy:
             while pages > budget.pages and running[-1] is not req:
                 victim = running.pop()  # latest admitted goes first
                 plan.recompute_out.append(victim.request_id)
-                budget.pages += len(victim.device_pages)
+                budget.pages += state.pages_freed_by(victim)
                 preempted = True
             if pages > budget.pages:
                 plan.recompute_out.append(req.request_id)
                 running.pop(i)
-                budget.pages += len(req.device_pages)
+                budget.pages += state.pages_freed_by(req)
                 preempted = True
                 continue
             budget.take(plan, req, n, pages)

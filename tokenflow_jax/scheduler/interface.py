@@ -8,11 +8,11 @@ Policies never touch arrays; executors never decide who runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Protocol
 
 from tokenflow_jax.kv.pages import pages_for
-from tokenflow_jax.request import Request
+from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.tracker import RequestTracker
 
 
@@ -104,6 +104,20 @@ class Executor(Protocol):
 
     def release(self, request: Request) -> None: ...
 
+    def pages_freed_by(self, request: Request) -> int: ...  # device pages it frees (shared ones stay)
+
+    # Per request: its pages shared with others less its share of them (None: nothing shared), so that a sum of
+    # every request's pages counts a shared page once.
+    def shared_pages_overcount(self, requests: Sequence[Request]) -> list[float] | None: ...
+
+    # Prefix cache: map waiting requests onto cached KV before a plan, charge a request the idle pages it holds
+    # only for that when it starts, and once planned, those not started let go.
+    def attach_cached(self, waiting: Sequence[Request]) -> dict[str, tuple[int, int]]: ...
+
+    def pinned_pages_of(self, request: Request) -> int: ...
+
+    def keep_attached(self, requests: Sequence[Request], started: Container[str]) -> None: ...
+
     def idle_until(self, t: float) -> None: ...
 
 
@@ -121,9 +135,15 @@ class SchedulerState:
     # writes each chunk; the lag's swings are stalls the tracker cannot see, so resumes come this much earlier.
     delivery_lag_s: float = 0.0
 
+    def pages_freed_by(self, request: Request) -> int:
+        """Device pages that pausing or dropping `request` frees: a page another request shares stays."""
+        return self.executor.pages_freed_by(request)
+
     def extra_pages_for(self, request: Request, num_new_tokens: int) -> int:
         """Device pages `request` must gain to compute `num_new_tokens` more tokens."""
         extra = pages_for(request.num_computed + num_new_tokens, self.executor.page_size) - len(request.device_pages)
+        if request.status is RequestStatus.WAITING:  # cached pages it holds that still count as free
+            extra += self.executor.pinned_pages_of(request)
         return extra if extra > 0 else 0
 
 

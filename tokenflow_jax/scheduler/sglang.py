@@ -122,7 +122,7 @@ class SGLangPolicy:
             while sum(need.values()) > free and len(order) > 1:
                 victim = order.pop(0)
                 plan.recompute_out.append(victim.request_id)
-                free += len(victim.device_pages)
+                free += state.pages_freed_by(victim)
                 need.pop(victim.request_id, None)
             self._raise_ratio(order)
             decoding = [r for r in decoding if r.request_id in need]

@@ -31,7 +31,6 @@ from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.engine.paged_executor import DecodeStepModel, PagedExecutor, SamplingRow
 from tokenflow_jax.kv.block_manager import PageCopy
 from tokenflow_jax.kv.pages import pages_for
-from tokenflow_jax.request import Request
 from tokenflow_jax.sim.profiles import SimProfile, load_profile
 
 
@@ -159,7 +158,7 @@ class SimExecutor(PagedExecutor):
         self.bytes_to_device += len(copy.src) * self.page_bytes
         self._loads_pending = True
 
-    def swap_in(self, req: Request) -> None:
-        super().swap_in(req)
+    def _load(self, copy: PageCopy) -> None:
+        super()._load(copy)
         # The base measures the load on the clock, but loads run on their own timeline here.
         self._h2d_per_page.value = self._h2d_page_s

@@ -26,7 +26,11 @@ MakeRequest = Callable[[RequestSpec, float], Request]
 
 
 def prompt_ids(spec: RequestSpec, seed: int = 0, vocab_size: int = PROMPT_VOCAB) -> list[int]:
-    """Random token ids of the spec's prompt length, the same for a given (seed, request id) on every run."""
+    """Random token ids of the spec's prompt length, the same for a given (seed, request id) on every run; a
+    spec made of segments gets each segment's own ids, so specs that share a segment share its tokens."""
+    if spec.segments:
+        return [int(t) for key, n in spec.segments
+                for t in np.random.default_rng([seed, 1 << 32, key]).integers(0, vocab_size, n)]  # fmt: skip
     rng = np.random.default_rng([seed, zlib.crc32(spec.request_id.encode())])
     return [int(t) for t in rng.integers(0, vocab_size, spec.prompt_len)]
 

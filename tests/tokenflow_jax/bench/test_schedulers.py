@@ -117,6 +117,26 @@ def test_simulator_executor() -> None:
     assert all(s["completed"] == N for s in summaries.values())
 
 
+def test_the_chat_workload_compares_the_prefix_cache_on_and_off_for_every_scheduler() -> None:
+    """Conversations share a system prompt and grow turn by turn: with the cache a turn's prompt is mostly found
+    cached and prefilled from where the cache ends, so its first token comes sooner (virtual time: exact)."""
+    out = Path(tempfile.mkdtemp())
+    summaries = bench.main(["--executor", "sim", "--workload", "chat", "--num-requests", "24", "--chat-turns", "4",
+                            "--input-len", "32:8", "--output-len", "64:16", "--burst-size", "3",
+                            "--compare-prefix-caching", "--no-plots", "--no-progress", "--out", str(out)])  # fmt: skip
+    names = expected_schedulers()
+    assert sorted(summaries) == sorted([*names, *(f"{n}/no-cache" for n in names)])
+    for name in names:
+        on, off = summaries[name], summaries[f"{name}/no-cache"]
+        assert on["completed"] == off["completed"] == 24
+        assert off["prefix_cache_hits"] == 0 and off["prefix_cache_queries"] > 0
+        assert on["prefix_cache_hit_rate"] > 0.4, name  # later turns repeat the earlier ones
+        assert on["mean_ttft_ms"] < off["mean_ttft_ms"], name
+    results = json.loads((out / "results.json").read_text())
+    assert results["fcfs"]["config"]["compare_prefix_caching"] is True
+    assert "hit %" in (out / "table.txt").read_text()
+
+
 def test_paper_setup_on_the_simulator() -> None:
     out = Path(tempfile.mkdtemp())
     summaries = bench.main(["--executor", "sim", "--paper-setup", "rtx4090 llama3-8b burst 60", "--sim-kernels",

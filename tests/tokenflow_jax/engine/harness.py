@@ -6,6 +6,7 @@ running request and admits waiting ones in order (the fcfs admission helpers), l
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 
@@ -78,7 +79,7 @@ class ScriptedPolicy:
             budget.pages -= pages_for(paused[rid].num_computed, ex.page_size)
         for req in state.running:
             if req.request_id in leaving:
-                budget.pages += len(req.device_pages)
+                budget.pages += state.pages_freed_by(req)
         to_run = [r for r in state.running if r.request_id not in leaving]
         to_run += [paused[rid] for rid in plan.swap_in]
         for req in to_run:
@@ -116,14 +117,19 @@ def add(
 
 
 def check_page_ownership(core: EngineCore) -> None:
-    """Every used page on each tier is owned by exactly one live request; nothing leaks."""
+    """Every used page on each tier is held by live requests, as many as its reference count (prefix-cached pages
+    are shared); no request holds a page twice; nothing leaks; idle cached pages are held by no one."""
     ex = core.executor
     for tier, alloc in (("device", ex.blocks.device), ("host", ex.blocks.host)):
-        owned = [p for r in core.requests.values() for p in getattr(r, f"{tier}_pages")]
-        assert len(owned) == len(set(owned)), f"{tier} page owned twice: {sorted(owned)}"
-        assert 0 not in owned, f"{tier} null page handed out"
-        assert len(owned) == alloc.num_used, f"{tier}: {alloc.num_used} used, {len(owned)} owned"
-        assert all(alloc.refcount(p) == 1 for p in owned)
+        owners = collections.Counter()
+        for r in core.requests.values():
+            pages = list(getattr(r, f"{tier}_pages"))
+            assert len(pages) == len(set(pages)), f"{r.request_id} holds a {tier} page twice: {pages}"
+            owners.update(pages)
+        assert 0 not in owners, f"{tier} null page handed out"
+        assert len(owners) == alloc.num_used, f"{tier}: {alloc.num_used} used, {len(owners)} owned"
+        assert all(alloc.refcount(p) == n for p, n in owners.items()), f"{tier}: reference counts off"
+        assert not any(alloc.is_idle(p) for p in owners), f"{tier}: a held page is idle"
 
 
 def check_host_copies(core: EngineCore) -> None:

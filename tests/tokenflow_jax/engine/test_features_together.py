@@ -1,7 +1,7 @@
 """Every engine feature on at once: the TokenFlow policy pausing streams for newcomers, swap and recompute, a
 host tier too small for the burst (the policy plans as fcfs, and its swaps fall back to recompute), pipelined
-steps, small pages, greedy and seeded sampled requests side by side. Outputs must equal each request run alone,
-and no page may leak."""
+steps, small pages, greedy and seeded sampled requests side by side, prompts sharing a prefix the cache serves.
+Outputs must equal each request run alone with the cache off, and no page may leak."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ SAMPLED = SamplingParams(max_tokens=14, ignore_eos=True, temperature=0.8, top_k=
 )
 def test_a_burst_with_every_feature_on_matches_each_request_alone(host_pages: int, exercised: str) -> None:
     rng = np.random.default_rng(11)
-    prompts = [[int(t) for t in rng.integers(0, 256, int(rng.integers(4, 18)))] for _ in range(10)]
+    shared = [int(t) for t in rng.integers(0, 256, 8)]  # two pages every other prompt starts with
+    prompts = [(shared if i % 2 == 0 else []) + [int(t) for t in rng.integers(0, 256, int(rng.integers(4, 18)))]
+               for i in range(10)]  # fmt: skip
     samplings = [GREEDY if i % 2 else dataclasses.replace(SAMPLED, seed=100 + i) for i in range(10)]
     # Readers at 2 tok/s: a running stream builds seconds of buffer at once, so newcomers take its place.
     llm = LLM("tiny-random", scheduler="tokenflow", preemption="swap", kv_pages=24, host_kv_pages=host_pages,
@@ -37,8 +39,9 @@ def test_a_burst_with_every_feature_on_matches_each_request_alone(host_pages: in
     counts = {"swaps": sum(r.preemptions_swap for r in records),
               "recomputes": sum(r.preemptions_recompute for r in records)}  # fmt: skip
     assert counts[exercised] > 0, f"{counts}: the path went unexercised"
+    assert llm.core.prefix_cache.hits > 0, "no prompt found the shared prefix cached"
     assert llm.executor.page_usage()[0] == 0 and llm.executor.page_usage()[2] == 0  # nothing leaked
-    alone = LLM("tiny-random", scheduler="fcfs", kv_pages=64, host_kv_pages=0, **ENGINE)
+    alone = LLM("tiny-random", scheduler="fcfs", kv_pages=64, host_kv_pages=0, enable_prefix_caching=False, **ENGINE)
     for prompt, sampling, out in zip(prompts, samplings, outs, strict=True):
         assert out.token_ids == alone.generate([prompt], sampling)[0].token_ids
         assert out.finish_reason == "length" and out.metrics is not None

@@ -34,3 +34,36 @@ def test_a_retained_page_is_freed_only_by_its_last_owner() -> None:
 def test_pool_needs_room_beyond_the_null_page() -> None:
     with pytest.raises(ValueError, match="at least 1 usable page"):
         PageAllocator(0)
+
+
+def test_a_cached_page_stays_idle_after_its_last_owner_and_is_evicted_least_recently_used() -> None:
+    pool = PageAllocator(3)
+    evicted: list[int] = []
+    pool.on_evict = evicted.append
+    a, b, c = pool.allocate(3)
+    pool.keep(a)
+    pool.keep(b)
+    pool.free([b, a, c])  # b idles first, then a; c was never cached: free at once
+    assert pool.num_free == 3 and pool.num_idle == 2 and pool.num_used == 0
+    assert pool.allocate(1) == [c] and evicted == []  # a free page goes before any cached one
+    pool.retain([a])  # a hit holds a again: no longer idle
+    assert pool.refcount(a) == 1 and not pool.is_idle(a) and pool.num_free == 1
+    assert pool.allocate(1) == [b] and evicted == [b]  # the least recently used idle page is evicted
+    with pytest.raises(OutOfPages):
+        pool.allocate(1)
+    pool.free([a])
+    pool.drop_idle()
+    assert evicted == [b, a] and pool.num_idle == 0 and pool.num_free == 1
+    with pytest.raises(ValueError, match="keep of free page"):
+        pool.keep(a)
+
+
+def test_shared_pages_are_counted_as_they_gain_and_lose_owners() -> None:
+    pool = PageAllocator(2)
+    a, b = pool.allocate(2)
+    pool.retain([a, a, b])
+    assert pool.num_shared == 2
+    pool.free([a])
+    assert pool.num_shared == 2 and pool.refcount(a) == 2
+    pool.free([a, b])
+    assert pool.num_shared == 0 and pool.num_used == 2

@@ -45,6 +45,15 @@ class ExecutorLimits:
     def free_host_pages(self) -> int:
         return 0
 
+    def pages_freed_by(self, request: Request) -> int:
+        return len(request.device_pages)  # hand-built requests share no page
+
+    def shared_pages_overcount(self, requests: list[Request]) -> None:
+        return None
+
+    def pinned_pages_of(self, request: Request) -> int:
+        return 0
+
 
 class Pages:
     """Hands out distinct device page ids to hand-built requests."""

@@ -125,7 +125,7 @@ class TokenFlowPolicy:
                 if plan.swap_in and load_s > load_budget_s:
                     continue
             n, pages = budget.chunk(state, req)
-            room = budget.pages + sum(len(v.device_pages) for v in pending)
+            room = budget.pages + sum(map(state.pages_freed_by, pending))
             while (
                 pending
                 and pages <= room
@@ -216,7 +216,7 @@ class StepFill:
             self.host_free -= max(0, pages_for(victim.num_computed, page_size) - len(victim.host_pages))
         else:
             plan.recompute_out.append(rid)
-        budget.pages += len(victim.device_pages)
+        budget.pages += self.state.pages_freed_by(victim)
         self.gone.add(rid)
         if victim in self.pending:
             self.pending.remove(victim)

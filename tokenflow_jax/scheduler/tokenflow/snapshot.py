@@ -30,7 +30,7 @@ class Snapshot:
     block: np.ndarray  # (6, n): the tracker's columns (`tracker.RATE`, ... rows)
     dry_in: np.ndarray  # seconds until the reader has read every token generated so far (0 when dry)
     context: np.ndarray  # prompt + tokens read (a token sampled but not read yet aside)
-    pages: np.ndarray  # device pages each holds or needs for that context
+    pages: np.ndarray  # device pages each holds or needs for that context (a shared page split among its owners)
     now: float
     page_size: int
     num_device_pages: int
@@ -57,6 +57,9 @@ class Snapshot:
         context = block[PROMPT_LEN] + block[NUM_GENERATED]
         pages = context / ex.page_size
         np.ceil(pages, out=pages)  # exact: a quotient of integers is never within rounding of the next integer
+        overcount = ex.shared_pages_overcount(reqs)
+        if overcount is not None:  # prefix-cached pages several requests hold count once in every sum
+            pages -= np.asarray(overcount)
         snap = cls(reqs, rids, len(state.running), len(state.paused), block, np.maximum(dry_in, 0.0, out=dry_in),
                    context, pages, state.now, ex.page_size, ex.num_device_pages, ex.max_num_seqs,
                    ex.free_host_pages(), ex.num_host_pages, slack_s)  # fmt: skip
