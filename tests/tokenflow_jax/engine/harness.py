@@ -11,6 +11,8 @@ import dataclasses
 import functools
 
 import numpy as np
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
 
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.executor import EngineExecutor
@@ -156,3 +158,61 @@ def check_executor_clean(ex: EngineExecutor, when: str) -> None:
     assert device == 0 and host == 0, f"{when} the test: {device} device and {host} host pages held"
     ex.host.flush()
     assert ex._pending_to_host_pages() == 0, f"{when} the test: host copies still counted after a flush"
+
+
+class ScriptedEngineRules(RuleBasedStateMachine):
+    """Rules shared by the engine's state machines: admit one of `self.prompts`, step, preempt (swap or
+    recompute), resume and abort, each on the k-th live request. Rules draw plain integers and pick among the
+    live requests with them: which requests are live depends on measured costs (the prefix cache's reload or
+    recompute), and what hypothesis draws must not. Subclasses set `ex`, `core`, `policy`, `prompts`, `expected`
+    and add their invariants."""
+
+    id_prefix = "m"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.index: dict[str, int] = {}
+        self.aborted: set[str] = set()
+        self.n = 0
+
+    def pick(self, status: RequestStatus | None, k: int) -> str | None:
+        """The k-th live request (modulo) in `status`, any status if None."""
+        live = sorted(self.core.live_ids() if status is None else
+                      (r.request_id for r in self.core.requests.values() if r.status is status))  # fmt: skip
+        return live[k % len(live)] if live else None
+
+    @rule(i=st.integers(0, 5))
+    def admit(self, i: int) -> None:
+        rid = f"{self.id_prefix}{self.n}"
+        self.n += 1
+        self.index[rid] = i
+        add(self.core, rid, self.prompts[i])
+
+    @rule(steps=st.integers(1, 4))
+    def step(self, steps: int) -> None:
+        for _ in range(steps):
+            if self.core.has_work():
+                self.core.step()
+
+    @rule(k=st.integers(0, 7), swap=st.booleans())
+    def preempt(self, k: int, swap: bool) -> None:
+        rid = self.pick(RequestStatus.RUNNING, k)
+        if rid is not None:
+            (self.policy.swap_out if swap else self.policy.recompute_out).append(rid)
+            self.core.step()
+
+    @rule(k=st.integers(0, 7))
+    def resume(self, k: int) -> None:
+        rid = self.pick(RequestStatus.PAUSED, k)
+        if rid is not None and pages_for(self.core.requests[rid].num_computed, self.ex.page_size) <= (
+            self.ex.free_device_pages()
+        ):
+            self.policy.swap_in.append(rid)
+            self.core.step()
+
+    @rule(k=st.integers(0, 7))
+    def abort(self, k: int) -> None:
+        rid = self.pick(None, k)
+        if rid is not None:
+            self.aborted.add(rid)
+            self.core.abort(rid)

@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import invariant
 
 from tests.tokenflow_jax.engine.harness import (
     ENGINE_KW,
     MAX_TOKENS,
     SAMPLED,
+    ScriptedEngineRules,
     add,
     check_executor_clean,
     check_host_copies,
@@ -138,7 +138,7 @@ def test_a_swap_that_finds_the_host_tier_full_falls_back_to_recompute() -> None:
     llm.close()
 
 
-class EngineMachine(RuleBasedStateMachine):
+class EngineMachine(ScriptedEngineRules):
     """Random admit / preempt / resume / abort / finish sequences against the real engine."""
 
     def __init__(self) -> None:
@@ -146,53 +146,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.ex = small_llm().executor
         self.core, self.policy = scripted_core(self.ex)
         self.expected = reference_outputs()
-        self.pool = prompt_pool()
-        self.index: dict[str, int] = {}
-        self.aborted: set[str] = set()
-        self.n = 0
-
-    def pick(self, status: RequestStatus | None, k: int) -> str | None:
-        """The k-th live request (modulo) in `status`: rules draw integers, since which requests are live depends
-        on measured costs (the prefix cache's reload or recompute) and what hypothesis draws must not."""
-        live = sorted(self.core.live_ids() if status is None else
-                      (r.request_id for r in self.core.requests.values() if r.status is status))  # fmt: skip
-        return live[k % len(live)] if live else None
-
-    @rule(i=st.integers(0, 5))
-    def admit(self, i: int) -> None:
-        rid = f"m{self.n}"
-        self.n += 1
-        self.index[rid] = i
-        add(self.core, rid, self.pool[i])
-
-    @rule(steps=st.integers(1, 4))
-    def step(self, steps: int) -> None:
-        for _ in range(steps):
-            if self.core.has_work():
-                self.core.step()
-
-    @rule(k=st.integers(0, 7), swap=st.booleans())
-    def preempt(self, k: int, swap: bool) -> None:
-        rid = self.pick(RequestStatus.RUNNING, k)
-        if rid is not None:
-            (self.policy.swap_out if swap else self.policy.recompute_out).append(rid)
-            self.core.step()
-
-    @rule(k=st.integers(0, 7))
-    def resume(self, k: int) -> None:
-        rid = self.pick(RequestStatus.PAUSED, k)
-        if rid is not None and -(-self.core.requests[rid].num_computed // self.ex.page_size) <= (
-            self.ex.free_device_pages()
-        ):
-            self.policy.swap_in.append(rid)
-            self.core.step()
-
-    @rule(k=st.integers(0, 7))
-    def abort(self, k: int) -> None:
-        rid = self.pick(None, k)
-        if rid is not None:
-            self.aborted.add(rid)
-            self.core.abort(rid)
+        self.prompts = prompt_pool()
 
     @invariant()
     def pages_owned_once(self) -> None:

@@ -10,13 +10,13 @@ import functools
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import invariant
 
 from tests.tokenflow_jax.engine.harness import (
     ENGINE_KW,
     MAX_TOKENS,
     PAGE_SIZE,
+    ScriptedEngineRules,
     add,
     check_page_ownership,
     scripted_core,
@@ -168,11 +168,11 @@ def check_copies_agree(core: EngineCore) -> None:
         np.testing.assert_array_equal(ex.host.pages[:, :, :, host_page], device[:, :, :, device_page])
 
 
-class PrefixCacheMachine(RuleBasedStateMachine):
+class PrefixCacheMachine(ScriptedEngineRules):
     """Random admit / step / preempt / resume / abort over requests sharing prefixes, on a device pool small
-    enough that cached pages are evicted and hit again from the host tier. Rules draw plain integers and pick
-    among the live requests with them: which requests are live depends on measured costs (reload or recompute),
-    and what hypothesis draws must not."""
+    enough that cached pages are evicted and hit again from the host tier."""
+
+    id_prefix = "p"
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,48 +181,6 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         self.core, self.policy = scripted_core(self.ex)
         self.expected = alone_outputs()
         self.prompts = shared_prompts()
-        self.index: dict[str, int] = {}
-        self.n = 0
-
-    def pick(self, status: RequestStatus | None, k: int) -> str | None:
-        live = sorted(self.core.live_ids() if status is None else
-                      (r.request_id for r in self.core.requests.values() if r.status is status))  # fmt: skip
-        return live[k % len(live)] if live else None
-
-    @rule(i=st.integers(0, 5))
-    def admit(self, i: int) -> None:
-        rid = f"p{self.n}"
-        self.n += 1
-        self.index[rid] = i
-        add(self.core, rid, self.prompts[i])
-
-    @rule(steps=st.integers(1, 3))
-    def step(self, steps: int) -> None:
-        for _ in range(steps):
-            if self.core.has_work():
-                self.core.step()
-
-    @rule(k=st.integers(0, 7), swap=st.booleans())
-    def preempt(self, k: int, swap: bool) -> None:
-        rid = self.pick(RequestStatus.RUNNING, k)
-        if rid is not None:
-            (self.policy.swap_out if swap else self.policy.recompute_out).append(rid)
-            self.core.step()
-
-    @rule(k=st.integers(0, 7))
-    def resume(self, k: int) -> None:
-        rid = self.pick(RequestStatus.PAUSED, k)
-        if rid is not None and -(-self.core.requests[rid].num_computed // self.ex.page_size) <= (
-            self.ex.free_device_pages()
-        ):
-            self.policy.swap_in.append(rid)
-            self.core.step()
-
-    @rule(k=st.integers(0, 7))
-    def abort(self, k: int) -> None:
-        rid = self.pick(None, k)
-        if rid is not None:
-            self.core.abort(rid)
 
     @invariant()
     def no_page_freed_while_held_and_none_leaks(self) -> None:
