@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.tokenflow_jax.scheduler.tokenflow.test_scenario import TWO_SLOTS_40_TOK_S
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import rebuffer_seconds
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling import SamplingParams
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
 from tokenflow_jax.sim.executor import SimExecutor
-from tokenflow_jax.sim.profiles import SimProfile
-
-TWO_SLOTS_40_TOK_S = SimProfile(
-    "worked-example", step_base_s=0.025, step_per_token_s=0.0, step_per_context_token_s=0.0,
-    prefill_per_token_s=0.0, prefill_per_token_pair_s=0.0, d2h_latency_s=1e-4, d2h_bytes_per_s=50e9,
-    h2d_latency_s=1e-4, h2d_bytes_per_s=50e9, kv_bytes_per_token=1024, device_kv_bytes=1 << 30,
-    host_kv_bytes=1 << 32,
-)  # fmt: skip
 
 
 def request(rid: str, rate: float | None, output: int) -> Request:
