@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device run for a session lent a GPU; everything lands under $OUT (default gpu_out/). Quick, decisive
+# One run on a GPU machine; everything lands under $OUT (default gpu_out/). Quick, decisive
 # parts first and the slowest last, so a run cut short still returns the first figures:
 #   1. env.txt           python, jax, devices
 #   2. kernel_check.txt  both Pallas kernels compiled for the device (interpret=False) against the XLA
