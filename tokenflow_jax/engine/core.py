@@ -226,16 +226,15 @@ class EngineCore:
             if req is None or rid in gone or (req.status is RequestStatus.PAUSED and rid not in plan.swap_in):
                 raise RuntimeError(f"policy {self.policy.name}: cannot schedule {rid}")
 
-    def _count_hits(self, plan: StepPlan, attached: dict[str, tuple[int, int]]) -> None:
+    def _count_hits(self, plan: StepPlan, attached: dict[str, int]) -> None:
         """Fold the waiting requests this step starts into the cache counters; the rest let go of their prefix."""
         for rid in plan.schedule:
             req = self.requests[rid]
             if req.status is not RequestStatus.WAITING:
                 continue
-            device, host = attached.get(rid, (0, 0))
             self.prefix_cache.queries += req.num_tokens
             self.prefix_cache.hits += req.num_computed
-            self.prefix_cache.host_hits += host * self.executor.page_size
+            self.prefix_cache.host_hits += attached.get(rid, 0) * self.executor.page_size
             if req.num_cached_tokens < 0:  # the first start is what the client's usage reports
                 req.num_cached_tokens = min(req.num_computed, len(req.prompt_ids))
 

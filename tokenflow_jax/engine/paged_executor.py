@@ -276,13 +276,13 @@ class PagedExecutor:
         """Empty the prefix cache; `enabled` turns it on or off too."""
         self.blocks.reset_prefix_cache(self.prefix_caching if enabled is None else enabled)
 
-    def attach_cached(self, waiting: Sequence[Request]) -> dict[str, tuple[int, int]]:
+    def attach_cached(self, waiting: Sequence[Request]) -> dict[str, int]:
         """Map waiting requests (the first `max_num_seqs`, in the order a policy would admit them) onto their
         cached prefixes before it plans, so that it sees only the tokens left to compute. Host-only pages are
         loaded when that is cheaper than recomputing them (the live estimates, as preemption weighs). Idle pages
         an attached request holds still count as free while the plan is made (`keep_attached` settles them).
-        Returns request id -> (device, host) pages attached."""
-        attached: dict[str, tuple[int, int]] = {}
+        Returns request id -> pages loaded from the host tier (0: device hits only)."""
+        attached: dict[str, int] = {}
         if not (waiting and self.prefix_caching):
             return attached
         est = self.estimates()
@@ -304,7 +304,7 @@ class PagedExecutor:
                 self._load(copy)
             self._pinned.update(revived, copy.dst)
             self._pinned_of[req.request_id] = len(revived) + len(copy.dst)
-            attached[req.request_id] = (len(prefix.device_pages), host_only)
+            attached[req.request_id] = host_only
         return attached
 
     def pinned_pages_of(self, req: Request) -> int:
