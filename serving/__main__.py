@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=dtype_help)
     seed_help = "seeds requests that set no seed, and a preset's random weights (default: 0)"
     engine.add_argument("--seed", type=int, default=0, help=seed_help)
+    tp_help = "split the model over this many devices: heads and MLP columns, KV pages by kv head (default: 1)"
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, help=tp_help)
     cache_help = "reuse the KV of prompt prefixes already computed, on both tiers (default: on)"
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help=cache_help)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
@@ -124,7 +126,8 @@ def start_engine(args: argparse.Namespace) -> LLM:
               dtype=args.dtype, page_size=args.page_size,
               max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
               max_model_len=args.max_model_len, default_rate=args.default_rate,
-              enable_prefix_caching=args.enable_prefix_caching, warmup=False,
+              enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+              warmup=False,
               scheduler_config={"max_hold_s": args.max_hold_s})  # fmt: skip
     logger.info("loaded in %.1f s; compiling the engine's step shapes (cached for the next start) ...",
                 time.perf_counter() - start)  # fmt: skip

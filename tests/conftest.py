@@ -7,6 +7,12 @@ the byte vocabulary's BOS 256 / EOS 257 with a 300-token vocab, so byte-tokenize
 
 from __future__ import annotations
 
+import os
+
+# Four host devices (before jax starts): tensor parallelism and data-parallel replicas are tested on CPU meshes.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+
 import dataclasses
 import math
 from collections.abc import Callable, Sequence

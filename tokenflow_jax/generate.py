@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-eos", action="store_true", help="run to --max-tokens past EOS (default: stop)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weight and KV cache dtype (default: float32)")  # fmt: skip
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model over this many devices (default: 1)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text} (default: text)")
     return parser
 
@@ -90,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # One request: compile only the shapes it uses instead of warming up every bucket.
-        llm = LLM(args.model, dtype=args.dtype, seed=args.seed, warmup=False)
-    except ValueError as e:  # an unsupported checkpoint, or a model the device cannot hold
+        llm = LLM(args.model, dtype=args.dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                  warmup=False)  # fmt: skip
+    except ValueError as e:  # an unsupported checkpoint, a model the device cannot hold, heads N cannot split
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
     given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}

@@ -195,19 +195,27 @@ def forward(
     *,
     decode: bool = False,
     attention_impl: str = "reference",
+    tp_axis: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run new tokens [T] through the model, writing their K/V to the page pool.
 
     Returns float32 logits for the rows `logits_indices` [N] and the updated cache. With `decode=True` every
-    sequence contributes exactly one token (T == B) and the decode attention kernel is used.
+    sequence contributes exactly one token (T == B) and the decode attention kernel is used. Under tensor
+    parallelism (`tokenflow_jax.parallel`) this runs on each device's slice of the weights and pages, inside
+    `shard_map` over mesh axis `tp_axis`: its heads and hidden units, then a `psum` after each row-split projection.
     """
     decode_attn, prefill_attn = (None, None) if attention_impl == "xla" else attention_functions(attention_impl)
     inv_freq, rope_scale = rope_frequencies(cfg)
     t = tokens.shape[0]
-    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hd = cfg.head_dim
+
+    def all_reduce(y: jax.Array) -> jax.Array:
+        return y if tp_axis is None else jax.lax.psum(y, tp_axis)
+
     x = params["embed"][tokens]
     new_cache: KVCache = []
     for layer, (k_pages, v_pages) in zip(params["layers"], kv_cache, strict=True):
+        hq, hkv = layer["wq"].shape[1] // hd, layer["wk"].shape[1] // hd  # this device's heads
         h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
         q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
         if cfg.attention_bias:
@@ -224,9 +232,9 @@ def forward(
             attn = decode_attn(q, k_pages, v_pages, meta.kv_lens, meta.block_tables)
         else:
             attn = prefill_attn(q, k_pages, v_pages, meta.cu_q_lens, meta.kv_lens, meta.block_tables)
-        x = x + attn.reshape(t, hq * hd).astype(x.dtype) @ layer["wo"]
+        x = x + all_reduce(attn.reshape(t, hq * hd).astype(x.dtype) @ layer["wo"])
         h = rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+        x = x + all_reduce((jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"])
     x = rms_norm(x[logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)

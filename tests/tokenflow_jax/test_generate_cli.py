@@ -51,6 +51,26 @@ def test_hf_folder_greedy_matches_transformers(hf_checkpoint, hf_greedy):
     assert "no tokenizer files" in result.stderr and "byte fallback" in result.stderr  # said, yet ids work
 
 
+@pytest.mark.parametrize("variant", ["llama", "qwen2_sharded"])
+def test_tensor_parallel_2_on_four_cpu_devices_matches_transformers(variant, hf_checkpoint, hf_greedy):
+    """The subprocess inherits tests/conftest.py's XLA_FLAGS: 4 host devices, the model split over 2."""
+    ckpt = hf_checkpoint(variant)
+    prompt = [256, *b"The quick brown fox"]
+    expected = hf_greedy(ckpt.model, prompt, 24)
+    ids = ",".join(map(str, prompt))
+    result = run_cli("--model", str(ckpt.path), "--prompt-ids", ids, "--max-tokens", "24", "--json",
+                     "--tensor-parallel-size", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["token_ids"] == expected
+
+
+def test_tensor_parallel_size_the_heads_cannot_split_exits_2_naming_them(hf_checkpoint):
+    result = run_cli("--model", str(hf_checkpoint("llama").path), "--prompt-ids", "1,2", "--max-tokens", "2",
+                     "--tensor-parallel-size", "3")  # fmt: skip
+    assert result.returncode == 2
+    assert "tensor_parallel_size 3 does not divide the model's 4 attention (query) heads" in result.stderr
+
+
 def test_ignore_eos_runs_past_the_checkpoint_eos(hf_checkpoint, hf_greedy, tmp_path):
     ckpt = hf_checkpoint("llama")
     prompt = [256, *b"The quick brown fox"]

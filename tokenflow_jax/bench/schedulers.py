@@ -85,11 +85,14 @@ def engine_limits(args: argparse.Namespace, specs: Sequence[RequestSpec]) -> dic
     if args.gpu_memory_utilization is not None:
         from checkpoints.presets import model_config
         from tokenflow_jax.engine.llm import device_kv_pages
+        from tokenflow_jax.parallel import sharded_config
 
         if args.kv_pages:
             raise SystemExit("give --kv-pages or --gpu-memory-utilization, not both")
         try:
-            kv_pages = device_kv_pages(args.gpu_memory_utilization, model_config(args.model), "float32", args.page_size)
+            cfg = sharded_config(model_config(args.model), args.tensor_parallel_size)
+            kv_pages = device_kv_pages(args.gpu_memory_utilization, cfg, "float32", args.page_size,
+                                       args.tensor_parallel_size)  # fmt: skip
         except ValueError as e:
             raise SystemExit(f"--gpu-memory-utilization: {e}") from e
     host = args.host_kv_pages if args.host_kv_pages is not None else total + kv_pages
@@ -111,8 +114,12 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
         return ex, frozenset()
     from tokenflow_jax.engine.llm import LLM
 
-    llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"], host_kv_pages=limits["host_kv_pages"],
-              seed=args.seed, warmup=True, progress=args.progress, **pools)  # fmt: skip
+    try:
+        llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"], host_kv_pages=limits["host_kv_pages"],
+                  seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, warmup=True, progress=args.progress,
+                  **pools)  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     return llm.executor, frozenset(llm.tokenizer.eos_token_ids)
 
 
@@ -308,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory_help = "size the device KV pool to this fraction of device memory, weights included (None: --kv-pages)"
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help=memory_help)
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (None: the whole workload)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the engine's model is split over")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")

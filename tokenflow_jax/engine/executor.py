@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
 from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.config import ModelConfig
@@ -38,11 +39,12 @@ class EngineExecutor(PagedExecutor):
         pipelined: bool = True,
         prefix_caching: bool = False,
         cache_salt: str = "",
+        mesh: Mesh | None = None,
     ) -> None:
         self.runner = ModelRunner(
             cfg, params, num_pages=pool_pages(num_device_pages), page_size=page_size, max_num_seqs=max_num_seqs,
             max_batch_tokens=max_batch_tokens, max_model_len=max_model_len, kv_dtype=kv_dtype,
-            attention_impl=attention_impl,
+            attention_impl=attention_impl, mesh=mesh,
         )  # fmt: skip
         super().__init__(
             num_device_pages=num_device_pages, num_host_pages=num_host_pages, page_size=page_size,

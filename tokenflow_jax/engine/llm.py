@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -19,6 +20,7 @@ from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.kv.pages import default_host_pages, pages_for, pool_pages
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
+from tokenflow_jax.parallel import kv_head_replicas, make_mesh, replicate_kv_heads, sharded_config, weight_bytes_per_device
 from tokenflow_jax.request import Request, stream_rate
 from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.scheduler.registry import make_policy
@@ -66,14 +68,17 @@ def device_memory_limit() -> int | None:
     return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 
-def kv_pages_for_memory(fraction: float, memory_bytes: int, cfg: ModelConfig, dtype: Any, page_size: int) -> int:
-    """Usable device KV pages when the engine may take `fraction` of `memory_bytes`, weights included (as vLLM's
-    --gpu-memory-utilization sizes its pool); the rest of the memory is the steps' working space."""
+def kv_pages_for_memory(
+    fraction: float, memory_bytes: int, cfg: ModelConfig, dtype: Any, page_size: int, tensor_parallel_size: int = 1
+) -> int:
+    """Usable device KV pages when the engine may take `fraction` of `memory_bytes` on each of its devices,
+    weights included (as vLLM's --gpu-memory-utilization sizes its pool); the rest of the memory is the steps'
+    working space. Under tensor parallelism (`cfg` as sharded) a device holds its slice of weights and pages."""
     if not 0 < fraction <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {fraction}")
     itemsize = resolve_dtype(dtype).itemsize
-    weights = cfg.num_params * itemsize
-    page_bytes = page_size * cfg.kv_bytes_per_token * itemsize
+    weights = weight_bytes_per_device(cfg, tensor_parallel_size, itemsize)
+    page_bytes = page_size * cfg.kv_bytes_per_token * itemsize // tensor_parallel_size
     pages = (int(fraction * memory_bytes) - weights) // page_bytes - 1  # the null page comes on top
     if pages < 1:
         raise ValueError(
@@ -83,7 +88,9 @@ def kv_pages_for_memory(fraction: float, memory_bytes: int, cfg: ModelConfig, dt
     return pages
 
 
-def device_kv_pages(fraction: float, cfg: ModelConfig, dtype: Any, page_size: int) -> int:
+def device_kv_pages(
+    fraction: float, cfg: ModelConfig, dtype: Any, page_size: int, tensor_parallel_size: int = 1
+) -> int:
     """`kv_pages_for_memory` over the default device's memory; ValueError where the backend reports none."""
     memory = device_memory_limit()
     if memory is None:
@@ -91,27 +98,44 @@ def device_kv_pages(fraction: float, cfg: ModelConfig, dtype: Any, page_size: in
             f"the {jax.default_backend()} backend reports no device memory (jax's Device.memory_stats() is None), "
             "so gpu_memory_utilization cannot size the KV pool; give kv_pages instead"
         )
-    return kv_pages_for_memory(fraction, memory, cfg, dtype, page_size)
+    return kv_pages_for_memory(fraction, memory, cfg, dtype, page_size, tensor_parallel_size)
 
 
-def check_fits(model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_pages: int, page_size: int) -> None:
+def check_fits(
+    model: str, cfg: ModelConfig, dtype: Any, kv_pages: int, host_kv_pages: int, page_size: int,
+    tensor_parallel_size: int = 1,
+) -> None:  # fmt: skip
     """ValueError naming the bytes the weights and KV pages need and the bytes the device has, before anything
-    is allocated (on the CPU the host tier shares the same memory)."""
+    is allocated: per device under tensor parallelism (`cfg` as sharded); on the CPU every device and the host
+    tier share the same memory."""
     itemsize = resolve_dtype(dtype).itemsize
-    weights = cfg.num_params * itemsize
+    tp = tensor_parallel_size
     page_bytes = page_size * cfg.kv_bytes_per_token * itemsize
-    kv = pool_pages(kv_pages) * page_bytes
+    weights = weight_bytes_per_device(cfg, tp, itemsize)
+    kv = pool_pages(kv_pages) * page_bytes // tp
     on_cpu = jax.default_backend() == "cpu"
+    if on_cpu:
+        weights, kv = weights * tp, kv * tp
     host = pool_pages(host_kv_pages) * page_bytes if on_cpu and host_kv_pages else 0
     have = device_memory_bytes()
     if have is not None and weights + kv + host > have:
-        parts = f"{weights:,} bytes of {resolve_dtype(dtype).name} weights + {kv:,} bytes of device KV pages"
+        each = f" on each of {tp} devices" if tp > 1 and not on_cpu else ""
+        parts = f"{weights:,} bytes of {resolve_dtype(dtype).name} weights + {kv:,} bytes of device KV pages{each}"
         parts += f" + {host:,} bytes of host KV pages" if host else ""
         raise ValueError(
             f"model {model!r} does not fit: it needs {weights + kv + host:,} bytes ({parts}), and the "
             f"{jax.devices()[0].platform} device has {have:,} bytes free; use a smaller dtype, fewer KV pages "
-            "(kv_pages, host_kv_pages, max_num_seqs, max_model_len) or a smaller model"
+            "(kv_pages, host_kv_pages, max_num_seqs, max_model_len), a smaller model, or more devices "
+            "(tensor_parallel_size)"
         )
+
+
+def _loading_device(tensor_parallel_size: int) -> Any:
+    """Where weights are read before each device takes its slice: host memory when they are split over
+    accelerators (the whole model may not fit one), else the default device."""
+    if tensor_parallel_size > 1 and jax.default_backend() != "cpu":
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
+    return contextlib.nullcontext()
 
 
 def default_attention() -> str:
@@ -130,7 +154,8 @@ class LLM:
     rate and is served at what the streams leave spare), else `default_rate` (None: rate-less too). EOS and
     sampling defaults are the
     checkpoint's (`self.generation`, see `checkpoints.generation`); a model whose weights and KV pages exceed the
-    device's free memory is refused before anything is allocated.
+    device's free memory is refused before anything is allocated. `tensor_parallel_size` N splits the model over
+    N devices (`devices`, default the first N of `jax.devices()`; `tokenflow_jax.parallel`).
     """
 
     def __init__(
@@ -152,12 +177,17 @@ class LLM:
         default_rate: float | None = DEFAULT_RATE,
         scheduler_config: dict[str, Any] | None = None,
         enable_prefix_caching: bool = True,
+        tensor_parallel_size: int = 1,
+        devices: Sequence[jax.Device] | None = None,
         warmup: bool = True,
         progress: bool = False,
     ) -> None:
         default_rate = stream_rate(default_rate)
         enable_compilation_cache()
-        cfg = model_config(model)
+        model_cfg = model_config(model)
+        kv_replicas = kv_head_replicas(model_cfg, tensor_parallel_size)
+        mesh = make_mesh(tensor_parallel_size, devices)
+        cfg = sharded_config(model_cfg, tensor_parallel_size)  # the page pool's kv heads
         max_model_len = max_model_len or min(cfg.max_context, 2048)
         if max_model_len > cfg.max_context:
             limits = f"max_position_embeddings {cfg.max_position_embeddings}, sliding_window {cfg.sliding_window}"
@@ -169,20 +199,23 @@ class LLM:
         if gpu_memory_utilization is not None:
             if kv_pages is not None:
                 raise ValueError("give kv_pages or gpu_memory_utilization, not both")
-            kv_pages = device_kv_pages(gpu_memory_utilization, cfg, dtype, page_size)
+            kv_pages = device_kv_pages(gpu_memory_utilization, cfg, dtype, page_size, tensor_parallel_size)
         if kv_pages is None:
             kv_pages = max_num_seqs * pages_per_seq
         if host_kv_pages is None:
             page_bytes = cfg.kv_bytes_per_token * resolve_dtype(dtype).itemsize * page_size
             host_kv_pages = default_host_pages(kv_pages, page_bytes)
-        check_fits(model, cfg, dtype, kv_pages, host_kv_pages, page_size)
-        loaded = load_model(model, dtype=dtype, seed=seed)
+        check_fits(model, cfg, dtype, kv_pages, host_kv_pages, page_size, tensor_parallel_size)
+        with _loading_device(tensor_parallel_size):
+            loaded = load_model(model, dtype=dtype, seed=seed)
+            params = replicate_kv_heads(loaded.params, loaded.cfg, kv_replicas)
         self.cfg, self.tokenizer, self.generation = loaded.cfg, loaded.tokenizer, loaded.generation
+        self.tensor_parallel_size = tensor_parallel_size
         self.model_name = model
         self.seed = seed
         self.default_rate = default_rate
         self.executor = EngineExecutor(
-            self.cfg, loaded.params, num_device_pages=kv_pages, num_host_pages=host_kv_pages,
+            cfg, params, mesh=mesh, num_device_pages=kv_pages, num_host_pages=host_kv_pages,
             page_size=page_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
             max_model_len=max_model_len, kv_dtype=dtype, attention_impl=attention or default_attention(),
             prefix_caching=enable_prefix_caching, cache_salt=f"{model}|{dtype}|seed={seed}",

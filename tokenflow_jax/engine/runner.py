@@ -1,7 +1,9 @@
 """Jitted model steps and page transfers over the device page pool. Mechanism only: no policy here.
 
 Every call is padded to a bucket and compiled ahead of time (`warmup`); after warm-up, a call whose shape
-was not compiled raises `CompileDuringServing` instead of silently compiling.
+was not compiled raises `CompileDuringServing` instead of silently compiling. Every call runs under `shard_map`
+on the runner's mesh (`tokenflow_jax.parallel`): one device, or N devices each holding its slice of the weights
+and of every KV page, which also gathers and scatters its own slice of the pages it transfers.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
 from tokenflow_jax.kv.pages import NULL_PAGE, pages_for
-from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward, init_kv_cache
+from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward
+from tokenflow_jax.parallel import (
+    BLOCK_SPEC, KV_SPEC, TP_AXIS, block_sharding, host_to_devices, kv_cache_sharding, make_mesh, param_specs,
+    shard_params, sharded_zeros,
+)  # fmt: skip
 from tokenflow_jax.sampling import sample
 
 
@@ -32,6 +40,7 @@ def _step(
     decode: bool,
     attention_impl: str,
     max_num_seqs: int,
+    tp_axis: str | None,
 ) -> tuple[jax.Array, KVCache]:
     # Tokens the previous step sampled but the host has not read yet come straight from its output.
     feed = batch["feed_rows"]
@@ -40,7 +49,7 @@ def _step(
     meta = AttentionMetadata(batch["slot_mapping"], batch["cu_q_lens"], batch["kv_lens"], batch["block_tables"])
     logits, kv_cache = forward(
         params, cfg, batch["tokens"], batch["positions"], kv_cache, meta, batch["logits_indices"],
-        decode=decode, attention_impl=attention_impl,
+        decode=decode, attention_impl=attention_impl, tp_axis=tp_axis,
     )  # fmt: skip
     tokens = sample(logits, batch["temperature"], batch["top_k"], batch["top_p"], batch["seeds"], batch["steps"])
     # A fixed width, so any step can feed from any other.
@@ -48,7 +57,8 @@ def _step(
 
 
 def _gather_pages(kv_cache: KVCache, page_ids: jax.Array) -> jax.Array:
-    """-> [layers, 2, Hkv, n, S, D]: the listed pages of every layer, one contiguous block for one copy."""
+    """-> [layers, 2, Hkv, n, S, D]: the listed pages of every layer, one contiguous block for one copy (per
+    device: its kv heads)."""
     return jnp.stack([jnp.stack([k[:, page_ids], v[:, page_ids]]) for k, v in kv_cache])
 
 
@@ -77,7 +87,8 @@ def backend_compile_count() -> int:
 
 
 class ModelRunner:
-    """Owns the device KV page pool and the compiled step and transfer executables."""
+    """Owns the device KV page pool and the compiled step and transfer executables, on `mesh` (default: one
+    device). `cfg` is the config as sharded (`parallel.sharded_config`) and `params` match it."""
 
     def __init__(
         self,
@@ -91,28 +102,47 @@ class ModelRunner:
         max_model_len: int,
         kv_dtype: Any,
         attention_impl: str = "reference",
+        mesh: Mesh | None = None,
     ) -> None:
         _compile_counter()
         self.cfg = cfg
-        self.params = params
+        self.mesh = mesh = make_mesh(1) if mesh is None else mesh
+        self.params = shard_params(params, mesh)
         self.page_size = page_size
         self.num_pages = num_pages
         self.attention_impl = attention_impl
         self.max_pages_per_seq = pages_for(max_model_len, page_size)
         self.buckets = Buckets.build(max_num_seqs, max_batch_tokens, self.max_pages_per_seq)
         self.max_num_seqs = max_num_seqs
-        self.kv_cache: KVCache = init_kv_cache(cfg, num_pages, page_size, kv_dtype)
+        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        pages = kv_cache_sharding(mesh)
+        self.kv_cache: KVCache = [
+            (sharded_zeros(shape, kv_dtype, pages), sharded_zeros(shape, kv_dtype, pages)) for _ in range(cfg.num_layers)
+        ]
         self.page_bytes = int(
             2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
         )
         self._executables: dict[tuple, Any] = {}
         self._serving = False
-        step = functools.partial(_step, cfg=cfg, attention_impl=attention_impl, max_num_seqs=max_num_seqs)
+        tp_axis = TP_AXIS if mesh.size > 1 else None
+        step = functools.partial(_step, cfg=cfg, attention_impl=attention_impl, max_num_seqs=max_num_seqs,
+                                 tp_axis=tp_axis)  # fmt: skip
         self._no_previous = np.zeros(max_num_seqs, np.int32)
-        self._jit_decode = jax.jit(functools.partial(step, decode=True), donate_argnums=(1,))
-        self._jit_mixed = jax.jit(functools.partial(step, decode=False), donate_argnums=(1,))
-        self._jit_gather = jax.jit(_gather_pages)
-        self._jit_scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+        self._block_sharding = block_sharding(mesh)
+        params_spec, kv_spec = param_specs(params), [(KV_SPEC, KV_SPEC)] * cfg.num_layers
+
+        def on_mesh(fn: Callable, in_specs: tuple, out_specs: Any, donate: tuple[int, ...] = ()) -> Any:
+            shardings = functools.partial(jax.tree.map, lambda s: NamedSharding(mesh, s),
+                                          is_leaf=lambda x: isinstance(x, P))  # fmt: skip
+            local = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+            return jax.jit(local, in_shardings=shardings(in_specs), out_shardings=shardings(out_specs),
+                           donate_argnums=donate)  # fmt: skip
+
+        steps = (params_spec, kv_spec, P()), (P(), kv_spec)
+        self._jit_decode = on_mesh(functools.partial(step, decode=True), *steps, donate=(1,))
+        self._jit_mixed = on_mesh(functools.partial(step, decode=False), *steps, donate=(1,))
+        self._jit_gather = on_mesh(_gather_pages, (kv_spec, P()), BLOCK_SPEC)
+        self._jit_scatter = on_mesh(_scatter_pages, (kv_spec, P(), BLOCK_SPEC), kv_spec, donate=(0,))
 
     # ---- compilation
     def _executable(self, key: tuple, fn: Callable, *args: Any) -> Any:
@@ -243,7 +273,7 @@ class ModelRunner:
             pad = np.zeros(data.shape[:3] + (len(ids) - data.shape[3],) + data.shape[4:], data.dtype)
             data = np.concatenate([data, pad], axis=3)
         exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, data)
-        self.kv_cache = exe(self.kv_cache, ids, jax.device_put(data))
+        self.kv_cache = exe(self.kv_cache, ids, host_to_devices(data, self._block_sharding))
 
     def block_until_ready(self) -> float:
         t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """The host KV tier: a page pool in host memory and a background thread that copies device pages into it.
 
 Copies run on their own thread because on a GPU a device->host copy issued from the compute thread queues
-behind the next step, while one issued from another thread overlaps it (docs/DESIGN.md section 4).
+behind the next step, while one issued from another thread overlaps it (docs/DESIGN.md section 4). Under tensor
+parallelism each device copies its own kv heads' slice of the block into that slice of the host pages.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ class HostKVTier:
                 block, host_ids = item
                 block.block_until_ready()
                 t0 = time.perf_counter()
-                data = np.asarray(block)
-                self.pages[:, :, :, host_ids] = data[:, :, :, : len(host_ids)]
+                for shard in block.addressable_shards:
+                    if shard.replica_id == 0:  # one copy of a replicated slice is enough
+                        heads = shard.index[2]
+                        self.pages[:, :, heads, host_ids] = np.asarray(shard.data)[:, :, :, : len(host_ids)]
                 with self._lock:
                     self.d2h_seconds += time.perf_counter() - t0
                     self.bytes_to_host += len(host_ids) * self.page_bytes
