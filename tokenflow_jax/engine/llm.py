@@ -20,7 +20,13 @@ from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.kv.pages import default_host_pages, pages_for, pool_pages
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
-from tokenflow_jax.parallel import kv_head_replicas, make_mesh, replicate_kv_heads, sharded_config, weight_bytes_per_device
+from tokenflow_jax.parallel import (
+    kv_head_replicas,
+    make_mesh,
+    replicate_kv_heads,
+    sharded_config,
+    weight_bytes_per_device,
+)
 from tokenflow_jax.request import Request, stream_rate
 from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.scheduler.registry import make_policy

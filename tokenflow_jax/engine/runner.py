@@ -25,8 +25,16 @@ from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
 from tokenflow_jax.kv.pages import NULL_PAGE, pages_for
 from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward
 from tokenflow_jax.parallel import (
-    BLOCK_SPEC, KV_SPEC, TP_AXIS, block_sharding, host_to_devices, kv_cache_sharding, make_mesh, param_specs,
-    shard_params, sharded_zeros,
+    BLOCK_SPEC,
+    KV_SPEC,
+    TP_AXIS,
+    block_sharding,
+    host_to_devices,
+    kv_cache_sharding,
+    make_mesh,
+    param_specs,
+    shard_params,
+    sharded_zeros,
 )  # fmt: skip
 from tokenflow_jax.sampling import sample
 
@@ -116,9 +124,8 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         pages = kv_cache_sharding(mesh)
-        self.kv_cache: KVCache = [
-            (sharded_zeros(shape, kv_dtype, pages), sharded_zeros(shape, kv_dtype, pages)) for _ in range(cfg.num_layers)
-        ]
+        zeros = functools.partial(sharded_zeros, shape, kv_dtype, pages)
+        self.kv_cache: KVCache = [(zeros(), zeros()) for _ in range(cfg.num_layers)]
         self.page_bytes = int(
             2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
         )

@@ -33,7 +33,7 @@ def prompts() -> list[list[int]]:
     return [[256, *(int(t) for t in rng.integers(0, 256, int(rng.integers(3, 20))))] for _ in range(6)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sampled_on_one_device(path: str) -> tuple[tuple[int, ...], ...]:
     llm = LLM(path, scheduler="fcfs", **dict(ENGINE, kv_pages=128))
     outs = llm.generate(prompts(), [dataclasses.replace(SAMPLED, seed=50 + i) for i in range(len(prompts()))])
