@@ -202,7 +202,8 @@ def forward(
     Returns float32 logits for the rows `logits_indices` [N] and the updated cache. With `decode=True` every
     sequence contributes exactly one token (T == B) and the decode attention kernel is used. Under tensor
     parallelism (`tokenflow_jax.parallel`) this runs on each device's slice of the weights and pages, inside
-    `shard_map` over mesh axis `tp_axis`: its heads and hidden units, then a `psum` after each row-split projection.
+    `shard_map` over mesh axis `tp_axis`: its heads, hidden units and vocabulary rows, a `psum` after each
+    row-split projection and an all-gather of the logits.
     """
     decode_attn, prefill_attn = (None, None) if attention_impl == "xla" else attention_functions(attention_impl)
     inv_freq, rope_scale = rope_frequencies(cfg)
@@ -212,7 +213,7 @@ def forward(
     def all_reduce(y: jax.Array) -> jax.Array:
         return y if tp_axis is None else jax.lax.psum(y, tp_axis)
 
-    x = params["embed"][tokens]
+    x = _embed(params["embed"], tokens, cfg.vocab_size, tp_axis)
     new_cache: KVCache = []
     for layer, (k_pages, v_pages) in zip(params["layers"], kv_cache, strict=True):
         hq, hkv = layer["wq"].shape[1] // hd, layer["wk"].shape[1] // hd  # this device's heads
@@ -238,4 +239,17 @@ def forward(
     x = rms_norm(x[logits_indices], params["final_norm"], cfg.rms_norm_eps)
     lm_head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.dot(x, lm_head, preferred_element_type=jnp.float32)
+    if logits.shape[-1] != cfg.vocab_size:  # this device's vocabulary: every device samples from all of it
+        logits = jax.lax.all_gather(logits, tp_axis, axis=1, tiled=True)
     return logits, new_cache
+
+
+def _embed(table: jax.Array, tokens: jax.Array, vocab_size: int, tp_axis: str | None) -> jax.Array:
+    """Embedding rows of `tokens`; a table split by vocabulary rows (`tokenflow_jax.parallel`) looks up the tokens
+    it holds and the devices' rows are summed (each token's from one device, zeros from the rest)."""
+    if table.shape[0] == vocab_size:
+        return table[tokens]
+    rows = table.shape[0]
+    local = tokens - jax.lax.axis_index(tp_axis) * rows
+    held = (local >= 0) & (local < rows)
+    return jax.lax.psum(jnp.where(held[:, None], table[jnp.clip(local, 0, rows - 1)], 0), tp_axis)

@@ -1,12 +1,13 @@
 """Tensor parallelism over a `jax.sharding.Mesh`: which devices, how the weights and the KV pages split.
 
-Megatron-style (docs/DESIGN.md, "More than one device"): q/k/v projections and the MLP's gate and up projections
-are split by output columns (whole heads, whole hidden units), the attention output and MLP down projections by
-input rows, so every device computes its heads and hidden units alone and one all-reduce (`lax.psum`) after each
-row-split projection sums the partial outputs. The KV page pool is split by kv heads: each device holds its
-heads' slice of every page. Embedding, norms and the LM head are replicated (the LM head's all-gather would cost
-more than its 1/N of the matmul saves at the batch sizes served). When N exceeds the kv heads (N a multiple of
-them), each kv head is replicated N / kv_heads times, as vLLM does, so each device still holds one.
+Megatron-style (docs/DESIGN.md, section 8): q/k/v projections and the MLP's gate and up projections are split by
+output columns (whole heads, whole hidden units), the attention output and MLP down projections by input rows, so
+every device computes its heads and hidden units alone and one all-reduce (`lax.psum`) after each row-split
+projection sums the partial outputs. The KV page pool is split by kv heads: each device holds its heads' slice of
+every page. The embedding and the LM head are split by vocabulary rows (a token's row lives on one device, the
+others add zeros; each device computes its vocabulary's logits and an all-gather joins them), where the
+vocabulary divides evenly, else replicated. When N exceeds the kv heads (N a multiple of them), each kv head is
+replicated N / kv_heads times, as vLLM does, so each device still holds one.
 """
 
 from __future__ import annotations
@@ -86,8 +87,10 @@ def make_mesh(tensor_parallel_size: int, devices: Sequence[jax.Device] | None = 
     return Mesh(np.array(available[:tensor_parallel_size]), (TP_AXIS,))
 
 
-def param_specs(params: dict[str, Any]) -> dict[str, Any]:
-    """A PartitionSpec for every leaf of a params pytree (`model.init_params`' layout)."""
+def param_specs(params: dict[str, Any], tensor_parallel_size: int) -> dict[str, Any]:
+    """A PartitionSpec for every leaf of a params pytree (`model.init_params`' layout) on N devices."""
+    vocab = params["embed"].shape[0]
+    by_vocab = vocab % tensor_parallel_size == 0
 
     def spec(name: str) -> P:
         if name in _COLUMN_SPLIT:
@@ -99,6 +102,10 @@ def param_specs(params: dict[str, Any]) -> dict[str, Any]:
         return P()
 
     specs = {k: P() for k in params if k != "layers"}
+    if by_vocab:  # [V, d] and [d, V]: each device its vocabulary rows
+        specs["embed"] = P(TP_AXIS, None)
+        if "lm_head" in params:
+            specs["lm_head"] = P(None, TP_AXIS)
     specs["layers"] = [{k: spec(k) for k in layer} for layer in params["layers"]]
     return specs
 
@@ -113,7 +120,7 @@ def shard_params(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         return jax.device_put(x, sharding)
 
-    return jax.tree.map(place, params, param_specs(params))
+    return jax.tree.map(place, params, param_specs(params, mesh.size))
 
 
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
@@ -135,8 +142,10 @@ def host_to_devices(data: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def weight_bytes_per_device(cfg: ModelConfig, tensor_parallel_size: int, itemsize: int) -> int:
-    """Bytes of weights each device holds: its slice of the split matrices plus the replicated embedding, LM
-    head and norms (`cfg` as sharded, so replicated kv heads are counted)."""
+    """Bytes of weights each device holds: its slice of the split matrices plus the replicated norms (and the
+    embedding and LM head where the vocabulary does not divide); `cfg` as sharded, so replicated kv heads count."""
     d = cfg.hidden_size
-    replicated = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d + cfg.num_layers * 2 * d
+    replicated = d + cfg.num_layers * 2 * d  # norms
+    if cfg.vocab_size % tensor_parallel_size:
+        replicated += cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
     return (replicated + (cfg.num_params - replicated) // tensor_parallel_size) * itemsize

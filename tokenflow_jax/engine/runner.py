@@ -136,7 +136,7 @@ class ModelRunner:
                                  tp_axis=tp_axis)  # fmt: skip
         self._no_previous = np.zeros(max_num_seqs, np.int32)
         self._block_sharding = block_sharding(mesh)
-        params_spec, kv_spec = param_specs(params), [(KV_SPEC, KV_SPEC)] * cfg.num_layers
+        params_spec, kv_spec = param_specs(params, mesh.size), [(KV_SPEC, KV_SPEC)] * cfg.num_layers
 
         def on_mesh(fn: Callable, in_specs: tuple, out_specs: Any, donate: tuple[int, ...] = ()) -> Any:
             shardings = functools.partial(jax.tree.map, lambda s: NamedSharding(mesh, s),

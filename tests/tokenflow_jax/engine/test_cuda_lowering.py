@@ -21,6 +21,7 @@ from tokenflow_jax.engine.llm import LLM
 from tokenflow_jax.engine.runner import ModelRunner
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.model import init_params
+from tokenflow_jax.parallel import make_mesh, sharded_config
 
 LLM_DEFAULTS = {name: p.default for name, p in inspect.signature(LLM).parameters.items()}
 
@@ -46,3 +47,17 @@ def test_every_compiled_step_lowers_for_cuda(model: str, dtype: type) -> None:
     for key, jitted, args in plan:
         text = lower_for_cuda(jitted, *args)
         assert (TRITON_CALL in text) == (key[0] == "step"), key
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (XLA_FLAGS in tests/conftest.py)")
+def test_tensor_parallel_steps_lower_for_cuda_with_their_collectives() -> None:
+    """Qwen2.5-7B split over 4 devices (7 query heads and 1 kv head each): every step calls the Triton kernels on
+    its slice, all-reduces after the row-split projections and all-gathers the vocabulary's logits."""
+    cfg = sharded_config(model_config("qwen2.5-7b"), 4)
+    params = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.bfloat16), jax.random.PRNGKey(0))
+    sizes = dict(num_pages=64, page_size=16, max_num_seqs=8, max_batch_tokens=64, max_model_len=256)
+    runner = ModelRunner(cfg, params, **sizes, kv_dtype=jnp.bfloat16, attention_impl="pallas", mesh=make_mesh(4))
+    for key, jitted, args in runner.compile_plan():
+        text = lower_for_cuda(jitted, *args)
+        if key[0] == "step":
+            assert TRITON_CALL in text and "all_reduce" in text and "all_gather" in text, key

@@ -1,7 +1,8 @@
 """Tensor parallelism on a CPU mesh of 4 host devices (tests/conftest.py): `LLM(tensor_parallel_size=N)` on HF
-checkpoints gives HF's greedy tokens at N = 2 and 4 (4 replicates the checkpoints' 2 kv heads), through
-preemption by swap and by recompute; seeded sampling draws the same tokens as on one device; host copies made by
-each device's slice equal the device pages bit for bit; counts the mesh cannot split are a clear error."""
+checkpoints (untied and tied embeddings) gives HF's greedy tokens at N = 2 and 4 (4 replicates the checkpoints'
+2 kv heads), through preemption by swap and by recompute; seeded sampling draws the same tokens as on one device;
+host copies made by each device's slice equal the device pages bit for bit; counts the mesh cannot split are a
+clear error."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def sampled_on_one_device(path: str) -> tuple[tuple[int, ...], ...]:
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-@pytest.mark.parametrize(("variant", "tp"), [("llama", 2), ("qwen2_sharded", 4)])
+@pytest.mark.parametrize(("variant", "tp"), [("llama", 2), ("qwen2_sharded", 4), ("llama_tied", 4)])
 def test_tensor_parallel_matches_hf_greedy_through_preemption(variant, tp, mode, hf_checkpoint, hf_greedy) -> None:
     ckpt = hf_checkpoint(variant)
     llm = LLM(str(ckpt.path), scheduler="tokenflow", preemption=mode, tensor_parallel_size=tp, **ENGINE)
