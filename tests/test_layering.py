@@ -63,6 +63,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.sampling",
             "tokenflow_jax.batching",
             "tokenflow_jax.kv.host_tier",
+            "tokenflow_jax.parallel",
             "tokenflow_jax.tokenizer",
         ),
     ),

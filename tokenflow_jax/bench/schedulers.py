@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenflow_jax.bench.executors import build_executor, engine_limits
 from tokenflow_jax.bench.results import SchedulerRun
 from tokenflow_jax.bench.spread import format_spread_table, spread_results, spreads
-from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.interface import Executor
 from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S
@@ -46,7 +45,6 @@ from tokenflow_jax.scheduler.registry import POLICIES, make_policy
 from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec, chat, make_workload, trace
 
 DEFAULT_SCHEDULERS = "tokenflow,fcfs,sglang,andes"
-KV_FRACTION = 1 / 3  # default device pool: this share of the workload's total KV
 
 
 # ---- workload and sizing
@@ -71,56 +69,6 @@ def workload_specs(args: argparse.Namespace) -> list[RequestSpec]:
         specs = [dataclasses.replace(s, arrival=(i // args.burst_size) * args.burst_interval)
                  for i, s in enumerate(specs)]  # fmt: skip
     return specs
-
-
-def engine_limits(args: argparse.Namespace, specs: Sequence[RequestSpec]) -> dict[str, int]:
-    """Pool sizes and model length, from the flags or derived from the workload."""
-    longest = max(s.prompt_len + s.output_len for s in specs)
-    max_model_len = args.max_model_len or max(128, 1 << math.ceil(math.log2(longest)))
-    if longest > max_model_len:
-        raise SystemExit(f"a request needs {longest} tokens > --max-model-len {max_model_len}")
-    total = sum(pages_for(s.prompt_len + s.output_len, args.page_size) for s in specs)
-    one = pages_for(longest, args.page_size)
-    kv_pages = args.kv_pages or max(one, math.ceil(KV_FRACTION * total))
-    if args.gpu_memory_utilization is not None:
-        from checkpoints.presets import model_config
-        from tokenflow_jax.engine.llm import device_kv_pages
-        from tokenflow_jax.parallel import sharded_config
-
-        if args.kv_pages:
-            raise SystemExit("give --kv-pages or --gpu-memory-utilization, not both")
-        try:
-            cfg = sharded_config(model_config(args.model), args.tensor_parallel_size)
-            kv_pages = device_kv_pages(args.gpu_memory_utilization, cfg, "float32", args.page_size,
-                                       args.tensor_parallel_size)  # fmt: skip
-        except ValueError as e:
-            raise SystemExit(f"--gpu-memory-utilization: {e}") from e
-    host = args.host_kv_pages if args.host_kv_pages is not None else total + kv_pages
-    return dict(kv_pages=kv_pages, host_kv_pages=host, max_model_len=max_model_len, page_size=args.page_size,
-                max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens)  # fmt: skip
-
-
-def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Executor, frozenset[int]]:
-    """(executor, EOS token ids); every page count is usable pages (each pool adds its null page)."""
-    pools = dict(page_size=limits["page_size"], max_num_seqs=limits["max_num_seqs"],
-                 max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
-    if args.executor == "sim":
-        try:
-            from tokenflow_jax.sim.executor import SimExecutor
-        except ImportError as e:
-            raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
-        ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"], num_host_pages=limits["host_kv_pages"],
-                         slowdown=args.sim_slowdown, **pools)  # fmt: skip
-        return ex, frozenset()
-    from tokenflow_jax.engine.llm import LLM
-
-    try:
-        llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"], host_kv_pages=limits["host_kv_pages"],
-                  seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, warmup=True, progress=args.progress,
-                  **pools)  # fmt: skip
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
-    return llm.executor, frozenset(llm.tokenizer.eos_token_ids)
 
 
 def available_schedulers(names: Sequence[str]) -> list[str]:
