@@ -102,11 +102,9 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
     pools = dict(page_size=limits["page_size"], max_num_seqs=limits["max_num_seqs"],
                  max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
     if args.executor == "sim":
-        try:
-            from tokenflow_jax.sim.executor import SimExecutor
-        except ImportError as e:
-            raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
-        ex = SimExecutor(sim_profile_name(args), num_device_pages=limits["kv_pages"],
+        from tokenflow_jax.sim.executor import SimExecutor
+
+        ex = SimExecutor(args.sim_profile, args.tensor_parallel_size, num_device_pages=limits["kv_pages"],
                          num_host_pages=limits["host_kv_pages"], slowdown=args.sim_slowdown, **pools)  # fmt: skip
         return ex, frozenset()
     if args.tensor_parallel_size > 1:  # the engine's tensor parallelism takes args.tensor_parallel_size here
@@ -116,16 +114,6 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
     llm = LLM(args.model, scheduler="fcfs", kv_pages=limits["kv_pages"], host_kv_pages=limits["host_kv_pages"],
               seed=args.seed, warmup=True, progress=args.progress, **pools)  # fmt: skip
     return llm.executor, frozenset(llm.tokenizer.eos_token_ids)
-
-
-def sim_profile_name(args: argparse.Namespace) -> str:
-    """`--sim-profile`, on `--tensor-parallel-size` GPUs (built-in profiles only: a fitted one knows no model)."""
-    if args.tensor_parallel_size == 1:
-        return args.sim_profile
-    if args.sim_profile.endswith(".json") or Path(args.sim_profile).exists():
-        raise SystemExit("--tensor-parallel-size on the simulator needs a built-in --sim-profile (GPU-MODEL), "
-                         f"not the fitted profile {args.sim_profile}")  # fmt: skip
-    return f"{args.sim_profile}-tp{args.tensor_parallel_size}"
 
 
 def available_schedulers(names: Sequence[str]) -> list[str]:
@@ -297,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--executor", choices=("engine", "sim"), default="engine", help="the real engine or the simulator")
     p.add_argument("--sim-profile", default="h100-llama3-8b", help="cost profile of the simulator")
-    p.add_argument("--tensor-parallel-size", type=type_positive_int, default=1,
-                   help="GPUs the model is split over (Megatron tensor parallelism)")  # fmt: skip
+    p.add_argument("--tensor-parallel-size", type=type_positive_int, default=1, help="GPUs the model is split over")
     p.add_argument(
         "--paper-setup",
         default=None,
@@ -381,15 +368,13 @@ def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
 
 def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
     """(specs, simulator, limits) of the one paper setup `--paper-setup` names."""
-    from tokenflow_jax.bench.faithful import faithful_setups
-    from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN, multi_device_setups, paper_setups
+    from tokenflow_jax.bench.faithful import every_setup
+    from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN
     from tokenflow_jax.sim.executor import SimExecutor
 
     if args.executor != "sim":
         raise SystemExit("--paper-setup runs on the simulator: add --executor sim")
-    # The RTX 4090 bursts are the same in both lists: one setup per name.
-    every = paper_setups(("llama3-8b", "qwen2.5-32b")) + faithful_setups() + multi_device_setups()
-    setups = list({s.name: s for s in every}.values())
+    setups = every_setup()
     matches = [s for s in setups if args.paper_setup in s.name]
     matches = [s for s in matches if s.name == args.paper_setup] or matches
     if len(matches) != 1:
@@ -397,11 +382,7 @@ def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Execut
         raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
     setup = dataclasses.replace(matches[0], tensor_parallel_size=args.tensor_parallel_size)
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
-    try:
-        profile = setup.sim_profile(args.sim_kernels)
-    except ValueError as e:  # e.g. weights that need more GPUs
-        raise SystemExit(f"{setup.name}: {e}") from None
-    ex = SimExecutor(profile, max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
+    ex = SimExecutor(setup.sim_profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
     limits = dict(
         kv_pages=ex.num_device_pages,
         host_kv_pages=ex.num_host_pages,

@@ -206,15 +206,20 @@ BUILTIN_PROFILES = ("h100-llama3-8b", "h200-llama3-8b", "rtx4090-llama3-8b", "h1
                     "h100-llama3-70b-tp4", "rtx4090-qwen2.5-32b-tp4")  # fmt: skip
 
 
-def load_profile(profile: str | Path | SimProfile) -> SimProfile:
-    """A built-in name, a path to a JSON profile, or a profile."""
+def load_profile(profile: str | Path | SimProfile, tensor_parallel_size: int = 1) -> SimProfile:
+    """A built-in name, a path to a JSON profile, or a profile; a built-in name on `tensor_parallel_size` GPUs
+    (a fitted profile knows no model to split)."""
+    path = None if isinstance(profile, SimProfile) else Path(profile)
+    if tensor_parallel_size != 1 and (path is None or path.suffix == ".json" or path.exists()):
+        name = getattr(profile, "name", profile)
+        raise ValueError(f"tensor parallel size {tensor_parallel_size} needs a built-in profile (GPU-MODEL), "
+                         f"not {name}")  # fmt: skip
     if isinstance(profile, SimProfile):
         return profile
-    path = Path(profile)
     if path.suffix == ".json" or path.exists():
         fields = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(SimProfile)}
         if set(fields) != known:
             raise ValueError(f"profile {path}: expected fields {sorted(known)}, got {sorted(fields)}")
         return SimProfile(**fields)
-    return builtin_profile(str(profile))
+    return builtin_profile(str(profile) + (f"-tp{tensor_parallel_size}" if tensor_parallel_size > 1 else ""))

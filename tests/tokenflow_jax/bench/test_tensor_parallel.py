@@ -50,7 +50,7 @@ def test_the_bench_refuses_tensor_parallelism_it_cannot_model(tmp_path) -> None:
         bench.main([*small, "--tensor-parallel-size", "2"])
     profile = tmp_path / "fitted.json"
     builtin_profile("h100-llama3-8b").save(profile)
-    with pytest.raises(SystemExit, match="needs a built-in --sim-profile"):
+    with pytest.raises(ValueError, match="tensor parallel size 2 needs a built-in profile"):
         bench.main([*small, "--executor", "sim", "--sim-profile", str(profile), "--tensor-parallel-size", "2"])
     with pytest.raises(SystemExit):
         bench.main([*small, "--tensor-parallel-size", "0"])

@@ -121,7 +121,10 @@ def test_a_model_one_gpu_cannot_hold_fails_clearly_and_runs_on_more() -> None:
     with pytest.raises(ValueError, match="no room for KV in 0.3 of a 141.0 GB GPU"):
         builtin_profile("h200-qwen2.5-32b", gpu_memory_utilization=0.3)
     assert builtin_profile("h200-qwen2.5-32b-tp2", gpu_memory_utilization=0.3).device_pages(16) > 0
-    executor = SimExecutor("h100-llama3-70b-tp2")
+    executor = SimExecutor("h100-llama3-70b", tensor_parallel_size=2)
+    assert executor.profile == builtin_profile("h100-llama3-70b-tp2")
+    with pytest.raises(ValueError, match="tensor parallel size 2 needs a built-in profile"):
+        SimExecutor(builtin_profile("h100-llama3-8b"), tensor_parallel_size=2)  # a profile knows no model to split
     specs = workloads.burst(8, prompt=workloads.LengthDist(256, 32), output=workloads.LengthDist(64, 8), seed=3)
     records = replay(EngineCore(executor, make_policy("tokenflow")), specs, progress=False)
     assert len(records) == 8 and all(r.completed for r in records)
