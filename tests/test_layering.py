@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.engine.executor",
             "tokenflow_jax.sim.executor",
             "tokenflow_jax.sim.profiles",
+            "tokenflow_jax.sim.tensor_parallel",
         ),
     ),
     (

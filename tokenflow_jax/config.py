@@ -182,6 +182,32 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=(128001, 128009),
     ),
+    # Llama-3.1-70B's shapes (141 GB of bf16 weights: more than one GPU holds).
+    "llama3-70b": ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling=tuple(
+            sorted(
+                {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }.items()
+            )
+        ),
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128009),
+    ),
     "qwen2.5-7b": ModelConfig(
         architecture="Qwen2ForCausalLM",
         vocab_size=152064,

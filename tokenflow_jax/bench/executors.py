@@ -46,12 +46,10 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
     pools = dict(page_size=limits["page_size"], max_num_seqs=limits["max_num_seqs"],
                  max_batch_tokens=limits["max_batch_tokens"], max_model_len=limits["max_model_len"])  # fmt: skip
     if args.executor == "sim":
-        try:
-            from tokenflow_jax.sim.executor import SimExecutor
-        except ImportError as e:
-            raise SystemExit(f"--executor sim needs tokenflow_jax.sim.SimExecutor, which is not available: {e}") from e
-        ex = SimExecutor(args.sim_profile, num_device_pages=limits["kv_pages"], num_host_pages=limits["host_kv_pages"],
-                         slowdown=args.sim_slowdown, **pools)  # fmt: skip
+        from tokenflow_jax.sim.executor import SimExecutor
+
+        ex = SimExecutor(args.sim_profile, args.tensor_parallel_size, num_device_pages=limits["kv_pages"],
+                         num_host_pages=limits["host_kv_pages"], slowdown=args.sim_slowdown, **pools)  # fmt: skip
         return ex, frozenset()
     from tokenflow_jax.engine.llm import LLM
 

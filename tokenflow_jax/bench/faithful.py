@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from tokenflow_jax.bench.paper_setups import RATE_MIXES, PaperSetup
+from tokenflow_jax.bench.paper_setups import RATE_MIXES, PaperSetup, multi_device_setups, paper_setups
 
 H200_MEM_FRAC = 0.3
 QWEN_H200_MEM_FRAC = 0.83
@@ -65,6 +65,13 @@ def faithful_setups(models: Sequence[str] = ("llama3-8b", "qwen2.5-32b")) -> lis
             PaperSetup("h200", m, "burst", 200, "long", output_scale=2.0, mem_frac=f),
         ]
     return setups
+
+
+def every_setup() -> list[PaperSetup]:
+    """The earlier (`paper_setups.paper_setups`), faithful and multi-device setups, one per name (the RTX 4090
+    bursts are in the first two)."""
+    every = paper_setups(("llama3-8b", "qwen2.5-32b")) + faithful_setups() + multi_device_setups()
+    return list({s.name: s for s in every}.values())
 
 
 def faithful_plan(full: bool) -> list[tuple[PaperSetup, str]]:

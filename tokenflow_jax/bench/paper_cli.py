@@ -4,6 +4,7 @@ faithful setups (`bench.faithful`), the earlier ones, the ablation (`bench.ablat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -13,18 +14,21 @@ from pathlib import Path
 from tokenflow_jax import workloads
 from tokenflow_jax.bench import paper_setups
 from tokenflow_jax.bench.ablation import ablation_report, run_ablation
-from tokenflow_jax.bench.faithful import faithful_plan, faithful_report
+from tokenflow_jax.bench.faithful import FAITHFUL_RATES, faithful_plan, faithful_report
 from tokenflow_jax.bench.paper_setups import (
     FAITHFUL_POLICIES,
     POLICIES,
+    RATE_MIXES,
     available_policies,
     decision_benchmark,
     decisions_in_replay,
     default_plan,
     mixed_traffic_table,
+    multi_device_setups,
     report,
     run_sweep,
 )
+from tokenflow_jax.bench.schedulers import type_positive_int
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -33,10 +37,13 @@ def main(argv: Sequence[str] | None = None) -> str:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument(
         "--setups",
-        choices=("faithful", "current"),
+        choices=("faithful", "current", "multi-device"),
         default="faithful",
-        help="Table 1 as the paper ran it, or the earlier setups (H200 at 0.9 of memory, short Poisson)",
+        help="Table 1 as the paper ran it, the earlier setups (H200 at 0.9 of memory, short Poisson), or the "
+        "setups one GPU cannot hold (with --tensor-parallel-size)",
     )
+    p.add_argument("--tensor-parallel-size", type=type_positive_int, default=1,
+                   help="GPUs each setup's model is split over (Megatron tensor parallelism)")  # fmt: skip
     p.add_argument("--ablation", action="store_true", help="the RTX 4090 long burst with parts switched off")
     p.add_argument("--full", action="store_true", help="every rate mix (current: and Qwen2.5-32B everywhere it fits)")
     p.add_argument(
@@ -54,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--json", type=Path, help="also write every run's summary to this file")
     p.add_argument("--decision-bench", action="store_true", help="time one tokenflow decision at 256 requests")
     args = p.parse_args(argv)
+    if args.tensor_parallel_size > 1 and (args.ablation or args.decision_bench):
+        p.error("--tensor-parallel-size applies to --setups, not to --ablation or --decision-bench")
     if args.decision_bench:
         # Everyone fits the H200's pool; then a pool of 4,000 pages (~2/3 of the live KV) forces a choice; each
         # after a burst (few distinct buffers) and with staggered arrivals (all distinct); the staggered ones also
@@ -82,8 +91,17 @@ def main(argv: Sequence[str] | None = None) -> str:
         text = ablation_report(results, args.kernels)
     else:
         faithful = args.setups == "faithful"
-        plan = faithful_plan(args.full) if faithful else default_plan(args.full)
-        plan = [(s, r) for s, r in plan if args.only in s.name and (not args.rates or r in args.rates)]
+        if args.setups == "multi-device":
+            plan = [(s, r) for s in multi_device_setups() for r in (RATE_MIXES if args.full else FAITHFUL_RATES)]
+        else:
+            plan = faithful_plan(args.full) if faithful else default_plan(args.full)
+        plan = [(dataclasses.replace(s, tensor_parallel_size=args.tensor_parallel_size), r) for s, r in plan
+                if args.only in s.name and (not args.rates or r in args.rates)]  # fmt: skip
+        for setup in {s.name: s for s, _ in plan}.values():  # one that does not fit fails here, not in every run
+            try:
+                setup.sim_profile(args.kernels)
+            except ValueError as e:
+                raise SystemExit(f"{setup.name}: {e}") from None
         if args.rate_mix:
             workloads.RateMix.parse(args.rate_mix)  # a bad mix fails here, not in every run
             plan = list({s.name: (s, args.rate_mix) for s, _ in plan}.values())

@@ -3,6 +3,7 @@
     python -m tokenflow_jax.paper_setups [--setups faithful|current] [--full] [--kernels naive|roofline]
         [--jobs 1] [--markdown PATH] [--json PATH] [--rate-mix SPEC]
     python -m tokenflow_jax.paper_setups --ablation [--kernels roofline]
+    python -m tokenflow_jax.paper_setups --setups multi-device --tensor-parallel-size 4
 
 Each setup runs through `EngineCore` + `SimExecutor` under every policy, via `tokenflow_jax.sim.replay.replay`
 (the command line is in `bench.paper_cli`). `--setups faithful` (the default) runs Table 1 as the paper ran it
@@ -12,6 +13,8 @@ stated figure. `--setups current` runs the earlier setups (H200 at 0.9 of memory
 ratios to fcfs: a representative subset (every workload at 20 tok/s and the 15:0.4,20:0.6 mix on Llama-3-8B,
 the H200 bursts on Qwen2.5-32B); `--full` adds 25 and 30 tok/s everywhere. `--ablation` reruns the RTX 4090
 long burst with parts of TokenFlow switched off (`bench.ablation`).
+`--tensor-parallel-size N` runs every chosen setup on N GPUs (`sim.tensor_parallel`); `--setups multi-device` are
+the setups whose weights one GPU cannot hold (`multi_device_setups`), with ratios to fcfs.
 `--rate-mix` replays every chosen setup at one mix instead, e.g. `20:0.5,none:0.5` (half the requests
 rate-less); with rate-less requests the report adds the streams and the rate-less requests apart
 (`mixed_traffic_table`).
@@ -30,12 +33,11 @@ from typing import Any
 
 from tokenflow_jax import workloads
 from tokenflow_jax.bench.bounds import StepCosts, workload_bounds
-from tokenflow_jax.config import PRESETS
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.registry import make_policy
 from tokenflow_jax.sim.executor import SimExecutor
-from tokenflow_jax.sim.profiles import HARDWARE, HOST_PAGES_PER_DEVICE_PAGE, SimProfile, load_profile, parameter_count
+from tokenflow_jax.sim.profiles import SimProfile, builtin_profile
 from tokenflow_jax.sim.replay import replay
 
 RATE_MIXES = ("20", "25", "30", "15:0.4,20:0.6")
@@ -58,6 +60,7 @@ class PaperSetup:
     mem_frac: float | None = None  # share of GPU memory for weights + KV (SGLang's --mem-fraction-static)
     burstiness: float = 1.0  # gamma shape of the inter-arrivals (1: Poisson)
     duration_s: float | None = None  # arrivals span this long (num_requests = rate x duration)
+    tensor_parallel_size: int = 1  # GPUs the model is split over (`sim.tensor_parallel`)
 
     @property
     def name(self) -> str:
@@ -69,22 +72,18 @@ class PaperSetup:
             arrivals = f"gamma {self.request_rate:g}/s k={self.burstiness:g}"
         memory = "" if self.mem_frac is None else f" mem-frac {self.mem_frac:g}"
         span = "" if self.duration_s is None else f" over {self.duration_s:g} s"
-        return f"{self.gpu} {self.model}{memory} {arrivals} {self.num_requests}{span} {self.lengths}"
+        devices = f" tp{self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""
+        return f"{self.gpu} {self.model}{memory} {arrivals} {self.num_requests}{span} {self.lengths}{devices}"
 
     def profile(self, kernels: str) -> str:
-        return f"{self.gpu}-{self.model}" + ("-roofline" if kernels == "roofline" else "")
+        return (f"{self.gpu}-{self.model}" + ("-roofline" if kernels == "roofline" else "")
+                + (f"-tp{self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else ""))  # fmt: skip
 
     def sim_profile(self, kernels: str) -> SimProfile:
-        """The profile, with the KV pool `mem_frac` of the GPU's memory leaves after the weights (host tier 4x)."""
-        prof = load_profile(self.profile(kernels))
+        """The profile, with the KV pool `mem_frac` of each GPU's memory leaves after the weights (host tier 4x)."""
         if self.mem_frac is None:
-            return prof
-        weights = 2 * parameter_count(PRESETS[self.model])
-        device_kv = self.mem_frac * HARDWARE[self.gpu].memory_bytes - weights
-        if device_kv <= 0:
-            raise ValueError(f"{self.name}: mem-frac {self.mem_frac} leaves no room for KV after the weights")
-        return dataclasses.replace(prof, device_kv_bytes=device_kv,
-                                   host_kv_bytes=HOST_PAGES_PER_DEVICE_PAGE * device_kv)  # fmt: skip
+            return builtin_profile(self.profile(kernels))
+        return builtin_profile(self.profile(kernels), gpu_memory_utilization=self.mem_frac)
 
     def specs(self, rates: str, seed: int = 0) -> list[workloads.RequestSpec]:
         prompt, output = workloads.paper_lengths(self.lengths)
@@ -114,6 +113,18 @@ def paper_setups(models: Sequence[str] = ("llama3-8b",)) -> list[PaperSetup]:
                 PaperSetup("rtx4090", model, "poisson", 60, "short", 4.0),
             ]
     return setups
+
+
+def multi_device_setups() -> list[PaperSetup]:
+    """Setups whose weights one GPU cannot hold, for `--tensor-parallel-size`: Qwen2.5-32B at the paper's H200
+    mem-frac 0.3 (65.5 GB of weights in 42 GB: 2 GPUs), on RTX 4090s (24 GB: 4 GPUs), and Llama-3-70B on H200s
+    (141 GB of weights: 2 GPUs). Bursts as the paper's, outputs doubled on the H200."""
+    return [
+        PaperSetup("h200", "qwen2.5-32b", "burst", 400, "short", output_scale=2.0, mem_frac=0.3),
+        PaperSetup("rtx4090", "qwen2.5-32b", "burst", 60, "short"),
+        PaperSetup("rtx4090", "qwen2.5-32b", "burst", 80, "long"),
+        PaperSetup("h200", "llama3-70b", "burst", 400, "short", output_scale=2.0),
+    ]
 
 
 def default_plan(full: bool) -> list[tuple[PaperSetup, str]]:

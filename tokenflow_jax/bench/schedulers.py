@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--executor", choices=("engine", "sim"), default="engine", help="the real engine or the simulator")
     p.add_argument("--sim-profile", default="h100-llama3-8b", help="cost profile of the simulator")
+    tp_help = "devices the model is split over (the engine's, or the simulated GPUs)"
+    p.add_argument("--tensor-parallel-size", type=type_positive_int, default=1, help=tp_help)
     p.add_argument(
         "--paper-setup",
         default=None,
@@ -263,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     memory_help = "size the device KV pool to this fraction of device memory, weights included (None: --kv-pages)"
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help=memory_help)
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (None: the whole workload)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the engine's model is split over")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")
@@ -323,20 +324,19 @@ def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
 
 def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Executor, dict[str, int]]:
     """(specs, simulator, limits) of the one paper setup `--paper-setup` names."""
-    from tokenflow_jax.bench.faithful import faithful_setups
-    from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN, paper_setups
+    from tokenflow_jax.bench.faithful import every_setup
+    from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN
     from tokenflow_jax.sim.executor import SimExecutor
 
     if args.executor != "sim":
         raise SystemExit("--paper-setup runs on the simulator: add --executor sim")
-    # The RTX 4090 bursts are the same in both lists: one setup per name.
-    setups = list({s.name: s for s in paper_setups(("llama3-8b", "qwen2.5-32b")) + faithful_setups()}.values())
+    setups = every_setup()
     matches = [s for s in setups if args.paper_setup in s.name]
     matches = [s for s in matches if s.name == args.paper_setup] or matches
     if len(matches) != 1:
         names = "\n  ".join(s.name for s in setups)
         raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
-    setup = matches[0]
+    setup = dataclasses.replace(matches[0], tensor_parallel_size=args.tensor_parallel_size)
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
     ex = SimExecutor(setup.sim_profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
     limits = dict(

@@ -38,6 +38,7 @@ class SimExecutor(PagedExecutor):
     def __init__(
         self,
         profile: str | Path | SimProfile = "h100-llama3-8b",
+        tensor_parallel_size: int = 1,  # GPUs a built-in profile's model is split over (`sim.tensor_parallel`)
         *,
         num_device_pages: int | None = None,
         num_host_pages: int | None = None,
@@ -50,7 +51,7 @@ class SimExecutor(PagedExecutor):
         slowdown: Sequence[tuple[float, float]] = (),
         overlap_transfers: bool = True,
     ) -> None:
-        self.profile = load_profile(profile)
+        self.profile = load_profile(profile, tensor_parallel_size)
         self.slowdown = sorted((float(t), float(f)) for t, f in slowdown)
         if any(not f > 0 for _, f in self.slowdown):
             raise ValueError(f"slowdown factors must be > 0, got {slowdown!r}")

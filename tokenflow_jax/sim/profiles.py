@@ -7,7 +7,12 @@ contributes n * (start + n / 2) attention pairs). A transfer of n pages costs la
 Built-in profiles are fitted to docs/REFERENCE.md (one H100, naive XLA decode and cuDNN prefill of
 Llama-3-8B) and scaled: memory-bound terms (a: weights, c: KV) by bytes / HBM bandwidth, compute terms
 (b, p, q) by FLOPs / matmul throughput. Names are `GPU-MODEL`, optionally with `-roofline`: the REFERENCE
-HBM floor (weights + KV read once) instead of the naive XLA decode, i.e. what a tuned engine approaches.
+HBM floor (weights + KV read once) instead of the naive XLA decode, i.e. what a tuned engine approaches, and
+optionally `-tpN`: N such GPUs with Megatron tensor parallelism (`sim.tensor_parallel`). Each device then holds
+and reads 1/N of the weights and its kv heads' share of the KV, and computes 1/N of the matmuls and attention
+(every term divides accordingly), and the step adds two ring all-reduces of its activations per layer over the
+GPUs' interconnect (a per-step latency plus a per-token term, so the cost keeps its form). Page copies divide
+too: each device moves its slice of a page over its own PCIe link, all at once.
 
 JSON profile files (`SimProfile.save` / `load_profile`) hold exactly the `SimProfile` fields. The real engine
 writes one with `profile_from_engine_measurements`: time `EngineExecutor.runner.run_step` on synthetic decode
@@ -20,12 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tokenflow_jax.config import PRESETS, ModelConfig
+from tokenflow_jax.sim.tensor_parallel import NVLINK4, PCIE4, Interconnect, all_reduce_step_terms, sharding
 
 GIB = 1 << 30
 
@@ -49,16 +56,18 @@ class Hardware:
     matmul_flops_per_s: float
     d2h_bytes_per_s: float
     h2d_bytes_per_s: float
+    interconnect: Interconnect  # between GPUs, for tensor parallelism
 
 
-H100 = Hardware(80 * GIB, 3.35e12, 800e12, REFERENCE_PAGE_BYTES / 0.0393e-3, REFERENCE_PAGE_BYTES / 0.048e-3)
+H100 = Hardware(80 * GIB, 3.35e12, 800e12, REFERENCE_PAGE_BYTES / 0.0393e-3, REFERENCE_PAGE_BYTES / 0.048e-3, NVLINK4)
 HARDWARE = {
     "h100": H100,
     "h200": dataclasses.replace(H100, memory_bytes=141e9, hbm_bytes_per_s=1.43 * H100.hbm_bytes_per_s),
     # PCIe 4.0 x16 and about a fifth of the H100's bf16 matmul rate.
-    "rtx4090": Hardware(24 * GIB, 1.0e12, 165e12, 25e9, 25e9),
+    "rtx4090": Hardware(24 * GIB, 1.0e12, 165e12, 25e9, 25e9, PCIE4),
 }
-MODELS = {"llama3-8b": "llama3-8b", "qwen2.5-32b": "qwen2.5-32b"}
+MODELS = {"llama3-8b": "llama3-8b", "qwen2.5-32b": "qwen2.5-32b", "llama3-70b": "llama3-70b"}
+PROFILE_NAME = re.compile(r"(?P<gpu>[^-]+)-(?P<model>.+?)(?P<roofline>-roofline)?(?:-tp(?P<tp>\d+))?")
 GPU_MEMORY_UTILIZATION = 0.9  # the rest is activations and workspace, as vLLM's default
 HOST_PAGES_PER_DEVICE_PAGE = 4
 
@@ -156,45 +165,61 @@ def profile_from_engine_measurements(
                       cfg.kv_bytes_per_token * kv_dtype_bytes, device_kv_bytes, host_kv_bytes)  # fmt: skip
 
 
-def builtin_profile(name: str) -> SimProfile:
-    """`h100-llama3-8b`, `h200-qwen2.5-32b`, `rtx4090-llama3-8b-roofline`, ...: docs/REFERENCE.md fits, scaled."""
-    base = name.removesuffix("-roofline")
-    gpu, _, model = base.partition("-")
-    if gpu not in HARDWARE or model not in MODELS:
-        raise ValueError(f"unknown profile {name!r}; expected GPU-MODEL[-roofline] with GPU in {sorted(HARDWARE)} "
-                         f"and MODEL in {sorted(MODELS)}")  # fmt: skip
-    hw, ref_cfg, cfg = HARDWARE[gpu], PRESETS["llama3-8b"], PRESETS[MODELS[model]]
-    a, b, c = fit_decode(H100_ROOFLINE_DECODE if name.endswith("-roofline") else H100_NAIVE_DECODE)
+def builtin_profile(name: str, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION) -> SimProfile:
+    """`h100-llama3-8b`, `h200-qwen2.5-32b`, `rtx4090-llama3-8b-roofline`, `h100-llama3-70b-tp4`, ...:
+    docs/REFERENCE.md fits, scaled. Weights and KV get `gpu_memory_utilization` of each GPU's memory (the KV
+    pool is what the weights leave); the host tier holds 4x the device pool."""
+    m = PROFILE_NAME.fullmatch(name)
+    if m is None or m["gpu"] not in HARDWARE or m["model"] not in MODELS:
+        raise ValueError(f"unknown profile {name!r}; expected GPU-MODEL[-roofline][-tpN] with GPU in "
+                         f"{sorted(HARDWARE)} and MODEL in {sorted(MODELS)}")  # fmt: skip
+    hw, ref_cfg, cfg = HARDWARE[m["gpu"]], PRESETS["llama3-8b"], PRESETS[MODELS[m["model"]]]
+    n = int(m["tp"] or 1)
+    shard = sharding(cfg, n)
+    a, b, c = fit_decode(H100_ROOFLINE_DECODE if m["roofline"] else H100_NAIVE_DECODE)
     p, q = fit_prefill(H100_PREFILL, *fit_decode(H100_NAIVE_DECODE))
     weights = 2 * parameter_count(cfg)
-    params = parameter_count(cfg) / parameter_count(ref_cfg)
-    kv = cfg.kv_bytes_per_token / ref_cfg.kv_bytes_per_token
-    attention = (cfg.num_layers * cfg.num_heads) / (ref_cfg.num_layers * ref_cfg.num_heads)
+    device_weights = shard.weight_bytes(cfg, weights)
+    params = parameter_count(cfg) / parameter_count(ref_cfg) * (device_weights / weights)  # per device
+    kv = cfg.kv_bytes_per_token / ref_cfg.kv_bytes_per_token * shard.kv_share
+    attention = (cfg.num_layers * cfg.num_heads) / (ref_cfg.num_layers * ref_cfg.num_heads) / n
     memory, compute = H100.hbm_bytes_per_s / hw.hbm_bytes_per_s, H100.matmul_flops_per_s / hw.matmul_flops_per_s
-    device_kv = GPU_MEMORY_UTILIZATION * hw.memory_bytes - weights
-    if device_kv <= 0:
-        raise ValueError(f"profile {name!r}: the weights ({weights / 1e9:.1f} GB) leave no room for KV")
+    all_reduce_step_s, all_reduce_token_s = all_reduce_step_terms(cfg, n, hw.interconnect)
+    kv_memory = gpu_memory_utilization * hw.memory_bytes - device_weights  # per device
+    if kv_memory <= 0:
+        split = f", {device_weights / 1e9:.1f} GB on each of {n} GPUs" if n > 1 else ""
+        raise ValueError(f"profile {name!r}: the weights ({weights / 1e9:.1f} GB{split}) leave no room for KV in "
+                         f"{gpu_memory_utilization:g} of a {hw.memory_bytes / 1e9:.1f} GB GPU; a larger tensor "
+                         "parallel size splits them over more GPUs")  # fmt: skip
+    device_kv = kv_memory / shard.kv_share  # in whole pages: each GPU holds its share of every page
     d2h_latency = fit_transfer(H100_D2H, REFERENCE_PAGE_BYTES)[0]
     h2d_latency = fit_transfer(H100_H2D, REFERENCE_PAGE_BYTES)[0]
     return SimProfile(
-        name, a * params * memory, b * params * compute, c * kv * memory, p * params * compute,
-        q * attention * compute, d2h_latency, hw.d2h_bytes_per_s, h2d_latency, hw.h2d_bytes_per_s,
+        name, a * params * memory + all_reduce_step_s, b * params * compute + all_reduce_token_s,
+        c * kv * memory, p * params * compute, q * attention * compute, d2h_latency,
+        hw.d2h_bytes_per_s / shard.kv_share, h2d_latency, hw.h2d_bytes_per_s / shard.kv_share,
         cfg.kv_bytes_per_token * 2, device_kv, HOST_PAGES_PER_DEVICE_PAGE * device_kv,
     )  # fmt: skip
 
 
-BUILTIN_PROFILES = ("h100-llama3-8b", "h200-llama3-8b", "rtx4090-llama3-8b", "h100-qwen2.5-32b", "h200-qwen2.5-32b")
+BUILTIN_PROFILES = ("h100-llama3-8b", "h200-llama3-8b", "rtx4090-llama3-8b", "h100-qwen2.5-32b", "h200-qwen2.5-32b",
+                    "h100-llama3-70b-tp4", "rtx4090-qwen2.5-32b-tp4")  # fmt: skip
 
 
-def load_profile(profile: str | Path | SimProfile) -> SimProfile:
-    """A built-in name, a path to a JSON profile, or a profile."""
+def load_profile(profile: str | Path | SimProfile, tensor_parallel_size: int = 1) -> SimProfile:
+    """A built-in name, a path to a JSON profile, or a profile; a built-in name on `tensor_parallel_size` GPUs
+    (a fitted profile knows no model to split)."""
+    path = None if isinstance(profile, SimProfile) else Path(profile)
+    if tensor_parallel_size != 1 and (path is None or path.suffix == ".json" or path.exists()):
+        name = getattr(profile, "name", profile)
+        raise ValueError(f"tensor parallel size {tensor_parallel_size} needs a built-in profile (GPU-MODEL), "
+                         f"not {name}")  # fmt: skip
     if isinstance(profile, SimProfile):
         return profile
-    path = Path(profile)
     if path.suffix == ".json" or path.exists():
         fields = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(SimProfile)}
         if set(fields) != known:
             raise ValueError(f"profile {path}: expected fields {sorted(known)}, got {sorted(fields)}")
         return SimProfile(**fields)
-    return builtin_profile(str(profile))
+    return builtin_profile(str(profile) + (f"-tp{tensor_parallel_size}" if tensor_parallel_size > 1 else ""))
