@@ -143,8 +143,8 @@ def start_engine(args: argparse.Namespace, devices: Sequence | None = None) -> L
 
 
 def start_replicas(args: argparse.Namespace) -> list[LLM]:
-    """One engine per device group of --data-parallel-size x --tensor-parallel-size devices (the first replica's
-    compilations fill the persistent cache the others load from)."""
+    """One engine per device group of --data-parallel-size x --tensor-parallel-size devices. On a GPU later replicas
+    load the first one's executables from the persistent cache; on CPU its keys name the device: each compiles."""
     from tokenflow_jax.engine.replicas import replica_devices
 
     groups = replica_devices(args.data_parallel_size, args.tensor_parallel_size)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.serving.conftest import (
+    REPO_ROOT,
     STARTUP_TIMEOUT_S,
     ServerProcess,
     assert_openai_error,
@@ -56,6 +59,15 @@ async def open_streams(url: str, bodies: list[dict[str, Any]], session: aiohttp.
         await resp.content.readuntil(b"\n\n")
         responses.append(resp)
     return responses
+
+
+def test_too_few_devices_is_a_usage_error() -> None:
+    cmd = [sys.executable, "-m", "serving", "--model", "tiny", "--data-parallel-size", "3",
+           "--tensor-parallel-size", "2"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "data_parallel_size 3 x tensor_parallel_size 2 needs 6 devices, 4 available" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_health_models_and_both_replicas_answer_alike(dp_server: ServerProcess) -> None:
