@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--seed", type=int, default=0, help=seed_help)
     tp_help = "split the model over this many devices: heads and MLP columns, KV pages by kv head (default: 1)"
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help=tp_help)
+    dp_help = ("serve with this many engine replicas, each on its own --tensor-parallel-size devices; each new "
+               "request goes to the one with the most spare decode capacity (default: 1)")  # fmt: skip
+    engine.add_argument("--data-parallel-size", type=int, default=1, help=dp_help)
     cache_help = "reuse the KV of prompt prefixes already computed, on both tiers (default: on)"
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help=cache_help)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
@@ -97,12 +100,14 @@ def _check(args: argparse.Namespace) -> None:
     check_max_hold(args.max_hold_s)
 
 
-async def serve(llm: LLM, config: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM, then shut down cleanly."""
+async def serve(llm: LLM | Sequence[LLM], config: ServerConfig) -> None:
+    """Run until SIGINT/SIGTERM, then shut down cleanly. Several LLMs are data-parallel replicas behind a router."""
     from serving.app import create_app, start_server, stop_server
     from tokenflow_jax.engine.async_engine import AsyncEngine
+    from tokenflow_jax.engine.replicas import EngineReplicas
 
-    engine = AsyncEngine(llm)
+    llms = list(llm) if isinstance(llm, Sequence) else [llm]
+    engine = AsyncEngine(llms[0]) if len(llms) == 1 else EngineReplicas([AsyncEngine(one) for one in llms])
     await engine.start()
     runner, port = await start_server(create_app(engine, config), config.host, config.port)
     stop = asyncio.Event()
@@ -115,7 +120,7 @@ async def serve(llm: LLM, config: ServerConfig) -> None:
     await stop_server(runner, engine)
 
 
-def start_engine(args: argparse.Namespace) -> LLM:
+def start_engine(args: argparse.Namespace, devices: Sequence | None = None) -> LLM:
     """Load the model and compile every step shape, saying what it is doing (a cold start takes a while)."""
     from tokenflow_jax.engine.llm import LLM
 
@@ -127,7 +132,7 @@ def start_engine(args: argparse.Namespace) -> LLM:
               max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
               max_model_len=args.max_model_len, default_rate=args.default_rate,
               enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
-              warmup=False,
+              devices=devices, warmup=False,
               scheduler_config={"max_hold_s": args.max_hold_s})  # fmt: skip
     logger.info("loaded in %.1f s; compiling the engine's step shapes (cached for the next start) ...",
                 time.perf_counter() - start)  # fmt: skip
@@ -135,6 +140,24 @@ def start_engine(args: argparse.Namespace) -> LLM:
     shapes = llm.executor.warmup(progress=sys.stderr.isatty())
     logger.info("compiled %d step shapes in %.1f s", shapes, time.perf_counter() - start)
     return llm
+
+
+def start_replicas(args: argparse.Namespace) -> list[LLM]:
+    """One engine per device group of --data-parallel-size x --tensor-parallel-size devices. On a GPU later replicas
+    load the first one's executables from the persistent cache; on CPU its keys name the device: each compiles."""
+    from tokenflow_jax.engine.replicas import replica_devices
+
+    groups = replica_devices(args.data_parallel_size, args.tensor_parallel_size)
+    llms: list[LLM] = []
+    try:
+        for i, devices in enumerate(groups):
+            logger.info("replica %d of %d on %s", i, len(groups), ", ".join(str(d) for d in devices))
+            llms.append(start_engine(args, devices))
+    except BaseException:
+        for llm in llms:
+            llm.close()
+        raise
+    return llms
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,14 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
 
     try:
-        llm = start_engine(args)
-    except ValueError as e:  # unknown model or scheduler, bad sizes, a model the device cannot hold
+        llms = start_replicas(args) if args.data_parallel_size != 1 else [start_engine(args)]
+    except ValueError as e:  # unknown model or scheduler, bad sizes, a model the device cannot hold, too few devices
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
     try:
-        asyncio.run(serve(llm, config))
+        asyncio.run(serve(llms, config))
     finally:
-        llm.close()
+        for llm in llms:
+            llm.close()
     return 0
 
 

@@ -26,6 +26,7 @@ from serving.protocol import ApiError, ModelInfo, ResponseShape, error_body, mod
 from serving.streaming import SHUTDOWN_MESSAGE, stream_events, whole_response
 from tokenflow_jax.engine.async_engine import AsyncEngine, EngineError, EngineStopped
 from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.engine.replicas import EngineReplicas
 
 logger = logging.getLogger("serving")
 
@@ -34,7 +35,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclasses.dataclass
 class ServingState:
-    engine: AsyncEngine
+    engine: AsyncEngine | EngineReplicas  # one engine, or data-parallel replicas behind a router
     config: ServerConfig
     model: ModelInfo
     metrics: ServingMetrics
@@ -184,7 +185,7 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=serving_metrics.render(), headers={"Content-Type": serving_metrics.content_type})
 
 
-def create_app(engine: AsyncEngine, config: ServerConfig) -> web.Application:
+def create_app(engine: AsyncEngine | EngineReplicas, config: ServerConfig) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, auth_middleware])
     app[STATE] = ServingState(
         engine=engine,
@@ -217,7 +218,7 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     return runner, bound
 
 
-async def stop_server(runner: web.AppRunner, engine: AsyncEngine) -> None:
+async def stop_server(runner: web.AppRunner, engine: AsyncEngine | EngineReplicas) -> None:
     """Stop accepting connections, abort in-flight requests (their streams end), stop the engine thread."""
     for site in list(runner.sites):
         await site.stop()

@@ -6,6 +6,8 @@ those numbers are computed. Where vLLM exports the same quantity, it is also exp
 (`vllm:num_requests_running`, `vllm:time_to_first_token_seconds`, ...) with its `model_name` label, so that
 dashboards built for vLLM work unchanged. Finished requests are also counted by class (`request_class`: "stream"
 for those read at a rate, "rateless" for those that state none), with their end-to-end latency and tokens.
+Behind data-parallel replicas (`EngineReplicas`) every unlabelled series is the whole server (summed over the
+replicas, as are the vLLM-named ones) and `tokenflow_replica_*` series give each replica (label `replica`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tokenflow_jax.engine.async_engine import AsyncEngine, EngineStats
+from tokenflow_jax.engine.replicas import EngineReplicas
 from tokenflow_jax.metrics import RequestRecord, request_metrics
 
 REQUEST_CLASSES = ("stream", "rateless")
@@ -27,7 +30,7 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 class EngineCollector(Collector):
     """Engine gauges and counters, read from one stats snapshot per scrape."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine | EngineReplicas, model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
     def collect(self) -> Iterator[Metric]:
@@ -62,6 +65,9 @@ class EngineCollector(Collector):
         for reason in ("stop", "length", "abort", "error"):
             by_reason.add_metric([reason], dict(s.finished_by_reason).get(reason, 0))
         yield by_reason
+        yield GaugeMetricFamily("tokenflow_decode_capacity_tokens_per_second",
+                                "Tokens/s the engine's batch can decode (the executor's live estimate).",
+                                value=s.decode_capacity_tok_s)  # fmt: skip
         yield from self._vllm_names(s)
 
     def _vllm_names(self, s: EngineStats) -> Iterator[Metric]:
@@ -104,15 +110,57 @@ class EngineCollector(Collector):
         yield success
 
 
+class ReplicaCollector(Collector):
+    """Each data-parallel replica's series, labelled `replica="i"`: its queues, pages, what the router weighs
+    (capacity, its streams' demand) and how many requests it was given."""
+
+    def __init__(self, replicas: EngineReplicas) -> None:
+        self.replicas = replicas
+
+    def collect(self) -> Iterator[Metric]:
+        def family(kind: type, name: str, doc: str, extra: tuple[str, ...] = ()) -> Metric:
+            return kind(f"tokenflow_replica_{name}", doc, labels=["replica", *extra])
+
+        running = family(GaugeMetricFamily, "requests_running", "Requests decoding on the replica's devices.")
+        waiting = family(GaugeMetricFamily, "requests_waiting", "Requests waiting for (re)admission.")
+        paused = family(GaugeMetricFamily, "requests_paused", "Requests preempted by swap (KV on host).")
+        unfinished = family(GaugeMetricFamily, "requests_unfinished", "Requests routed here and not finished.")
+        pages = family(GaugeMetricFamily, "kv_pages_used", "KV cache pages in use per tier.", ("tier",))
+        capacity = family(GaugeMetricFamily, "decode_capacity_tokens_per_second",
+                          "Tokens/s the replica's batch can decode (the executor's live estimate).")  # fmt: skip
+        demand = family(GaugeMetricFamily, "stream_demand_tokens_per_second",
+                        "Stated reader rates of the replica's unfinished requests, summed.")  # fmt: skip
+        preemptions = family(CounterMetricFamily, "preemptions", "Preemptions by mode.", ("mode",))
+        finished = family(CounterMetricFamily, "requests_finished", "Requests the replica finished.")
+        routed = family(CounterMetricFamily, "requests_routed", "Requests the router gave the replica.")
+        for i, engine in enumerate(self.replicas.replicas):
+            s, load, label = engine.stats(), engine.load(), str(i)
+            running.add_metric([label], s.running)
+            waiting.add_metric([label], s.waiting)
+            paused.add_metric([label], s.paused)
+            unfinished.add_metric([label], load.num_unfinished)
+            pages.add_metric([label, "device"], s.device_pages_used)
+            pages.add_metric([label, "host"], s.host_pages_used)
+            capacity.add_metric([label], s.decode_capacity_tok_s)  # 0 until it measures a decode step
+            demand.add_metric([label], load.stream_demand_tok_s)
+            preemptions.add_metric([label, "swap"], s.preemptions_swap)
+            preemptions.add_metric([label, "recompute"], s.preemptions_recompute)
+            finished.add_metric([label], s.finished_requests)
+            routed.add_metric([label], self.replicas.routed[i])
+        yield from (running, waiting, paused, unfinished, pages, capacity, demand, preemptions, finished, routed)
+
+
 class ServingMetrics:
     """The app's Prometheus registry."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine: AsyncEngine, model_name: str | None = None) -> None:
+    def __init__(self, engine: AsyncEngine | EngineReplicas, model_name: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name or engine.llm.model_name
         self.registry.register(EngineCollector(engine, self.model_name))
+        if isinstance(engine, EngineReplicas):
+            self.registry.register(ReplicaCollector(engine))
         self.ttft = Histogram("tokenflow_time_to_first_token_seconds", "Time to first token (engine clock).",
                               buckets=TTFT_BUCKETS_S, registry=self.registry)  # fmt: skip
         self.itl = Histogram("tokenflow_inter_token_latency_seconds", "Gap between consecutive tokens.",

@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.engine.llm",
             "tokenflow_jax.engine.async_engine",
             "tokenflow_jax.engine.detokenize",
+            "tokenflow_jax.engine.replicas",
             "tokenflow_jax.sim.replay",
             "tokenflow_jax.sim.__init__",
             "checkpoints",
@@ -58,6 +59,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "device",
         (
             "tokenflow_jax.engine.runner",
+            "tokenflow_jax.parallel",
             "tokenflow_jax.engine.buckets",
             "tokenflow_jax.model",
             "tokenflow_jax.attention",

@@ -49,14 +49,14 @@ class ServerProcess:
         return self.log_path.read_text()
 
 
-def start_server_process(log_path: Path, *extra: str) -> ServerProcess:
+def start_server_process(log_path: Path, *extra: str, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> ServerProcess:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_SIZES.items()]
     cmd = [sys.executable, "-m", "serving", "--model", "tiny", "--port", "0", "--scheduler", scheduler_name(),
            *flags, *extra]  # fmt: skip
     log = open(log_path, "w")  # noqa: SIM115 - the child owns it for its lifetime
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     log.close()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    deadline = time.monotonic() + startup_timeout_s
     line = ""
     while time.monotonic() < deadline and proc.poll() is None:
         ready, _, _ = select.select([proc.stdout], [], [], 0.5)

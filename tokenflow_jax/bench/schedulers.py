@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory_help = "size the device KV pool to this fraction of device memory, weights included (None: --kv-pages)"
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help=memory_help)
     p.add_argument("--host-kv-pages", type=int, default=None, help="host tier pages (None: the whole workload)")
+    p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas, routed as the server routes")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoding at once")
     p.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step")
@@ -276,25 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how preempted requests lose their KV: the policy's choice, always swap, always recompute",
     )
     cache = p.add_mutually_exclusive_group()
-    cache.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reuse the KV of prompt prefixes already computed, on both tiers (default: on)",
-    )
-    cache.add_argument(
-        "--compare-prefix-caching",
-        action="store_true",
-        help="run every scheduler with the prefix cache on and off (NAME/no-cache)",
-    )
+    cache.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV of prompt prefixes already computed, on both tiers")  # fmt: skip
+    cache.add_argument("--compare-prefix-caching", action="store_true",
+                       help="run every scheduler with the prefix cache on and off (NAME/no-cache)")  # fmt: skip
     p.add_argument("--time-limit", type=float, default=None, help="executor seconds per scheduler before aborting")
     p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
-    p.add_argument(
-        "--repeats",
-        type=type_positive_int,
-        default=1,
-        help="run every scheduler this many times (rounds over all of them); report median (min-max)",
-    )
+    p.add_argument("--repeats", type=type_positive_int, default=1,
+                   help="run every scheduler this many times (in rounds); report median (min-max)")  # fmt: skip
     p.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -353,6 +343,8 @@ def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Execut
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.data_parallel_size != 1:
+        raise SystemExit("--data-parallel-size: run python -m tokenflow_jax.bench (bench.data_parallel.main)")
     executor = None
     if args.paper_setup is not None:
         specs, executor, limits = paper_setup_run(args)

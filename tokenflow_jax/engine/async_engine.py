@@ -28,6 +28,7 @@ from tokenflow_jax.estimators import DecayingPeak
 from tokenflow_jax.metrics import RequestRecord, rebuffer_seconds
 from tokenflow_jax.request import Request
 from tokenflow_jax.sampling_params import SamplingParams
+from tokenflow_jax.scheduler.routing import ReplicaLoad
 from tokenflow_jax.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up as requests start (`core.PrefixCacheStats`)
     prefix_cache_hits: int = 0  # of those, found cached (either tier)
     prefix_cache_host_hits: int = 0  # of those, loaded back from the host tier
+    decode_capacity_tok_s: float = 0.0  # what its batch decodes, tok/s (the executor's Gamma); 0 before a decode step
 
 
 class EngineStopped(RuntimeError):
@@ -126,6 +128,7 @@ class RequestStream:
         self.engine = engine
         self.request_id = request.request_id
         self.prompt_tokens = len(request.prompt_ids)
+        self.rate = request.rate  # tokens/s its reader takes; None: rate-less
         self.finished = False
         self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
 
@@ -238,6 +241,10 @@ class AsyncEngine:
         if request_id in self._streams:
             self._post(_Abort(request_id))
 
+    def holds(self, request_id: str) -> bool:
+        """Whether `request_id` was submitted here and has not finished."""
+        return request_id in self._streams
+
     @property
     def num_unfinished(self) -> int:
         """Requests submitted and not yet finished (queued, waiting, running or paused)."""
@@ -245,6 +252,12 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def load(self) -> ReplicaLoad:
+        """What a data-parallel router weighs: the published capacity and the rates of the unfinished requests
+        (counted here, on the loop, from the moment they are submitted)."""
+        rates = [stream.rate for stream in self._streams.values()]
+        return ReplicaLoad.of(rates, self._stats.decode_capacity_tok_s, self.executor.max_num_seqs)
 
     def report_delivery(self, delta: StreamDelta) -> None:
         """A server wrote `delta` to its client just now: fold the lag into what the policy sees (the engine thread
@@ -403,6 +416,10 @@ class AsyncEngine:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
+    def _decode_capacity(self) -> float:
+        measured = self.executor.decode_model.samples  # before any decode step the estimate is a guess
+        return self.executor.estimates().decode_capacity_tok_s if measured else 0.0
+
     def _snapshot(self) -> EngineStats:
         live = self.core.stats()
         device_used, device_total, host_used, host_total = self.executor.page_usage()
@@ -422,4 +439,5 @@ class AsyncEngine:
             prefix_cache_queries=self.core.prefix_cache.queries,
             prefix_cache_hits=self.core.prefix_cache.hits,
             prefix_cache_host_hits=self.core.prefix_cache.host_hits,
+            decode_capacity_tok_s=self._decode_capacity(),
         )
