@@ -1,0 +1,112 @@
+"""The leader and its followers in a multi-process engine (docs/DESIGN.md, "Multi-host").
+
+The leader (process 0) runs everything one process runs: scheduler, executor, server. Its executor touches the
+devices in a few operations only: a step, a copy of device pages into the host tier (write-through, swap-out), a
+load of host pages onto the devices (swap-in), warm-up and shutdown. It broadcasts each one before issuing it:
+a fixed-size header (the operation and the numbers that fix its payload's shapes), then the payload as one int32
+vector (`multihost_utils.broadcast_one_to_all`: a psum over every process's devices). Each follower issues the
+same jitted call on its own runner, so the collectives inside the step meet across processes. A process's host
+tier holds what its own devices copied (their kv heads' slices), and a load reads it back onto the same devices:
+page data never crosses processes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from tokenflow_jax.engine.runner import ModelRunner
+from tokenflow_jax.kv.host_tier import HostKVTier
+
+_HEADER_LEN = 6  # op, payload length, then up to four fields
+
+
+class DeviceOp(enum.IntEnum):
+    SHUTDOWN = 0
+    STEP = 1  # fields: decode, tokens or sequences bucket, block-table width, feeds from the previous step
+    TO_HOST = 2  # fields: pages; payload: device pages, then host pages
+    TO_DEVICE = 3  # fields: pages; payload: device pages, then host pages
+    WARMUP = 4
+
+
+def _pack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """One int32 vector, its length rounded up to a power of two (one compiled broadcast per size class).
+    float32 travels as its bits: a psum with the followers' zeros keeps them exact."""
+    flat = np.concatenate([np.ascontiguousarray(a).view(np.int32).ravel() for a in arrays])
+    out = np.zeros(1 << max(int(flat.size - 1).bit_length(), 4), np.int32)
+    out[: flat.size] = flat
+    return out
+
+
+def _unpack(flat: np.ndarray, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, at = {}, 0
+    for name, like in template.items():
+        out[name] = flat[at : at + like.size].view(like.dtype).reshape(like.shape)
+        at += like.size
+    return out
+
+
+class OpBroadcast:
+    """Device operations from the leader to every follower (each call is a collective all processes join)."""
+
+    def __init__(self) -> None:
+        from jax.experimental import multihost_utils
+
+        self._broadcast = multihost_utils.broadcast_one_to_all
+
+    def send(self, op: DeviceOp, fields: Sequence[int] = (), payload: np.ndarray | None = None) -> None:
+        header = np.zeros(_HEADER_LEN, np.int32)
+        header[0], header[1] = op, 0 if payload is None else payload.size
+        header[2 : 2 + len(fields)] = fields
+        self._broadcast(header)
+        if payload is not None:
+            self._broadcast(payload)
+
+    def send_step(self, key: tuple, batch: dict[str, np.ndarray], feeds: bool) -> None:
+        _, decode, n, width = key
+        self.send(DeviceOp.STEP, (decode, n, width, feeds), _pack(list(batch.values())))
+
+    def send_copy(self, op: DeviceOp, device_pages: Sequence[int], host_pages: Sequence[int]) -> None:
+        pages = np.asarray([*device_pages, *host_pages], np.int32)
+        self.send(op, (len(device_pages),), _pack([pages]))
+
+    def receive(self) -> tuple[DeviceOp, list[int], np.ndarray | None]:
+        header = np.asarray(self._broadcast(np.zeros(_HEADER_LEN, np.int32)))
+        op, size = DeviceOp(int(header[0])), int(header[1])
+        payload = np.asarray(self._broadcast(np.zeros(size, np.int32))) if size else None
+        return op, header[2:].tolist(), payload
+
+
+def follow(runner: ModelRunner, host: HostKVTier | None) -> None:
+    """A follower's life after start-up: carry out the leader's device operations until it shuts down."""
+    ops = OpBroadcast()
+    templates: dict[tuple, dict[str, np.ndarray]] = {}
+    host_ticket: dict[int, int] = {}  # host page -> the latest copy into it (the leader's executor keeps the same)
+    last: jax.Array | None = None  # the latest step's sampled tokens: what the next step's feed rows read
+    while True:
+        op, fields, payload = ops.receive()
+        if op is DeviceOp.STEP:
+            decode, n, width, feeds = fields
+            key = ("step", bool(decode), n, width)
+            if key not in templates:
+                templates[key] = runner.step_batch_template(key)
+            last = runner.run_batch(key, _unpack(payload, templates[key]), last if feeds else None)
+        elif op in (DeviceOp.TO_HOST, DeviceOp.TO_DEVICE):
+            assert host is not None and payload is not None, "a page copy without a host tier"
+            count = fields[0]
+            device_pages, host_pages = payload[:count].tolist(), payload[count : 2 * count].tolist()
+            if op is DeviceOp.TO_HOST:
+                ticket = host.write_async(runner.gather_pages(device_pages), host_pages)
+                host_ticket.update(dict.fromkeys(host_pages, ticket))
+            else:
+                tickets = [t for p in host_pages if (t := host_ticket.get(p)) is not None]
+                if tickets:
+                    host.wait(max(tickets))  # this process's own copies into those pages have landed
+                runner.scatter_pages(device_pages, host.read(host_pages))
+        elif op is DeviceOp.WARMUP:
+            runner.warmup(progress=False)
+        else:
+            return
