@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.config import ModelConfig
-from tokenflow_jax.engine.multihost import DeviceOp, OpBroadcast
+from tokenflow_jax.engine.multihost import DeviceOp, OpBroadcast, message_size
 from tokenflow_jax.engine.paged_executor import PagedExecutor, SamplingRow
 from tokenflow_jax.engine.runner import ModelRunner
 from tokenflow_jax.kv.block_manager import PageCopy
@@ -58,7 +58,8 @@ class EngineExecutor(PagedExecutor):
         self.pipelined = pipelined
         # The leader of a mesh that spans processes tells its followers every device operation before issuing it.
         spans_processes = any(d.process_index != jax.process_index() for d in self.runner.mesh.devices.flat)
-        self.followers = OpBroadcast() if spans_processes and jax.process_index() == 0 else None
+        leads = spans_processes and jax.process_index() == 0
+        self.followers = OpBroadcast(message_size(self.runner)) if leads else None
 
     def now(self) -> float:
         return time.monotonic()

@@ -2,9 +2,10 @@
 
 The leader (process 0) runs everything one process runs: scheduler, executor, server. Its executor touches the
 devices in a few operations only: a step, a copy of device pages into the host tier (write-through, swap-out), a
-load of host pages onto the devices (swap-in), warm-up and shutdown. It broadcasts each one before issuing it:
-a fixed-size header (the operation and the numbers that fix its payload's shapes), then the payload as one int32
-vector (`multihost_utils.broadcast_one_to_all`: a psum over every process's devices). Each follower issues the
+load of host pages onto the devices (swap-in), warm-up and shutdown. It broadcasts each one before issuing it,
+as one int32 message of a fixed size (`multihost_utils.broadcast_one_to_all`: a psum over every process's
+devices): a header (the operation and the numbers that fix its payload's shapes), then the payload (the step's
+padded batch arrays, or the pages a copy moves), room for the largest the engine makes. Each follower issues the
 same jitted call on its own runner, so the collectives inside the step meet across processes. A process's host
 tier holds what its own devices copied (their kv heads' slices), and a load reads it back onto the same devices:
 page data never crosses processes.
@@ -33,12 +34,15 @@ class DeviceOp(enum.IntEnum):
 
 
 def _pack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """One int32 vector, its length rounded up to a power of two (one compiled broadcast per size class).
-    float32 travels as its bits: a psum with the followers' zeros keeps them exact."""
-    flat = np.concatenate([np.ascontiguousarray(a).view(np.int32).ravel() for a in arrays])
-    out = np.zeros(1 << max(int(flat.size - 1).bit_length(), 4), np.int32)
-    out[: flat.size] = flat
-    return out
+    """One int32 vector; float32 travels as its bits (a psum with the followers' zeros keeps them exact)."""
+    return np.concatenate([np.ascontiguousarray(a).view(np.int32).ravel() for a in arrays])
+
+
+def message_size(runner: ModelRunner) -> int:
+    """Header and the largest payload: a step's batch at its widest bucket, or a copy's pages (the same on every
+    process, since they run the same engine)."""
+    widest = max(sum(a.size for a in runner.step_batch_template(key).values()) for key in runner.step_keys())
+    return _HEADER_LEN + max(widest, 2 * runner.buckets.transfer_pages[-1])
 
 
 def _unpack(flat: np.ndarray, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,20 +54,22 @@ def _unpack(flat: np.ndarray, template: dict[str, np.ndarray]) -> dict[str, np.n
 
 
 class OpBroadcast:
-    """Device operations from the leader to every follower (each call is a collective all processes join)."""
+    """Device operations from the leader to every follower: one collective each, which every process joins."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int) -> None:
         from jax.experimental import multihost_utils
 
         self._broadcast = multihost_utils.broadcast_one_to_all
+        self.size = size
 
     def send(self, op: DeviceOp, fields: Sequence[int] = (), payload: np.ndarray | None = None) -> None:
-        header = np.zeros(_HEADER_LEN, np.int32)
-        header[0], header[1] = op, 0 if payload is None else payload.size
-        header[2 : 2 + len(fields)] = fields
-        self._broadcast(header)
-        if payload is not None:
-            self._broadcast(payload)
+        message = np.zeros(self.size, np.int32)
+        n = 0 if payload is None else payload.size
+        message[0], message[1] = op, n
+        message[2 : 2 + len(fields)] = fields
+        if n:
+            message[_HEADER_LEN : _HEADER_LEN + n] = payload
+        self._broadcast(message)
 
     def send_step(self, key: tuple, batch: dict[str, np.ndarray], feeds: bool) -> None:
         _, decode, n, width = key
@@ -73,16 +79,15 @@ class OpBroadcast:
         pages = np.asarray([*device_pages, *host_pages], np.int32)
         self.send(op, (len(device_pages),), _pack([pages]))
 
-    def receive(self) -> tuple[DeviceOp, list[int], np.ndarray | None]:
-        header = np.asarray(self._broadcast(np.zeros(_HEADER_LEN, np.int32)))
-        op, size = DeviceOp(int(header[0])), int(header[1])
-        payload = np.asarray(self._broadcast(np.zeros(size, np.int32))) if size else None
-        return op, header[2:].tolist(), payload
+    def receive(self) -> tuple[DeviceOp, list[int], np.ndarray]:
+        message = np.asarray(self._broadcast(np.zeros(self.size, np.int32)))
+        n = int(message[1])
+        return DeviceOp(int(message[0])), message[2:_HEADER_LEN].tolist(), message[_HEADER_LEN : _HEADER_LEN + n]
 
 
 def follow(runner: ModelRunner, host: HostKVTier | None) -> None:
     """A follower's life after start-up: carry out the leader's device operations until it shuts down."""
-    ops = OpBroadcast()
+    ops = OpBroadcast(message_size(runner))
     templates: dict[tuple, dict[str, np.ndarray]] = {}
     host_ticket: dict[int, int] = {}  # host page -> the latest copy into it (the leader's executor keeps the same)
     last: jax.Array | None = None  # the latest step's sampled tokens: what the next step's feed rows read
@@ -95,7 +100,7 @@ def follow(runner: ModelRunner, host: HostKVTier | None) -> None:
                 templates[key] = runner.step_batch_template(key)
             last = runner.run_batch(key, _unpack(payload, templates[key]), last if feeds else None)
         elif op in (DeviceOp.TO_HOST, DeviceOp.TO_DEVICE):
-            assert host is not None and payload is not None, "a page copy without a host tier"
+            assert host is not None, "a page copy without a host tier"
             count = fields[0]
             device_pages, host_pages = payload[:count].tolist(), payload[count : 2 * count].tolist()
             if op is DeviceOp.TO_HOST:

@@ -189,13 +189,9 @@ class ModelRunner:
         """(key, jitted function, arguments) for every executable warm-up compiles: each step bucket, then each
         transfer size (also what a cross-platform lowering check walks)."""
         plan: list[tuple[tuple, Callable, tuple]] = []
-        for w in self.buckets.pages:
-            for decode, sizes in ((True, self.buckets.seqs), (False, self.buckets.tokens)):
-                for n in sizes:
-                    batch = dict(self._padded_empty(n, n if decode else self.max_num_seqs, w),
-                                 previous_tokens=self._no_previous)  # fmt: skip
-                    fn = self._jit_decode if decode else self._jit_mixed
-                    plan.append((("step", decode, n, w), fn, (self.params, self.kv_cache, batch)))
+        for key in self.step_keys():
+            batch = dict(self.step_batch_template(key), previous_tokens=self._no_previous)
+            plan.append((key, self._jit_decode if key[1] else self._jit_mixed, (self.params, self.kv_cache, batch)))
         page_spec = jax.ShapeDtypeStruct
         k0 = self.kv_cache[0][0]
         for n in self.buckets.transfer_pages:
@@ -266,6 +262,11 @@ class ModelRunner:
                 feed_rows[b.logits_indices[i]] = row  # the chunk's last token
         return ("step", decode, n, width), self._batch_arrays(b, self._sampling_arrays(sampling_rows, num_seqs),
                                                               feed_rows=feed_rows)  # fmt: skip
+
+    def step_keys(self) -> list[tuple]:
+        """Every step bucket ("step", decode, tokens or sequences, block-table width)."""
+        sizes = ((True, self.buckets.seqs), (False, self.buckets.tokens))
+        return [("step", decode, n, w) for w in self.buckets.pages for decode, ns in sizes for n in ns]
 
     def step_batch_template(self, key: tuple) -> dict[str, np.ndarray]:
         """An empty batch of bucket `key`'s shapes (what `step_batch` returns for that key)."""
