@@ -4,7 +4,9 @@
         [--max-queue N] [--default-rate R|none] [--max-hold-s S] [--kv-pages N] [--max-num-seqs N] ...
 
 Prints `serving <model> on http://HOST:PORT` once it accepts requests (port 0 picks a free one). SIGINT or
-SIGTERM: stop accepting, abort in-flight requests, stop the engine thread, exit 0.
+SIGTERM: stop accepting, abort in-flight requests, stop the engine thread, exit 0. Across hosts
+(`--coordinator-address HOST:PORT --num-processes N --process-id I`, the same flags on every process): process 0
+serves, the others follow its engine without serving HTTP and exit 0 when it stops.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from serving.config import ServerConfig
+from tokenflow_jax import distributed
 from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
 if TYPE_CHECKING:
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--data-parallel-size", type=int, default=1, help=dp_help)
     cache_help = "reuse the KV of prompt prefixes already computed, on both tiers (default: on)"
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help=cache_help)
+    distributed.add_arguments(p)
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
     return p
 
@@ -134,6 +138,8 @@ def start_engine(args: argparse.Namespace, devices: Sequence | None = None) -> L
               enable_prefix_caching=args.enable_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
               devices=devices, warmup=False,
               scheduler_config={"max_hold_s": args.max_hold_s})  # fmt: skip
+    if not llm.is_leader:  # its compilations follow the leader's warm-up
+        return llm
     logger.info("loaded in %.1f s; compiling the engine's step shapes (cached for the next start) ...",
                 time.perf_counter() - start)  # fmt: skip
     start = time.perf_counter()
@@ -178,15 +184,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
 
     try:
+        if args.data_parallel_size != 1 and args.num_processes not in (None, 1):
+            raise ValueError("--data-parallel-size runs replicas in one process; across processes, split one engine")
+        distributed.initialize_from_args(args)
         llms = start_replicas(args) if args.data_parallel_size != 1 else [start_engine(args)]
     except ValueError as e:  # unknown model or scheduler, bad sizes, a model the device cannot hold, too few devices
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    if not llms[0].is_leader:
+        logger.info("process %d follows the leader's engine (%s)", args.process_id, args.coordinator_address)
+        llms[0].follow()
+        distributed.shutdown()
+        return 0
     try:
         asyncio.run(serve(llms, config))
     finally:
         for llm in llms:
-            llm.close()
+            llm.close()  # followers stop following
+    distributed.shutdown()
     return 0
 
 

@@ -61,6 +61,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.engine.runner",
             "tokenflow_jax.parallel",
             "tokenflow_jax.engine.buckets",
+            "tokenflow_jax.engine.multihost",
+            "tokenflow_jax.distributed",
             "tokenflow_jax.model",
             "tokenflow_jax.attention",
             "tokenflow_jax.sampling",

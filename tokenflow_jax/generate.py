@@ -2,12 +2,14 @@
 
     python -m tokenflow_jax.generate --model tiny|PRESET|DIR (--prompt TEXT | --prompt-ids 1,2,3)
         --max-tokens N [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ignore-eos]
-        [--dtype float32|bfloat16] [--json]
+        [--dtype float32|bfloat16] [--tensor-parallel-size N] [--json]
+        [--coordinator-address HOST:PORT --num-processes N --process-id I]
 
 Sampling flags left out take the checkpoint's `generation_config.json` values, else greedy. `--seed` seeds both
 sampling and a preset's random weights. With `--json` exactly one JSON object
 `{"token_ids": [...generated ids...], "text": "..."}` is printed; otherwise the text. Bad arguments, unknown
-models and models that do not fit the device print one line on stderr and exit 2.
+models and models that do not fit the device print one line on stderr and exit 2. Across processes (hosts), every
+process runs the same command but for --process-id: process 0 prints the output, the others follow it silently.
 """
 
 from __future__ import annotations
@@ -16,6 +18,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tokenflow_jax import distributed
+
+if TYPE_CHECKING:
+    from tokenflow_jax import LLM
 
 USAGE_ERROR = 2
 
@@ -57,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split the model over this many devices (default: 1)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text} (default: text)")
+    distributed.add_arguments(parser)
     return parser
 
 
@@ -91,12 +100,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tokenflow_jax import LLM
 
     try:
+        distributed.initialize_from_args(args)
         # One request: compile only the shapes it uses instead of warming up every bucket.
         llm = LLM(args.model, dtype=args.dtype, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
                   warmup=False)  # fmt: skip
     except ValueError as e:  # an unsupported checkpoint, a model the device cannot hold, heads N cannot split
         print(f"error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    if not llm.is_leader:
+        llm.follow()
+        distributed.shutdown()
+        return 0
+    try:
+        _generate(llm, args)
+    finally:
+        llm.close()  # followers stop following
+    distributed.shutdown()
+    return 0
+
+
+def _generate(llm: LLM, args: argparse.Namespace) -> None:
     given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     sampling = llm.generation.sampling_params(
         max_tokens=args.max_tokens,
@@ -110,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"token_ids": [int(t) for t in output.token_ids], "text": output.text}))
     else:
         print(output.text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.config import ModelConfig
+from tokenflow_jax.engine.multihost import DeviceOp, OpBroadcast, message_size
 from tokenflow_jax.engine.paged_executor import PagedExecutor, SamplingRow
 from tokenflow_jax.engine.runner import ModelRunner
 from tokenflow_jax.kv.block_manager import PageCopy
@@ -54,6 +56,10 @@ class EngineExecutor(PagedExecutor):
         )  # fmt: skip
         self.host = HostKVTier(cfg, pool_pages(num_host_pages), page_size, kv_dtype) if num_host_pages else None
         self.pipelined = pipelined
+        # The leader of a mesh that spans processes tells its followers every device operation before issuing it.
+        spans_processes = any(d.process_index != jax.process_index() for d in self.runner.mesh.devices.flat)
+        leads = spans_processes and jax.process_index() == 0
+        self.followers = OpBroadcast(message_size(self.runner)) if leads else None
 
     def now(self) -> float:
         return time.monotonic()
@@ -64,24 +70,34 @@ class EngineExecutor(PagedExecutor):
             time.sleep(min(delay, 0.05))
 
     def warmup(self, progress: bool = True) -> int:
+        if self.followers is not None:
+            self.followers.send(DeviceOp.WARMUP)
         return self.runner.warmup(progress)
 
     def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str]) -> Any:
         pending = [i for i, c in enumerate(chunks) if c.token_ids[-1] == PENDING_TOKEN]
-        if not pending:
-            return self.runner.run_step(chunks, rows)
-        previous = self._in_flight
-        assert previous is not None, "a pending token without a step in flight"
-        row_of = {rid: i for i, rid in enumerate(previous.request_ids)}
-        # The token is still on the device: the step reads it from the previous step's output.
-        feeds = {i: row_of[request_ids[i]] for i in pending}
-        return self.runner.run_step(chunks, rows, previous=(previous.handle, feeds))
+        feeds, previous_tokens = None, None
+        if pending:
+            previous = self._in_flight  # always the latest step dispatched: a follower's latest step too
+            assert previous is not None, "a pending token without a step in flight"
+            row_of = {rid: i for i, rid in enumerate(previous.request_ids)}
+            # The token is still on the device: the step reads it from the previous step's output.
+            feeds = {i: row_of[request_ids[i]] for i in pending}
+            previous_tokens = previous.handle
+        key, batch = self.runner.step_batch(chunks, rows, feeds)
+        if self.followers is not None:
+            self.followers.send_step(key, batch, feeds is not None)
+        return self.runner.run_batch(key, batch, previous_tokens)
 
     def _sampled_tokens(self, handle: Any) -> list[int]:
+        if self.followers is not None:
+            handle = handle.addressable_data(0)  # replicated over every process's devices: read this one's copy
         return [int(t) for t in np.asarray(handle)]  # the one host sync per step
 
     def _copy_to_host(self, copy: PageCopy) -> int:
         assert self.host is not None
+        if self.followers is not None:
+            self.followers.send_copy(DeviceOp.TO_HOST, copy.src, copy.dst)
         block = self.runner.gather_pages(copy.src)  # dispatched behind the step that wrote these pages
         ticket = self.host.write_async(block, copy.dst)
         self.bytes_to_host += len(copy.src) * self.host.page_bytes
@@ -99,6 +115,8 @@ class EngineExecutor(PagedExecutor):
 
     def _load_to_device(self, copy: PageCopy) -> None:
         assert self.host is not None
+        if self.followers is not None:
+            self.followers.send_copy(DeviceOp.TO_DEVICE, copy.dst, copy.src)
         self.runner.scatter_pages(copy.dst, self.host.read(copy.src))
         self.bytes_to_device += len(copy.src) * self.host.page_bytes
 
@@ -106,5 +124,8 @@ class EngineExecutor(PagedExecutor):
         return self.host.pending_pages if self.host else 0
 
     def close(self) -> None:
+        if self.followers is not None:
+            self.followers.send(DeviceOp.SHUTDOWN)
+            self.followers = None
         if self.host is not None:
             self.host.close()

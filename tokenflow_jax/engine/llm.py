@@ -14,10 +14,12 @@ import jax
 
 from checkpoints import load_model, resolve_dtype
 from checkpoints.presets import model_config
+from tokenflow_jax import distributed
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.detokenize import token_text
 from tokenflow_jax.engine.executor import EngineExecutor
+from tokenflow_jax.engine.multihost import follow
 from tokenflow_jax.kv.pages import default_host_pages, pages_for, pool_pages
 from tokenflow_jax.metrics import RequestMetrics, request_metrics
 from tokenflow_jax.parallel import (
@@ -57,7 +59,7 @@ def enable_compilation_cache() -> None:
 def device_memory_bytes() -> int | None:
     """Bytes free on the default device: its allocator's limit less what is in use on an accelerator, the
     available RAM on the CPU; None when unknown."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
@@ -70,7 +72,7 @@ def device_memory_limit() -> int | None:
     """Bytes JAX's allocator may use on the default device (`memory_stats()["bytes_limit"]`: on a GPU, by
     default 75% of its memory, XLA_PYTHON_CLIENT_MEM_FRACTION sets it); None where the backend reports no memory
     stats (JAX's CPU backend)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     return int(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 
@@ -162,6 +164,10 @@ class LLM:
     checkpoint's (`self.generation`, see `checkpoints.generation`); a model whose weights and KV pages exceed the
     device's free memory is refused before anything is allocated. `tensor_parallel_size` N splits the model over
     N devices (`devices`, default the first N of `jax.devices()`; `tokenflow_jax.parallel`).
+
+    Across processes (after `tokenflow_jax.distributed.initialize`), every process builds the same `LLM` over
+    every process's devices; process 0 leads (`generate`, a server) and the others `follow()` it
+    (`tokenflow_jax.engine.multihost`).
     """
 
     def __init__(
@@ -192,6 +198,12 @@ class LLM:
         enable_compilation_cache()
         model_cfg = model_config(model)
         kv_replicas = kv_head_replicas(model_cfg, tensor_parallel_size)
+        if distributed.is_multi_process() and (devices is not None or tensor_parallel_size != jax.device_count()):
+            raise ValueError(
+                f"tensor_parallel_size {tensor_parallel_size} across {jax.process_count()} processes: the engine "
+                f"splits the model over every process's devices, so tensor_parallel_size must be "
+                f"{jax.device_count()} ({jax.local_device_count()} on each) and devices unset"
+            )
         mesh = make_mesh(tensor_parallel_size, devices)
         cfg = sharded_config(model_cfg, tensor_parallel_size)  # the page pool's kv heads
         max_model_len = max_model_len or min(cfg.max_context, 2048)
@@ -212,6 +224,13 @@ class LLM:
             page_bytes = cfg.kv_bytes_per_token * resolve_dtype(dtype).itemsize * page_size
             host_kv_pages = default_host_pages(kv_pages, page_bytes)
         check_fits(model, cfg, dtype, kv_pages, host_kv_pages, page_size, tensor_parallel_size)
+        if distributed.is_multi_process():
+            distributed.check_same_engine(dict(
+                model=model, dtype=dtype, seed=seed, kv_pages=kv_pages, host_kv_pages=host_kv_pages,
+                page_size=page_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                max_model_len=max_model_len, attention=attention, tensor_parallel_size=tensor_parallel_size,
+            ))  # fmt: skip
+        self.is_leader = distributed.is_leader()
         with _loading_device(tensor_parallel_size):
             loaded = load_model(model, dtype=dtype, seed=seed)
             params = replicate_kv_heads(loaded.params, loaded.cfg, kv_replicas)
@@ -226,7 +245,7 @@ class LLM:
             max_model_len=max_model_len, kv_dtype=dtype, attention_impl=attention or default_attention(),
             prefix_caching=enable_prefix_caching, cache_salt=f"{model}|{dtype}|seed={seed}",
         )  # fmt: skip
-        if warmup:
+        if warmup and self.is_leader:  # a follower compiles when the leader's warm-up reaches it
             self.executor.warmup(progress=progress)
         self.core = EngineCore(
             self.executor,
@@ -235,6 +254,17 @@ class LLM:
             preemption=preemption,
         )
         self._ids = itertools.count()
+
+    def follow(self) -> None:
+        """On a process other than 0: carry out the leader's device operations until it closes, then close."""
+        if self.is_leader:
+            raise RuntimeError("process 0 leads: it runs generate or a server, the other processes follow it")
+        follow(self.executor.runner, self.executor.host)
+        self.close()
+
+    def _check_leader(self) -> None:
+        if not self.is_leader:
+            raise RuntimeError(f"process {jax.process_index()} follows process 0: call follow(), not generate")
 
     # ---- building requests
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -281,6 +311,7 @@ class LLM:
     ) -> list[Output]:
         """Run the prompts to completion. `rates[i]`: prompt i's reader rate in tokens/s, or None when it states
         no rate (rate-less); without `rates`, every request gets `default_rate`."""
+        self._check_leader()
         if isinstance(prompts, str):
             prompts = [prompts]
         if sampling is None:

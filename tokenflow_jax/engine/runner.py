@@ -162,10 +162,9 @@ class ModelRunner:
         return exe
 
     def _batch_arrays(
-        self, b: RaggedBatch, sampling: dict[str, np.ndarray], previous: Any = None, feed_rows: Any = None
-    ) -> dict[str, Any]:
+        self, b: RaggedBatch, sampling: dict[str, np.ndarray], feed_rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         return {
-            "previous_tokens": self._no_previous if previous is None else previous,
             "feed_rows": np.full(len(b.tokens), -1, np.int32) if feed_rows is None else feed_rows,
             "tokens": b.tokens, "positions": b.positions, "slot_mapping": b.slot_mapping,
             "cu_q_lens": b.cu_q_lens, "kv_lens": b.kv_lens, "block_tables": b.block_tables,
@@ -190,12 +189,9 @@ class ModelRunner:
         """(key, jitted function, arguments) for every executable warm-up compiles: each step bucket, then each
         transfer size (also what a cross-platform lowering check walks)."""
         plan: list[tuple[tuple, Callable, tuple]] = []
-        for w in self.buckets.pages:
-            for decode, sizes in ((True, self.buckets.seqs), (False, self.buckets.tokens)):
-                for n in sizes:
-                    batch = self._padded_empty(n, n if decode else self.max_num_seqs, w)
-                    fn = self._jit_decode if decode else self._jit_mixed
-                    plan.append((("step", decode, n, w), fn, (self.params, self.kv_cache, batch)))
+        for key in self.step_keys():
+            batch = dict(self.step_batch_template(key), previous_tokens=self._no_previous)
+            plan.append((key, self._jit_decode if key[1] else self._jit_mixed, (self.params, self.kv_cache, batch)))
         page_spec = jax.ShapeDtypeStruct
         k0 = self.kv_cache[0][0]
         for n in self.buckets.transfer_pages:
@@ -235,6 +231,17 @@ class ModelRunner:
 
         `previous = (tokens, {chunk: row})`: chunk's last token is row `row` of an earlier step's output, still
         on the device (its host copy is a placeholder)."""
+        key, batch = self.step_batch(chunks, sampling_rows, None if previous is None else previous[1])
+        return self.run_batch(key, batch, None if previous is None else previous[0])
+
+    def step_batch(
+        self,
+        chunks: Sequence[SequenceChunk],
+        sampling_rows: Sequence[tuple[float, int, float, int, int]],
+        feeds: dict[int, int] | None = None,
+    ) -> tuple[tuple, dict[str, np.ndarray]]:
+        """The step's bucket key ("step", decode, n, width) and its padded host arrays (all but the previous
+        step's tokens, which stay on the device)."""
         decode = all(len(c.token_ids) == 1 for c in chunks)
         width = self.buckets.page_bucket(max(len(c.pages) for c in chunks))
         num_tokens = sum(len(c.token_ids) for c in chunks)
@@ -248,15 +255,30 @@ class ModelRunner:
                 raise CompileDuringServing(f"{len(chunks)} sequences exceed max_num_seqs {self.max_num_seqs}")
             b = build_ragged_batch(chunks, self.page_size, pad_tokens=n, pad_seqs=self.max_num_seqs, pad_pages=width)
             num_seqs = self.max_num_seqs
-        feed_rows, previous_tokens = None, None
-        if previous is not None:
-            previous_tokens, feeds = previous
+        feed_rows = None
+        if feeds:
             feed_rows = np.full(len(b.tokens), -1, np.int32)
             for i, row in feeds.items():
                 feed_rows[b.logits_indices[i]] = row  # the chunk's last token
-        batch = self._batch_arrays(b, self._sampling_arrays(sampling_rows, num_seqs), previous_tokens, feed_rows)
-        exe = self._executable(("step", decode, n, width), self._jit_decode if decode else self._jit_mixed,
-                               self.params, self.kv_cache, batch)  # fmt: skip
+        return ("step", decode, n, width), self._batch_arrays(b, self._sampling_arrays(sampling_rows, num_seqs),
+                                                              feed_rows=feed_rows)  # fmt: skip
+
+    def step_keys(self) -> list[tuple]:
+        """Every step bucket ("step", decode, tokens or sequences, block-table width)."""
+        sizes = ((True, self.buckets.seqs), (False, self.buckets.tokens))
+        return [("step", decode, n, w) for w in self.buckets.pages for decode, ns in sizes for n in ns]
+
+    def step_batch_template(self, key: tuple) -> dict[str, np.ndarray]:
+        """An empty batch of bucket `key`'s shapes (what `step_batch` returns for that key)."""
+        _, decode, n, width = key
+        return self._padded_empty(n, n if decode else self.max_num_seqs, width)
+
+    def run_batch(self, key: tuple, batch: dict[str, np.ndarray], previous_tokens: jax.Array | None) -> jax.Array:
+        """Dispatch the step `step_batch` built; `previous_tokens`: the output its feed rows read."""
+        batch = dict(batch, previous_tokens=self._no_previous if previous_tokens is None else previous_tokens)
+        _, decode, _, _ = key
+        exe = self._executable(key, self._jit_decode if decode else self._jit_mixed, self.params, self.kv_cache,
+                               batch)  # fmt: skip
         tokens, self.kv_cache = exe(self.params, self.kv_cache, batch)
         return tokens
 
@@ -279,8 +301,9 @@ class ModelRunner:
         if data.shape[3] != len(ids):
             pad = np.zeros(data.shape[:3] + (len(ids) - data.shape[3],) + data.shape[4:], data.dtype)
             data = np.concatenate([data, pad], axis=3)
-        exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, data)
-        self.kv_cache = exe(self.kv_cache, ids, host_to_devices(data, self._block_sharding))
+        block = host_to_devices(data, self._block_sharding)
+        exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, block)
+        self.kv_cache = exe(self.kv_cache, ids, block)
 
     def block_until_ready(self) -> float:
         t0 = time.perf_counter()

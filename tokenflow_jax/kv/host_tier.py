@@ -2,7 +2,9 @@
 
 Copies run on their own thread because on a GPU a device->host copy issued from the compute thread queues
 behind the next step, while one issued from another thread overlaps it (docs/DESIGN.md section 4). Under tensor
-parallelism each device copies its own kv heads' slice of the block into that slice of the host pages.
+parallelism each device copies its own kv heads' slice of the block into that slice of the host pages; across
+processes, each process's tier holds its own devices' slices (the rest of its array is never touched, so never
+mapped).
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ class HostKVTier:
                 block, host_ids = item
                 block.block_until_ready()
                 t0 = time.perf_counter()
+                written = set()  # one copy of a replicated slice is enough (this process's copy, if it spans several)
                 for shard in block.addressable_shards:
-                    if shard.replica_id == 0:  # one copy of a replicated slice is enough
-                        heads = shard.index[2]
+                    heads = shard.index[2]
+                    if (heads.start, heads.stop) not in written:
+                        written.add((heads.start, heads.stop))
                         self.pages[:, :, heads, host_ids] = np.asarray(shard.data)[:, :, :, : len(host_ids)]
                 with self._lock:
                     self.d2h_seconds += time.perf_counter() - t0
