@@ -48,8 +48,11 @@ def build_executor(args: argparse.Namespace, limits: dict[str, int]) -> tuple[Ex
     if args.executor == "sim":
         from tokenflow_jax.sim.executor import SimExecutor
 
-        ex = SimExecutor(args.sim_profile, args.tensor_parallel_size, num_device_pages=limits["kv_pages"],
-                         num_host_pages=limits["host_kv_pages"], slowdown=args.sim_slowdown, **pools)  # fmt: skip
+        try:
+            ex = SimExecutor(args.sim_profile, args.tensor_parallel_size, num_device_pages=limits["kv_pages"],
+                             num_host_pages=limits["host_kv_pages"], slowdown=args.sim_slowdown, **pools)  # fmt: skip
+        except ValueError as e:  # a model the simulated GPUs cannot hold, heads N cannot split
+            raise SystemExit(f"error: {e}") from e
         return ex, frozenset()
     from tokenflow_jax.engine.llm import LLM
 

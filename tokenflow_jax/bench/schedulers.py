@@ -328,15 +328,12 @@ def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Execut
         raise SystemExit(f"--paper-setup {args.paper_setup!r} matches {len(matches)} setups; one of:\n  {names}")
     setup = dataclasses.replace(matches[0], tensor_parallel_size=args.tensor_parallel_size)
     specs = setup.specs(args.rate_mix or f"{args.rate:g}", args.seed)
-    ex = SimExecutor(setup.sim_profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
-    limits = dict(
-        kv_pages=ex.num_device_pages,
-        host_kv_pages=ex.num_host_pages,
-        max_model_len=ex.max_model_len,
-        page_size=ex.page_size,
-        max_num_seqs=ex.max_num_seqs,
-        max_batch_tokens=ex.max_batch_tokens,
-    )
+    try:
+        ex = SimExecutor(setup.sim_profile(args.sim_kernels), max_model_len=MAX_MODEL_LEN, slowdown=args.sim_slowdown)
+    except ValueError as e:  # a model the simulated GPUs cannot hold, heads N cannot split
+        raise SystemExit(f"error: {e}") from e
+    limits = {k: getattr(ex, k) for k in ("max_model_len", "page_size", "max_num_seqs", "max_batch_tokens")}
+    limits.update(kv_pages=ex.num_device_pages, host_kv_pages=ex.num_host_pages)
     print(f"paper setup: {setup.name} (profile {setup.profile(args.sim_kernels)})")
     return specs, ex, limits
 
