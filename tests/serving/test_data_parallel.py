@@ -76,8 +76,8 @@ def test_health_models_and_both_replicas_answer_alike(dp_server: ServerProcess) 
     assert [m["id"] for m in http_request(url, "GET", "/v1/models").json()["data"]] == ["tiny"]
     before = replica_values(metric_values(url), "requests_routed_total")
 
-    async def run() -> list[str]:
-        body = {"prompt": "The same prompt", "max_tokens": 24, "temperature": 0.0, "stream_rate": 20}
+    async def run(temperature: float) -> list[str]:
+        body = {"prompt": "The same prompt", "max_tokens": 24, "temperature": temperature, "stream_rate": 20}
         async with aiohttp.ClientSession() as session:
 
             async def one() -> str:
@@ -87,11 +87,14 @@ def test_health_models_and_both_replicas_answer_alike(dp_server: ServerProcess) 
 
             return await asyncio.gather(*(one() for _ in range(6)))
 
-    texts = asyncio.run(run())
+    texts = asyncio.run(run(0.0))
     m = wait_for_idle_pages(url)
     routed = [a - b for a, b in zip(replica_values(m, "requests_routed_total"), before, strict=True)]
     assert sum(routed) == 6 and min(routed) >= 1, routed  # equal streams spread over both replicas
     assert len(set(texts)) == 1, texts  # the same weights on both: greedy text is the same wherever it ran
+    # Unseeded sampling draws differently wherever it runs: replicas do not repeat each other's default seeds.
+    sampled = asyncio.run(run(1.0))
+    assert len(set(sampled)) == len(sampled), sampled
     # The unlabelled series are the whole server: the replicas' series sum to them.
     assert sum(replica_values(m, "requests_finished_total")) == m["tokenflow_requests_finished_total"]
 

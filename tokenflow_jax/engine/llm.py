@@ -253,7 +253,8 @@ class LLM:
             eos_token_ids=self.generation.eos_token_ids,
             preemption=preemption,
         )
-        self._ids = itertools.count()
+        # Numbers new requests (default ids and seeds); data-parallel replicas share one, so theirs differ too.
+        self.request_numbers = itertools.count()
 
     def follow(self) -> None:
         """On a process other than 0: carry out the leader's device operations until it closes, then close."""
@@ -290,7 +291,7 @@ class LLM:
     ) -> Request:
         """`rate`: tokens/s its reader consumes, None for a rate-less request, ... (the default) `default_rate`."""
         rate = stream_rate(self.default_rate if rate is ... else rate)
-        n = next(self._ids)
+        n = next(self.request_numbers)
         seed = sampling.seed if sampling.seed is not None else (self.seed * 1_000_003 + n)
         return Request(
             request_id=request_id or f"req-{n}",

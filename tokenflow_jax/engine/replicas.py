@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -65,6 +66,9 @@ class EngineReplicas:
         self.replicas = list(engines)
         self.llm = self.replicas[0].llm  # the model every replica serves (tokenizer, limits, defaults)
         self.routed = [0] * len(self.replicas)  # requests each replica was given
+        numbers = itertools.count()  # one numbering: no two replicas give the same default request id or seed
+        for engine in self.replicas:
+            engine.llm.request_numbers = numbers
 
     async def start(self) -> None:
         for engine in self.replicas:

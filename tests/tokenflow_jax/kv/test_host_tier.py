@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,6 +38,11 @@ class HeldCopy:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self.data
+
+    @property
+    def addressable_shards(self) -> list:
+        """The shards of the block on its one device, as a real gathered block has them."""
+        return jax.device_put(self.data).addressable_shards
 
 
 def block_for(tier: HostKVTier, pages: int, value: float) -> np.ndarray:
