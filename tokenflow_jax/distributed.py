@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator-address", metavar="HOST:PORT",
                        help="process 0's address, the same on every process (default: unset, one process)")  # fmt: skip
     group.add_argument("--num-processes", type=int, help="processes (hosts) the engine spans (default: 1)")
-    group.add_argument("--process-id", type=int,
-                       help="this process's index: 0 leads (scheduler, server), the others follow")  # fmt: skip
+    index = "this process's index: 0 leads (scheduler, server), the others follow (default: unset)"
+    group.add_argument("--process-id", type=int, help=index)
 
 
 def initialize_from_args(args: argparse.Namespace) -> None:

@@ -138,7 +138,7 @@ def host_breakdown(llm: Any, batch: int, tokens: int) -> dict[str, float]:
     llm.generate(prompts, sampling)  # warm
     ex, runner, core = llm.executor, llm.executor.runner, llm.core
     t: dict[str, float] = collections.Counter()
-    timed = [(core, "step"), (core.policy, "plan"), (ex, "_dispatch"), (ex, "_write_through"), (runner, "run_step"),
+    timed = [(core, "step"), (core.policy, "plan"), (ex, "_dispatch"), (ex, "_write_through"), (ex, "_compute"),
              (runner_module, "build_ragged_batch"), (runner, "_batch_arrays"), (runner, "_sampling_arrays"),
              (ex, "_sampled_tokens"), (llm_module, "token_text")]  # fmt: skip
     steps = len(llm.core.scheduler_times_s)
@@ -152,9 +152,9 @@ def host_breakdown(llm: Any, batch: int, tokens: int) -> dict[str, float]:
     assembly = t["build_ragged_batch"] + t["_batch_arrays"] + t["_sampling_arrays"]
     phases = {
         "scheduler (policy.plan)": t["plan"],
-        "executor bookkeeping (pages, chunks)": t["_dispatch"] - t["run_step"] - t["_write_through"],
+        "executor bookkeeping (pages, chunks)": t["_dispatch"] - t["_compute"] - t["_write_through"],
         "batch assembly (arrays for the step)": assembly,
-        "step dispatch (jitted call)": t["run_step"] - assembly,
+        "step dispatch (jitted call)": t["_compute"] - assembly,
         "write-through (bookkeeping, page gathers)": t["_write_through"],
         "wait for the sampled tokens": t["_sampled_tokens"],
         "core: tokens, tracker, finishing": t["step"] - t["plan"] - t["_dispatch"] - t["_sampled_tokens"],

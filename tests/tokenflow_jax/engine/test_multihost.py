@@ -124,3 +124,15 @@ def test_a_follower_whose_leader_dies_exits(hf_checkpoint, tmp_path) -> None:
         os.killpg(procs[0].pid, signal.SIGKILL)  # the leader goes away mid-run
         procs[1].wait(timeout=DEADLINE_S)  # exits on its own: the coordination service went with the leader
     assert procs[1].returncode != 0
+
+
+def test_distributed_flags_are_checked_before_joining(capsys) -> None:
+    from tokenflow_jax.generate import main
+
+    base = ["--model", "tiny", "--prompt-ids", "1,2", "--max-tokens", "1"]
+    assert main([*base, "--num-processes", "2"]) == 2
+    assert "--coordinator-address, --num-processes and --process-id go together" in capsys.readouterr().err
+    assert main([*base, "--coordinator-address", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"]) == 2
+    assert "process_id must be in [0, 1], got 2" in capsys.readouterr().err
+    assert main([*base, "--coordinator-address", "no-port", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "coordinator_address must be HOST:PORT" in capsys.readouterr().err
