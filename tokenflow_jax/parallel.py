@@ -84,7 +84,17 @@ def make_mesh(tensor_parallel_size: int, devices: Sequence[jax.Device] | None = 
             f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} devices, "
             f"{len(available)} available{hint}"
         )
+    if tensor_parallel_size > 1:
+        _partition_with_gspmd_where_shardy_crashes()
     return Mesh(np.array(available[:tensor_parallel_size]), (TP_AXIS,))
+
+
+def _partition_with_gspmd_where_shardy_crashes() -> None:
+    """jax 0.11's Shardy partitioner segfaults compiling the sharded steps (in its
+    `ManualComputationUnusedInputsPattern`; jax 0.10 compiles them): there, XLA's GSPMD partitions them, with the
+    same results. Process-wide, as JAX's flag is."""
+    if jax.__version_info__[:2] >= (0, 11) and getattr(jax.config, "jax_use_shardy_partitioner", False):
+        jax.config.update("jax_use_shardy_partitioner", False)
 
 
 def param_specs(params: dict[str, Any], tensor_parallel_size: int) -> dict[str, Any]:
