@@ -16,9 +16,12 @@ from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
 from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, RATE
 
 
-def rank(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float, held: np.ndarray) -> Ranking:
+def rank(
+    snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float, held: np.ndarray, all_started: bool = False
+) -> Ranking:
     """Contenders by urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival.
-    Newcomers `held` back by schedulability (snapshot indices) do not contend.
+    Newcomers `held` back by schedulability (snapshot indices) do not contend. Overloaded with every request
+    started (`all_started`), equal buffers go by fcfs's order instead (`cfg.overload_fcfs_order`).
 
     A rate-less request has an empty buffer and full value but rate 0: it sorts after every stream as urgent as a
     newcomer (newcomers, streams due back, running streams short of `stickiness_s`) and before every stream with
@@ -47,12 +50,20 @@ def rank(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float
     neg_value = negative_token_weights(buffer_tokens, block[MAX_TOKENS])
     off_device = np.ones(n, dtype=bool)
     off_device[:nr] = False
-    order = np.lexsort((block[ARRIVAL], off_device, np.negative(block[RATE]), neg_value, urgency))
+    fcfs_rank = None
+    if all_started and cfg.overload_fcfs_order:
+        # Someone stalls whatever the order; fcfs keeps its earliest streams fed. Ranked by value, the streams
+        # left off the device once buffers ran out were whichever happened to be paused then (DESIGN 3.13).
+        fcfs_rank = np.empty(n)
+        fcfs_rank[np.lexsort((np.array(snap.rids), block[ARRIVAL]))] = np.arange(n)
+        order = np.lexsort((fcfs_rank, urgency))
+    else:
+        order = np.lexsort((block[ARRIVAL], off_device, np.negative(block[RATE]), neg_value, urgency))
     if held.size:
         contender = np.ones(n, dtype=bool)
         contender[held] = False
         order = order[contender.take(order)]
-    return Ranking(order, buffer_tokens, paused_load, paused_due, total_load_s)
+    return Ranking(order, buffer_tokens, paused_load, paused_due, total_load_s, fcfs_rank=fcfs_rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,26 +149,34 @@ def greedy_fill(
             chosen[k], used, count = True, used + p, count + 1
     # A left-out running request that cannot cover a pause comes back, pushing out the least urgent newcomers
     # and comfortable paused streams; a paused stream due back may still displace it if its buffer covers the
-    # bare round trip (mu = 1), else that stream yields too.
+    # bare round trip (mu = 1), else that stream yields too (unless it comes first in fcfs's order, `rank`).
     on_device = ranking.on_device
     left_out = (~chosen & on_device).nonzero()[0]
     if not left_out.size:
         return chosen, used
-    due = ranking.due
+    due, fcfs_rank = ranking.due, ranking.fcfs_rank
     for k in gate.locked(snap, ranking, left_out).nonzero()[0].tolist():
         p = int(pages[k])
         for may_drop_due in (False, True):
             if may_drop_due and not gate.locked(snap, ranking, np.array([k]), mu=1.0)[k]:
                 break
             last = pages.size - 1
+            # Overloaded, a due stream ahead of this one in fcfs's order keeps its place.
+            ahead = -1.0 if not may_drop_due or fcfs_rank is None else fcfs_rank[ranking.order[k]]
             while (used + p > capacity or count >= limit) and last >= 0:
-                if chosen[last] and not on_device[last] and due[last] == may_drop_due:
+                keeps = fcfs_rank_before(fcfs_rank, ranking.order[last], ahead)
+                if chosen[last] and not on_device[last] and due[last] == may_drop_due and not keeps:
                     chosen[last], used, count = False, used - int(pages[last]), count - 1
                 last -= 1
             if used + p <= capacity and count < limit:
                 chosen[k], used, count = True, used + p, count + 1
                 break
     return chosen, used
+
+
+def fcfs_rank_before(fcfs_rank: np.ndarray | None, row: int, rank: float) -> bool:
+    """Whether snapshot row `row` comes before `rank` in fcfs's order (never while that order is off)."""
+    return fcfs_rank is not None and fcfs_rank[row] < rank
 
 
 def local_search(snap: Snapshot, ranking: Ranking, chosen: np.ndarray, used: int, iters: int, gate: Gate) -> int:

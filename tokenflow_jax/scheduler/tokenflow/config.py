@@ -21,6 +21,7 @@ class TokenFlowConfig:
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
     io_fraction: float = 0.5  # swap-ins a decision plans: at most this share of an interval in load time
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
+    overload_fcfs_order: bool = True  # overloaded, every request started: equal buffers go by fcfs's order
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs to its end
 
     def __post_init__(self) -> None:

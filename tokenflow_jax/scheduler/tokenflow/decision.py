@@ -57,7 +57,9 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     room_short = beyond_room(snap, peak_pages)
     newcomers = held_newcomers(snap, overloaded, spare_rate)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
-    ranking, gate = rank(snap, est, cfg, lead_s, newcomers), Gate(est, cfg.mu, lead_s)
+    # Overloaded with every live request started, someone stalls whatever the order: fcfs's order decides ties.
+    all_started = overloaded and not newcomers.size
+    ranking, gate = rank(snap, est, cfg, lead_s, newcomers, all_started), Gate(est, cfg.mu, lead_s)
     order, rids = ranking.order, snap.rids
     chosen, used = greedy_fill(snap, ranking, slot_limit(snap, working_set), newcomers.size > 0,
                                cfg.io_fraction * cfg.reschedule_interval, gate)  # fmt: skip

@@ -103,6 +103,7 @@ class Ranking:
     on_device: np.ndarray | None = None
     gate_s: np.ndarray | None = None  # the admission gate's time factor, NaN until computed
     gate_bound_s: np.ndarray | None = None  # an upper bound on it from the snapshot alone
+    fcfs_rank: np.ndarray | None = None  # per snapshot index: fcfs's order (arrival, id), when it decides ties
 
     def by_position(self, snap: Snapshot, est: CostEstimates, lead_s: float) -> None:
         order, n, paused = self.order, len(snap.reqs), slice(snap.num_running, snap.holding_kv)

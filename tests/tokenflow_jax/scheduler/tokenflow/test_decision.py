@@ -56,6 +56,9 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
         c["key"] = (-phi, -weight(c["buffer"], req.sampling.max_tokens), -req.rate, req.status is not running,
                     req.arrival)  # fmt: skip
         contenders.append(c)
+    if fcfs_order := decision.overloaded and not newcomers:  # every request started: ties go by fcfs's order
+        for c in contenders:
+            c["key"] = (c["key"][0], c["req"].arrival, c["req"].request_id)
     contenders.sort(key=lambda c: c["key"])
     host_free = ex.free_host_pages()
 
@@ -89,6 +92,9 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
                 if used + c["pages"] <= capacity and count < limit:
                     break
                 d = contenders[j]
+                earlier = (d["req"].arrival, d["req"].request_id) < (c["req"].arrival, c["req"].request_id)
+                if may_drop_due and fcfs_order and earlier:  # overloaded: fcfs's order decides
+                    continue
                 if chosen[j] and d["req"].status is not running and d["due"] == may_drop_due:
                     chosen[j], used, count = False, used - d["pages"], count - 1
             if used + c["pages"] <= capacity and count < limit:
