@@ -120,23 +120,32 @@ async def run_load(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _spin(stop: Any) -> None:
-    """A CPU-bound loop until `stop` is set (a competing process)."""
+def _spin(stop: Any, spinning: Any) -> None:
+    """A CPU-bound loop until `stop` is set (a competing process); sets `spinning` once it runs."""
+    spinning.set()
     x = 0
     while not stop.is_set():
         for _ in range(100_000):
             x = (x * 1103515245 + 12345) & 0xFFFFFFFF
 
 
+SPIN_START_TIMEOUT_S = 120.0  # a spawned interpreter starts in well under a second; a deadline against a hang
+
+
 @contextlib.contextmanager
 def contention(num_processes: int) -> Iterator[None]:
-    """`num_processes` CPU-bound processes running for the duration of the block."""
+    """`num_processes` CPU-bound processes running for the duration of the block (all of them spinning before
+    it starts: a spawned process takes a while to start, longer than a short run on a loaded host)."""
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
-    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(num_processes)]
+    spinning = [ctx.Event() for _ in range(num_processes)]
+    procs = [ctx.Process(target=_spin, args=(stop, started), daemon=True) for started in spinning]
     for p in procs:
         p.start()
     try:
+        for started in spinning:
+            if not started.wait(SPIN_START_TIMEOUT_S):
+                raise RuntimeError(f"a competing process did not start within {SPIN_START_TIMEOUT_S:g} s")
         yield
     finally:
         stop.set()
