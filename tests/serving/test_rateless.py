@@ -4,10 +4,12 @@ get clear errors."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import numpy as np
 import openai
 import pytest
 
@@ -21,6 +23,7 @@ from tests.serving.conftest import (
     stop_server_process,
     wait_for_idle_pages,
 )
+from tokenflow_jax.workloads import RateMix
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,37 @@ def test_absent_null_and_stated_rates_are_served_and_counted_by_class(rateless_s
     assert grew('tokenflow_generation_tokens_total{request_class="rateless"}') == 12
     assert grew('tokenflow_e2e_request_latency_seconds_count{request_class="rateless"}') == 2
     assert grew('tokenflow_e2e_request_latency_seconds_count{request_class="stream"}') == 1
+
+
+def test_loadtest_rate_mix_sends_rateless_requests_and_reports_each_class(
+    rateless_server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serving.loadtest --rate-mix 20:0.5,none:0.5` leaves stream_rate out of the requests drawn "none": the server
+    counts exactly those as rate-less, and the client's summary reports each class over its own requests."""
+    from serving import loadtest
+
+    url, n, k = rateless_server.base_url, 12, 5
+    drawn = RateMix.parse("20:0.5,none:0.5").sample(np.random.default_rng(7), n)
+    num_rateless = drawn.count(None)
+    assert 0 < num_rateless < n  # the seed draws both classes
+    before = metric_values(url)
+    flags = ["--url", url, "--arrivals", "burst", "--num-requests", str(n), "--max-tokens", str(k), "--seed", "7",
+             "--rate-mix", "20:0.5,none:0.5"]  # fmt: skip
+    assert loadtest.main([*flags, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    after = wait_for_idle_pages(url)
+    finished = 'tokenflow_requests_finished_by_class_total{{request_class="{}"}}'
+    assert after[finished.format("rateless")] - before[finished.format("rateless")] == num_rateless
+    assert after[finished.format("stream")] - before[finished.format("stream")] == n - num_rateless
+    assert (summary["completed"], summary["errors"], summary["total_output_tokens"]) == (n, 0, n * k)
+    assert (summary["stream_completed"], summary["rateless_completed"]) == (n - num_rateless, num_rateless)
+    assert summary["stream_playback_s"] == pytest.approx((n - num_rateless) * k / 20)  # L / r over the streams
+    # A rate-less request's end-to-end latency runs from its send to its last token, past its first.
+    assert summary["p99_rateless_e2el_ms"] >= summary["median_rateless_e2el_ms"] > 0
+    assert summary["median_stream_ttft_ms"] > 0
+    assert loadtest.main([*flags, "--num-requests", "4"]) == 0  # the table shows both classes too
+    out = capsys.readouterr().out
+    assert "streams: " in out and "rate-less: " in out and "E2E p50" in out
 
 
 @pytest.mark.parametrize("rate", [-5, 0, "fast", "20", True, [20]])
