@@ -139,6 +139,19 @@ BYTE_EOS_ID = 257
 
 # Random-weight presets (byte tokenizer): `tiny-random` for tests, the real shapes for benchmarks. The default
 # model `tiny` is a trained model folder with tiny-random's shapes (`checkpoints.presets.EMBEDDED_MODELS`).
+# Llama-3.1's rope scaling (the 8B and 70B presets).
+LLAMA31_ROPE_SCALING = tuple(
+    sorted(
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }.items()
+    )
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny-random": ModelConfig(
         architecture="LlamaForCausalLM",
@@ -167,17 +180,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8,
         head_dim=128,
         rope_theta=500000.0,
-        rope_scaling=tuple(
-            sorted(
-                {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                }.items()
-            )
-        ),
+        rope_scaling=LLAMA31_ROPE_SCALING,
         max_position_embeddings=131072,
         bos_token_id=128000,
         eos_token_ids=(128001, 128009),
@@ -193,17 +196,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8,
         head_dim=128,
         rope_theta=500000.0,
-        rope_scaling=tuple(
-            sorted(
-                {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                }.items()
-            )
-        ),
+        rope_scaling=LLAMA31_ROPE_SCALING,
         max_position_embeddings=131072,
         bos_token_id=128000,
         eos_token_ids=(128001, 128009),

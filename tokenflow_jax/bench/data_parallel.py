@@ -15,7 +15,6 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from tokenflow_jax.bench.results import SchedulerRun
@@ -153,10 +152,10 @@ def _run(label: str, records: list[RequestRecord], cores: Sequence[EngineCore], 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The bench at `--data-parallel-size` M: each policy over M replicas; the tables and results.json."""
     from tokenflow_jax.bench.schedulers import (
-        available_schedulers,
         build_parser,
         engine_limits,
         format_table,
+        run_setup,
         workload_specs,
         write_results,
     )
@@ -169,11 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not specs:
         raise SystemExit("the workload is empty")
     limits = engine_limits(args, specs)
-    names = available_schedulers([n.strip() for n in args.schedulers.split(",") if n.strip()])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {**{k: v for k, v in vars(args).items() if k not in ("plots", "progress")}, **limits,
-              "num_specs": len(specs), "total_output_tokens": sum(s.output_len for s in specs)}  # fmt: skip
+    names, out, config = run_setup(args, specs, limits)
     print(
         f"{len(specs)} requests ({args.workload}) over {args.data_parallel_size} replicas, schedulers "
         f"{', '.join(names)}, {limits['kv_pages']} device / {limits['host_kv_pages']} host KV pages per replica"

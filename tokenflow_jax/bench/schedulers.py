@@ -338,6 +338,18 @@ def paper_setup_run(args: argparse.Namespace) -> tuple[list[RequestSpec], Execut
     return specs, ex, limits
 
 
+def run_setup(
+    args: argparse.Namespace, specs: Sequence[RequestSpec], limits: dict[str, int]
+) -> tuple[list[str], Path, dict[str, Any]]:
+    """(the schedulers that import, the output folder, made, and the run's config for results.json)."""
+    names = available_schedulers([n.strip() for n in args.schedulers.split(",") if n.strip()])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {**{k: v for k, v in vars(args).items() if k not in ("plots", "progress")}, **limits,
+              "num_specs": len(specs), "total_output_tokens": sum(s.output_len for s in specs)}  # fmt: skip
+    return names, out, config
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.data_parallel_size != 1:
@@ -350,11 +362,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not specs:
             raise SystemExit("the workload is empty")
         limits = engine_limits(args, specs)
-    names = available_schedulers([n.strip() for n in args.schedulers.split(",") if n.strip()])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {**{k: v for k, v in vars(args).items() if k not in ("plots", "progress")}, **limits,
-              "num_specs": len(specs), "total_output_tokens": sum(s.output_len for s in specs)}  # fmt: skip
+    names, out, config = run_setup(args, specs, limits)
     print(
         f"{len(specs)} requests ({args.workload}), schedulers {', '.join(names)}, executor {args.executor}, "
         f"{limits['kv_pages']} device / {limits['host_kv_pages']} host KV pages of {args.page_size} tokens"
