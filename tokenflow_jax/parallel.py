@@ -74,16 +74,18 @@ def replicate_kv_heads(params: dict[str, Any], cfg: ModelConfig, replicas: int) 
     return dict(params, layers=layers)
 
 
+def check_device_count(what: str, need: int, available: int) -> None:
+    """ValueError "`what` needs `need` devices, `available` available" (with how to get more host devices on CPU)."""
+    if available < need:
+        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices)"
+                if jax.default_backend() == "cpu" else "")  # fmt: skip
+        raise ValueError(f"{what} needs {need} devices, {available} available{hint}")
+
+
 def make_mesh(tensor_parallel_size: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh over `devices` (default: the first N of `jax.devices()`); ValueError when there are too few."""
     available = list(jax.devices()) if devices is None else list(devices)
-    if len(available) < tensor_parallel_size:
-        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices)"
-                if jax.default_backend() == "cpu" else "")  # fmt: skip
-        raise ValueError(
-            f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} devices, "
-            f"{len(available)} available{hint}"
-        )
+    check_device_count(f"tensor_parallel_size {tensor_parallel_size}", tensor_parallel_size, len(available))
     if tensor_parallel_size > 1:
         _partition_with_gspmd_where_shardy_crashes()
     return Mesh(np.array(available[:tensor_parallel_size]), (TP_AXIS,))

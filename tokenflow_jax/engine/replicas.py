@@ -21,6 +21,7 @@ import jax
 
 from tokenflow_jax.engine.async_engine import AsyncEngine, EngineStats, EngineStopped, RequestStream
 from tokenflow_jax.metrics import RequestRecord
+from tokenflow_jax.parallel import check_device_count
 from tokenflow_jax.sampling_params import SamplingParams
 from tokenflow_jax.scheduler.routing import pick_replica
 
@@ -34,14 +35,8 @@ def replica_devices(
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{flag} must be a positive integer, got {n!r}")
     available = list(jax.devices()) if devices is None else list(devices)
-    need = data_parallel_size * tensor_parallel_size
-    if len(available) < need:
-        hint = (" (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices)"
-                if jax.default_backend() == "cpu" else "")  # fmt: skip
-        raise ValueError(
-            f"data_parallel_size {data_parallel_size} x tensor_parallel_size {tensor_parallel_size} needs {need} "
-            f"devices, {len(available)} available{hint}"
-        )
+    what = f"data_parallel_size {data_parallel_size} x tensor_parallel_size {tensor_parallel_size}"
+    check_device_count(what, data_parallel_size * tensor_parallel_size, len(available))
     t = tensor_parallel_size
     return [available[i * t : (i + 1) * t] for i in range(data_parallel_size)]
 
