@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The Azure LLM inference trace's conversation half (November 2023), shipped with the package (traces/README.md).
+AZURE_CONV_2023 = Path(__file__).parent / "traces" / "azure_llm_2023_conv.csv"
+
 
 @dataclass(frozen=True)
 class RequestSpec:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tokenflow_jax import workloads
 from tokenflow_jax.workloads import LengthDist, RateMix, RequestSpec
 
-AZURE_TRACE = Path("/work/shared/traces/azure_llm_2023_conv.csv")
+AZURE_TRACE = workloads.AZURE_CONV_2023
 
 
 def arrivals(specs: list[RequestSpec]) -> np.ndarray:
@@ -134,6 +132,14 @@ def test_azure_trace_replay(azure):
     assert 3400 < times[-1] < 3600  # about one hour
     assert (azure[0].prompt_len, azure[0].output_len) == (374, 44)
     assert np.mean([s.prompt_len for s in azure]) == pytest.approx(1155, rel=0.01)
+
+
+def test_faithful_gamma_burstiness_is_the_shipped_traces(azure):
+    """The faithful setups' gamma arrivals take k = 1/CV^2 of the trace's inter-arrival gaps."""
+    from tokenflow_jax.bench.faithful import AZURE_CONV_BURSTINESS
+
+    gaps = np.diff(arrivals(azure))
+    assert gaps.mean() ** 2 / gaps.var() == pytest.approx(AZURE_CONV_BURSTINESS, abs=0.005)
 
 
 def test_azure_trace_time_scaling_and_window(azure):
