@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-# The Azure LLM inference trace's conversation half (November 2023), shipped with the package (traces/README.md).
-AZURE_CONV_2023 = Path(__file__).parent / "traces" / "azure_llm_2023_conv.csv"
+AZURE_CONV_2023 = Path(__file__).parent / "traces" / "azure_llm_2023_conv.csv"  # shipped: traces/README.md
 
 
 @dataclass(frozen=True)
