@@ -40,6 +40,21 @@ from tokenflow_jax.request import Request
 from tokenflow_jax.sim.profiles import SimProfile, load_profile
 
 
+def batch_terms(chunks: Sequence[SequenceChunk]) -> tuple[int, int, int, float]:
+    """A step's terms of the cost model (`SimProfile.step_time`): batch tokens, context tokens, prefill tokens
+    and prefill attention pairs."""
+    tokens = context = prefill = 0
+    pairs = 0.0
+    for c in chunks:
+        n = len(c.token_ids)
+        tokens += n
+        context += c.start + n
+        if n > 1:
+            prefill += n
+            pairs += n * (c.start + n / 2)
+    return tokens, context, prefill, pairs
+
+
 class SimExecutor(PagedExecutor):
     def __init__(
         self,
@@ -120,16 +135,7 @@ class SimExecutor(PagedExecutor):
 
     # ---- compute
     def step_time(self, chunks: list[SequenceChunk]) -> float:
-        tokens = context = prefill = 0
-        pairs = 0.0
-        for c in chunks:
-            n = len(c.token_ids)
-            tokens += n
-            context += c.start + n
-            if n > 1:
-                prefill += n
-                pairs += n * (c.start + n / 2)
-        return self.profile.step_time(tokens, context, prefill, pairs) * self.speed_factor(self.clock)
+        return self.profile.step_time(*batch_terms(chunks)) * self.speed_factor(self.clock)
 
     def _compute(
         self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str] | None = None

@@ -39,21 +39,24 @@ def test_sim_vs_engine_prints_the_simulators_error_on_every_figure(tmp_path, cap
     out = tmp_path / "errors.json"
     table = sim_vs_engine.main(["--profile", str(profile), "--schedulers", "fcfs,tokenflow", "--json", str(out),
                                 "--", *CI_ARGS])  # fmt: skip
-    assert list(table)[0] == "fitted" and list(table)[1].startswith("calibrated on fcfs (")
-    # Calibrated on fcfs's duration (a constant per step, clipped so that no step costs less than nothing),
-    # the simulator's fcfs comes closer to the engine's (equal unless clipped).
-    fitted, calibrated = (t["fcfs"]["output_throughput"] for t in table.values())
-    assert abs(calibrated["sim"] - calibrated["engine"]) <= abs(fitted["sim"] - fitted["engine"]) + 1e-9
-    table = table["fitted"]
-    assert list(table) == ["fcfs", "tokenflow"]
-    for figures in table.values():
-        for key, _ in sim_vs_engine.FIGURES:
-            f = figures[key]
-            assert f["engine"] >= 0 and f["sim"] >= 0
-            if f["engine"]:
-                assert math.isclose(f["error"], f["sim"] / f["engine"] - 1)
-    # fcfs never swaps, on either executor.
-    assert table["fcfs"]["preemptions_swap"] == {"engine": 0, "sim": 0, "error": 0.0}
+    assert list(table) == ["fitted on isolated steps", "fitted on the serving loop (same run)"]
+    saved = json.loads(out.read_text())
+    # The engine's loop steps were recorded and refitted: a cost model of its own, every term >= 0.
+    run = saved["run"]
+    assert run["steps_recorded"] > 0 and len(run["load_average"]) == 2
+    loop, isolated = (run["step_costs"][k] for k in ("fitted on the serving loop (same run)",
+                                                     "fitted on isolated steps"))  # fmt: skip
+    assert all(v >= 0 for v in loop.values()) and loop != isolated
+    for figures_by_policy in table.values():
+        assert list(figures_by_policy) == ["fcfs", "tokenflow"]
+        for figures in figures_by_policy.values():
+            for key, _ in sim_vs_engine.FIGURES:
+                f = figures[key]
+                assert f["engine"] >= 0 and f["sim"] >= 0
+                if f["engine"]:
+                    assert math.isclose(f["error"], f["sim"] / f["engine"] - 1)
+        # fcfs never swaps, on either executor.
+        assert figures_by_policy["fcfs"]["preemptions_swap"] == {"engine": 0, "sim": 0, "error": 0.0}
     printed = capsys.readouterr().out
-    assert "| fcfs |" in printed and "Within 15%:" in printed
-    assert json.loads(out.read_text())["profile"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
+    assert "| fcfs |" in printed and "Within 15%:" in printed and "load average" in printed
+    assert saved["profile"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
