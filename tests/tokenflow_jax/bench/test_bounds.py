@@ -58,7 +58,8 @@ def test_no_policy_beats_the_bounds_on_a_paper_setup(setup: ps.PaperSetup) -> No
         assert_within(summarize(records), bounds, f"{setup.name} {policy}")
 
 
-@pytest.mark.parametrize("setup", [cheap(s) for s in faithful_setups()], ids=lambda s: s.name)
+# The bursts: where the pool binds and tokenflow pauses, so the switched-off parts cost something.
+@pytest.mark.parametrize("setup", [cheap(s) for s in faithful_setups() if s.kind == "burst"], ids=lambda s: s.name)
 def test_no_ablation_variant_beats_the_bounds_of_its_own_executor(setup: ps.PaperSetup) -> None:
     profile = setup.sim_profile("roofline")
     pages = max(64, round(SCALE * LENGTH_SCALE * profile.device_pages(16)))
