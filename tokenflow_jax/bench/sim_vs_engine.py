@@ -10,7 +10,8 @@ runs the bench's workload (default: its default burst; the bench flags after `--
 every step of the serving loop: the batch's terms of the cost model and the time from the previous step's
 tokens to its own. It refits the step cost on those records (`sim.profiles.fit_steps`; transfers and pools as
 the isolated fit), so host time per step, scheduling and prefill chunking are charged as the loop paid them,
-in the same run and under the same load as the figures it is compared with. The simulator then replays the
+in the same run and under the same load as the figures it is compared with (each policy on its own steps: they
+run one after another, and a shared machine's speed drifts between them). The simulator then replays the
 workload on each profile, and this prints, per scheduler, each figure on both and the simulator's error: TTFT
 p50 and p99, effective and token throughput as relative errors (target within 15%), swap and recompute
 preemption counts as relative errors where the engine's count is not 0, with the load average before and
@@ -82,9 +83,10 @@ class StepRecorder:
         executor._compute, executor._resolve = recording_compute, recording_resolve
 
 
-def run_engine(bench_flags: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[tuple], tuple[float, float]]:
+def run_engine(bench_flags: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, list[tuple]], tuple]:
     """The bench's workload on the real engine, every scheduler once, as `python -m tokenflow_jax.bench` runs it:
-    ({scheduler: summary}, the serving loop's step records, load average (1 min) before and after)."""
+    ({scheduler: summary}, {scheduler: its serving loop's step records}, load average (1 min) before and
+    after)."""
     from tokenflow_jax.bench import schedulers as bench
 
     args = bench.build_parser().parse_args(bench_flags)
@@ -93,49 +95,64 @@ def run_engine(bench_flags: Sequence[str]) -> tuple[dict[str, dict[str, Any]], l
     names = bench.available_schedulers([n.strip() for n in args.schedulers.split(",") if n.strip()])
     executor, eos = bench.build_executor(args, limits)
     recorder = StepRecorder(executor)
+    configs = json.loads(args.scheduler_config)
     load_before = os.getloadavg()[0]
-    runs = bench.compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
-                         configs=json.loads(args.scheduler_config), time_limit=args.time_limit, progress=False,
-                         prefix_caching=args.enable_prefix_caching)  # fmt: skip
-    return {r.name: r.summary for r in runs}, recorder.records, (load_before, os.getloadavg()[0])
+    summaries, records = {}, {}
+    for name in names:
+        recorder.records = records[name] = []
+        run = bench.run_scheduler(executor, name, specs, eos=eos, preemption=args.preemption, seed=args.seed,
+                                  config=configs.get(name), time_limit=args.time_limit, progress=False,
+                                  prefix_caching=args.enable_prefix_caching)  # fmt: skip
+        summaries[name] = run.summary
+    return summaries, records, (load_before, os.getloadavg()[0])
+
+
+ISOLATED = "fitted on isolated steps"
+SERVING_LOOP = "fitted on the policy's own serving-loop steps (same run)"
+COEFFICIENTS = ("step_base_s", "step_per_token_s", "step_per_context_token_s", "prefill_per_token_s",
+                "prefill_per_token_pair_s")  # fmt: skip
 
 
 def compare(
     profile: Path, bench_flags: Sequence[str], schedulers: str, out: Path
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
-    """({"fitted on isolated steps" | "fitted on the serving loop": {scheduler: {figure: {engine, sim,
-    error}}}}, what the run was: load averages, steps recorded, both profiles' step coefficients)."""
+    """({ISOLATED | SERVING_LOOP: {scheduler: {figure: {engine, sim, error}}}}, what the run was: load
+    averages, steps recorded and step coefficients per scheduler).
+
+    Each policy's simulation on SERVING_LOOP uses the step cost refitted on that policy's own engine steps:
+    the policies run one after another, and on a shared machine the engine's speed drifts between them."""
     from tokenflow_jax.bench import schedulers as bench
     from tokenflow_jax.sim.profiles import fit_steps, load_profile
 
-    common = [*bench_flags, "--schedulers", schedulers, "--no-plots", "--no-progress"]
-    engine, records, loads = run_engine(common)
+    common = [*bench_flags, "--no-plots", "--no-progress"]
+    engine, records, loads = run_engine([*common, "--schedulers", schedulers])
     isolated = load_profile(profile)
-    a, b, c, p, q = fit_steps(records)
-    loop = dataclasses.replace(isolated, name=f"{isolated.name}-serving-loop", step_base_s=a,
-                               step_per_token_s=b, step_per_context_token_s=c, prefill_per_token_s=p,
-                               prefill_per_token_pair_s=q)  # fmt: skip
-    loop_path = out / "profile_serving_loop.json"
-    loop.save(loop_path)
-    profiles = {"fitted on isolated steps": Path(profile), "fitted on the serving loop (same run)": loop_path}
-    runs = {kind: bench.main([*common, "--executor", "sim", "--sim-profile", str(path), "--out", str(out / f"sim{i}")])
-            for i, (kind, path) in enumerate(profiles.items())}  # fmt: skip
+    sims = {ISOLATED: bench.main([*common, "--schedulers", schedulers, "--executor", "sim", "--sim-profile",
+                                  str(profile), "--out", str(out / "sim")])}  # fmt: skip
+    sims[SERVING_LOOP] = {}
+    step_costs = {ISOLATED: {k: getattr(isolated, k) for k in COEFFICIENTS}}
+    for name, steps in records.items():
+        loop = dataclasses.replace(isolated, name=f"{isolated.name}-serving-loop-{name}",
+                                   **dict(zip(COEFFICIENTS, fit_steps(steps), strict=True)))  # fmt: skip
+        path = out / f"profile_serving_loop_{name}.json"
+        loop.save(path)
+        step_costs[name] = {k: getattr(loop, k) for k in COEFFICIENTS}
+        sims[SERVING_LOOP][name] = bench.main([*common, "--schedulers", name, "--executor", "sim", "--sim-profile",
+                                               str(path), "--out", str(out / f"sim_{name}")])[name]  # fmt: skip
     tables = {kind: {name: {key: {"engine": engine[name][key], "sim": sim[name][key],
                                   "error": relative_error(sim[name][key], engine[name][key])} for key, _ in FIGURES}
-                     for name in engine} for kind, sim in runs.items()}  # fmt: skip
-    coefficients = ("step_base_s", "step_per_token_s", "step_per_context_token_s", "prefill_per_token_s",
-                    "prefill_per_token_pair_s")  # fmt: skip
-    run = {"load_average": loads, "steps_recorded": len(records),
-           "step_costs": {kind: {k: getattr(load_profile(path), k) for k in coefficients}
-                          for kind, path in profiles.items()}}  # fmt: skip
+                     for name in engine} for kind, sim in sims.items()}  # fmt: skip
+    run = {"load_average": loads, "steps_recorded": {n: len(r) for n, r in records.items()},
+           "step_costs": step_costs, "step_records": records}  # fmt: skip
     return tables, run
 
 
 def format_errors(tables: dict[str, dict[str, dict[str, Any]]], run: dict[str, Any]) -> str:
     before, after = run["load_average"]
+    steps = ", ".join(f"{n} {k}" for n, k in run["steps_recorded"].items())
     head = (
-        f"Engine run: {run['steps_recorded']} serving-loop steps recorded; load average {before:.1f} before, "
-        f"{after:.1f} after.\nStep cost a + b*tokens + c*context + p*prefill + q*pairs (ms, us, ns, us, ns):\n"
+        f"Engine run: serving-loop steps recorded: {steps}; load average {before:.1f} before, {after:.1f} "
+        "after.\nStep cost a + b*tokens + c*context + p*prefill + q*pairs (ms, us, ns, us, ns):\n"
     )
     costs = "\n".join(f"- {kind}: {1e3 * c['step_base_s']:.2f}, {1e6 * c['step_per_token_s']:.1f}, "
                        f"{1e9 * c['step_per_context_token_s']:.1f}, {1e6 * c['prefill_per_token_s']:.1f}, "

@@ -147,15 +147,16 @@ def fit_steps(records: Sequence[tuple[int, int, int, float, float]]) -> tuple[fl
     """(a, b, c, p, q) of `SimProfile.step_time` from a serving loop's own steps: (batch tokens, context tokens,
     prefill tokens, prefill pairs, seconds from the previous step's tokens to this one's), so host work per step
     (scheduling, batch assembly, reading tokens) is charged as the loop pays it. Least squares with every
-    coefficient >= 0 (a negative one is dropped and the rest refitted); then once more without the steps more
-    than 5 median deviations off (compiles, other jobs' bursts)."""
+    coefficient >= 0 (a negative one is dropped and the rest refitted), first without the steps over 20 times the
+    median step (compiles), then twice more without the steps whose relative error is over 5 times the median
+    one (other jobs' bursts; relative, so that a rare long prefill step is not dropped for being long)."""
     x = np.array([[1.0, *r[:4]] for r in records])
     y = np.array([r[4] for r in records])
-    keep = np.ones(len(y), bool)
-    for _ in range(2):
+    keep = y <= 20 * float(np.median(y))
+    for _ in range(3):
         coef = _nonnegative_lstsq(x[keep], y[keep])
-        residual = np.abs(y - x @ coef)
-        keep = residual <= 5 * max(float(np.median(residual)), 1e-9)
+        residual = np.abs(y - x @ coef) / np.maximum(y, 1e-9)
+        keep = residual <= 5 * max(float(np.median(residual)), 1e-3)
     return tuple(float(v) for v in coef)  # type: ignore[return-value]
 
 
