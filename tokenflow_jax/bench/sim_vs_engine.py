@@ -114,18 +114,26 @@ COEFFICIENTS = ("step_base_s", "step_per_token_s", "step_per_context_token_s", "
 
 
 def compare(
-    profile: Path, bench_flags: Sequence[str], schedulers: str, out: Path
+    profile: Path, bench_flags: Sequence[str], schedulers: str, out: Path, engine_run: dict[str, Any] | None = None
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, Any]]:
     """({ISOLATED | SERVING_LOOP: {scheduler: {figure: {engine, sim, error}}}}, what the run was: load
     averages, steps recorded and step coefficients per scheduler).
 
     Each policy's simulation on SERVING_LOOP uses the step cost refitted on that policy's own engine steps:
-    the policies run one after another, and on a shared machine the engine's speed drifts between them."""
+    the policies run one after another, and on a shared machine the engine's speed drifts between them.
+    `engine_run` (a previous `--json` output) replays that run's engine figures and step records instead of
+    running the engine again."""
     from tokenflow_jax.bench import schedulers as bench
     from tokenflow_jax.sim.profiles import fit_steps, load_profile
 
     common = [*bench_flags, "--no-plots", "--no-progress"]
-    engine, records, loads = run_engine([*common, "--schedulers", schedulers])
+    if engine_run is None:
+        engine, records, loads = run_engine([*common, "--schedulers", schedulers])
+    else:
+        figures = engine_run["figures"][ISOLATED]
+        engine = {name: {key: f[key]["engine"] for key, _ in FIGURES} for name, f in figures.items()}
+        records, loads = engine_run["run"]["step_records"], engine_run["run"]["load_average"]
+        schedulers = ",".join(engine)
     isolated = load_profile(profile)
     sims = {ISOLATED: bench.main([*common, "--schedulers", schedulers, "--executor", "sim", "--sim-profile",
                                   str(profile), "--out", str(out / "sim")])}  # fmt: skip
@@ -189,11 +197,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument("--profile", type=Path, help="a profile fitted on isolated steps (JSON); None: fit one first")
     p.add_argument("--model", default="tiny", help="model of the engine (and of the fit)")
     p.add_argument("--schedulers", default="tokenflow,fcfs,sglang,andes", help="comma-separated policy names")
-    p.add_argument("--json", type=Path, help="also write the figures and errors here")
+    p.add_argument("--json", type=Path, help="also write the figures, errors and the engine's step records here")
+    p.add_argument("--engine-run", type=Path, help="a previous --json output: refit and simulate its engine run")
     args = p.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="sim_vs_engine_"))
-    profile = args.profile or fit_profile(out / "profile.json", args.model)
-    table, run = compare(profile, ["--model", args.model, *bench_flags], args.schedulers, out)
+    engine_run = json.loads(args.engine_run.read_text()) if args.engine_run else None
+    profile = args.profile
+    if profile is None and engine_run is not None:  # that run's isolated fit
+        profile = out / "profile.json"
+        profile.write_text(json.dumps(engine_run["profile"]))
+    elif profile is None:
+        profile = fit_profile(out / "profile.json", args.model)
+    table, run = compare(profile, ["--model", args.model, *bench_flags], args.schedulers, out, engine_run)
     print(format_errors(table, run))
     if args.json:
         args.json.write_text(json.dumps({"profile": json.loads(Path(profile).read_text()), "run": run,

@@ -147,16 +147,13 @@ def fit_steps(records: Sequence[tuple[int, int, int, float, float]]) -> tuple[fl
     """(a, b, c, p, q) of `SimProfile.step_time` from a serving loop's own steps: (batch tokens, context tokens,
     prefill tokens, prefill pairs, seconds from the previous step's tokens to this one's), so host work per step
     (scheduling, batch assembly, reading tokens) is charged as the loop pays it. Least squares with every
-    coefficient >= 0 (a negative one is dropped and the rest refitted), first without the steps over 20 times the
-    median step (compiles), then twice more without the steps whose relative error is over 5 times the median
-    one (other jobs' bursts; relative, so that a rare long prefill step is not dropped for being long)."""
+    coefficient >= 0 (a negative one is dropped and the rest refitted), without the steps over 20 times the
+    median step (compiles). With the intercept free, the fit charges the kept steps' total time exactly; it is
+    not trimmed further, as trimming by error biases that total (a loaded machine's steps are skewed)."""
     x = np.array([[1.0, *r[:4]] for r in records])
     y = np.array([r[4] for r in records])
     keep = y <= 20 * float(np.median(y))
-    for _ in range(3):
-        coef = _nonnegative_lstsq(x[keep], y[keep])
-        residual = np.abs(y - x @ coef) / np.maximum(y, 1e-9)
-        keep = residual <= 5 * max(float(np.median(residual)), 1e-3)
+    coef = _nonnegative_lstsq(x[keep], y[keep])
     return tuple(float(v) for v in coef)  # type: ignore[return-value]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 from tokenflow_jax.bench import engine_bench
 from tokenflow_jax.sim.executor import SimExecutor
@@ -42,15 +43,16 @@ def test_sim_vs_engine_prints_the_simulators_error_on_every_figure(tmp_path, cap
     assert list(table) == [sim_vs_engine.ISOLATED, sim_vs_engine.SERVING_LOOP]
     saved = json.loads(out.read_text())
     # Each policy's engine steps were recorded and refitted: a cost model of its own, every term >= 0, that
-    # charges the recorded steps' total time back to within 25%.
+    # charges the recorded steps' total time back (exactly but for dropped compile-sized steps).
     run = saved["run"]
     assert len(run["load_average"]) == 2 and set(run["step_costs"]) == {sim_vs_engine.ISOLATED, "fcfs", "tokenflow"}
     for name in ("fcfs", "tokenflow"):
         records, cost = run["step_records"][name], run["step_costs"][name]
         assert run["steps_recorded"][name] == len(records) > 0 and all(v >= 0 for v in cost.values())
         a, *terms = (cost[k] for k in sim_vs_engine.COEFFICIENTS)
-        predicted = sum(a + sum(c * t for c, t in zip(terms, r[:4], strict=True)) for r in records)
-        assert math.isclose(predicted, sum(r[4] for r in records), rel_tol=0.25)
+        kept = [r for r in records if r[4] <= 20 * statistics.median(s[4] for s in records)]
+        predicted = sum(a + sum(c * t for c, t in zip(terms, r[:4], strict=True)) for r in kept)
+        assert math.isclose(predicted, sum(r[4] for r in kept), rel_tol=0.05)
     for figures_by_policy in table.values():
         assert list(figures_by_policy) == ["fcfs", "tokenflow"]
         for figures in figures_by_policy.values():
@@ -64,3 +66,5 @@ def test_sim_vs_engine_prints_the_simulators_error_on_every_figure(tmp_path, cap
     printed = capsys.readouterr().out
     assert "| fcfs |" in printed and "Within 15%:" in printed and "load average" in printed
     assert saved["profile"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
+    # Replaying the saved engine run (no engine) refits and simulates it to the same figures.
+    assert sim_vs_engine.main(["--engine-run", str(out), "--", *CI_ARGS]) == table
