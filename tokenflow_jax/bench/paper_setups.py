@@ -169,7 +169,7 @@ def run_one(
     log = getattr(core.policy, "decision_log", None)
     return {
         "setup": setup.name, "rates": rates, "policy": policy, "kernels": kernels, "wall_s": wall,
-        "sim_s": executor.now(), "steps": executor.steps,
+        "sim_s": executor.now(), "steps": executor.steps, "held_s": executor.held_s,
         "playback_s": {r.request_id: r.output_len / r.rate for r in records if r.completed and r.rate is not None},
         "decision_count": getattr(core.policy, "decisions", None),
         "decision_log": None if log is None else list(log),  # (live requests, seconds) per tokenflow decision

@@ -143,6 +143,34 @@ def fit_transfer(points: Sequence[tuple[int, float]], page_bytes: int) -> tuple[
     return float(latency), float(1.0 / per_byte)
 
 
+def fit_steps(records: Sequence[tuple[int, int, int, float, float]]) -> tuple[float, float, float, float, float]:
+    """(a, b, c, p, q) of `SimProfile.step_time` from a serving loop's own steps: (batch tokens, context tokens,
+    prefill tokens, prefill pairs, seconds from the previous step's tokens to this one's), so host work per step
+    (scheduling, batch assembly, reading tokens) is charged as the loop pays it. Least squares with every
+    coefficient >= 0 (a negative one is dropped and the rest refitted), without the steps over 20 times the
+    median step (compiles). With the intercept free, the fit charges the kept steps' total time exactly; it is
+    not trimmed further, as trimming by error biases that total (a loaded machine's steps are skewed)."""
+    x = np.array([[1.0, *r[:4]] for r in records])
+    y = np.array([r[4] for r in records])
+    keep = y <= 20 * float(np.median(y))
+    coef = _nonnegative_lstsq(x[keep], y[keep])
+    return tuple(float(v) for v in coef)  # type: ignore[return-value]
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    scale = np.maximum(np.linalg.norm(x, axis=0), 1e-30)  # columns span 1 .. 1e6: fit them on one scale
+    free = list(range(x.shape[1]))
+    coef = np.zeros(x.shape[1])
+    while free:
+        coef[:] = 0.0
+        coef[free] = np.linalg.lstsq(x[:, free] / scale[free], y, rcond=None)[0] / scale[free]
+        worst = min(free, key=lambda i: coef[i])
+        if coef[worst] >= 0:
+            break
+        free.remove(worst)
+    return np.maximum(coef, 0.0)
+
+
 def profile_from_engine_measurements(
     name: str,
     cfg: ModelConfig,

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 
+from tokenflow_jax.bench import ablation
 from tokenflow_jax.bench import paper_setups as ps
 from tokenflow_jax.bench.bounds import StepCosts, prompt_extra, workload_bounds
 from tokenflow_jax.bench.faithful import faithful_setups
@@ -55,6 +56,22 @@ def test_no_policy_beats_the_bounds_on_a_paper_setup(setup: ps.PaperSetup) -> No
         records = replay(core, specs, progress=False)
         bounds = workload_bounds(specs, StepCosts.of_executor(ex))  # the cost model this run used
         assert_within(summarize(records), bounds, f"{setup.name} {policy}")
+
+
+# The bursts: where the pool binds and tokenflow pauses, so the switched-off parts cost something.
+@pytest.mark.parametrize("setup", [cheap(s) for s in faithful_setups() if s.kind == "burst"], ids=lambda s: s.name)
+def test_no_ablation_variant_beats_the_bounds_of_its_own_executor(setup: ps.PaperSetup) -> None:
+    profile = setup.sim_profile("roofline")
+    pages = max(64, round(SCALE * LENGTH_SCALE * profile.device_pages(16)))
+    specs = scale_lengths(setup.specs("20", seed=3), prompt_scale=LENGTH_SCALE, output_scale=LENGTH_SCALE)
+    for variant, (preemption, options, _) in ablation.VARIANTS.items():
+        if variant == "full":  # the test above runs it
+            continue
+        ex = SimExecutor(profile, num_device_pages=pages, max_model_len=ps.MAX_MODEL_LEN, **dict(options))
+        core = EngineCore(ex, make_policy("tokenflow"), preemption=preemption)
+        records = replay(core, specs, progress=False)
+        bounds = workload_bounds(specs, StepCosts.of_executor(ex))
+        assert_within(summarize(records), bounds, f"{setup.name} {variant}")
 
 
 def test_one_request_alone_meets_its_ttft_bound_and_the_prompt_floor_is_exact() -> None:

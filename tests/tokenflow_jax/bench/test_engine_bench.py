@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 from tokenflow_jax.bench import engine_bench
 from tokenflow_jax.sim.executor import SimExecutor
@@ -39,21 +40,31 @@ def test_sim_vs_engine_prints_the_simulators_error_on_every_figure(tmp_path, cap
     out = tmp_path / "errors.json"
     table = sim_vs_engine.main(["--profile", str(profile), "--schedulers", "fcfs,tokenflow", "--json", str(out),
                                 "--", *CI_ARGS])  # fmt: skip
-    assert list(table)[0] == "fitted" and list(table)[1].startswith("calibrated on fcfs (")
-    # Calibrated on fcfs's duration (a constant per step, clipped so that no step costs less than nothing),
-    # the simulator's fcfs comes closer to the engine's (equal unless clipped).
-    fitted, calibrated = (t["fcfs"]["output_throughput"] for t in table.values())
-    assert abs(calibrated["sim"] - calibrated["engine"]) <= abs(fitted["sim"] - fitted["engine"]) + 1e-9
-    table = table["fitted"]
-    assert list(table) == ["fcfs", "tokenflow"]
-    for figures in table.values():
-        for key, _ in sim_vs_engine.FIGURES:
-            f = figures[key]
-            assert f["engine"] >= 0 and f["sim"] >= 0
-            if f["engine"]:
-                assert math.isclose(f["error"], f["sim"] / f["engine"] - 1)
-    # fcfs never swaps, on either executor.
-    assert table["fcfs"]["preemptions_swap"] == {"engine": 0, "sim": 0, "error": 0.0}
+    assert list(table) == [sim_vs_engine.ISOLATED, sim_vs_engine.SERVING_LOOP]
+    saved = json.loads(out.read_text())
+    # Each policy's engine steps were recorded and refitted: a cost model of its own, every term >= 0, that
+    # charges the recorded steps' total time back (exactly but for dropped compile-sized steps).
+    run = saved["run"]
+    assert len(run["load_average"]) == 2 and set(run["step_costs"]) == {sim_vs_engine.ISOLATED, "fcfs", "tokenflow"}
+    for name in ("fcfs", "tokenflow"):
+        records, cost = run["step_records"][name], run["step_costs"][name]
+        assert run["steps_recorded"][name] == len(records) > 0 and all(v >= 0 for v in cost.values())
+        a, *terms = (cost[k] for k in sim_vs_engine.COEFFICIENTS)
+        kept = [r for r in records if r[4] <= 20 * statistics.median(s[4] for s in records)]
+        predicted = sum(a + sum(c * t for c, t in zip(terms, r[:4], strict=True)) for r in kept)
+        assert math.isclose(predicted, sum(r[4] for r in kept), rel_tol=0.05)
+    for figures_by_policy in table.values():
+        assert list(figures_by_policy) == ["fcfs", "tokenflow"]
+        for figures in figures_by_policy.values():
+            for key, _ in sim_vs_engine.FIGURES:
+                f = figures[key]
+                assert f["engine"] >= 0 and f["sim"] >= 0
+                if f["engine"]:
+                    assert math.isclose(f["error"], f["sim"] / f["engine"] - 1)
+        # fcfs never swaps, on either executor.
+        assert figures_by_policy["fcfs"]["preemptions_swap"] == {"engine": 0, "sim": 0, "error": 0.0}
     printed = capsys.readouterr().out
-    assert "| fcfs |" in printed and "Within 15%:" in printed
-    assert json.loads(out.read_text())["profile"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
+    assert "| fcfs |" in printed and "Within 15%:" in printed and "load average" in printed
+    assert saved["profile"]["kv_bytes_per_token"] == 2 * 2 * 2 * 32 * 4
+    # Replaying the saved engine run (no engine) refits and simulates it to the same figures.
+    assert sim_vs_engine.main(["--engine-run", str(out), "--", *CI_ARGS]) == table

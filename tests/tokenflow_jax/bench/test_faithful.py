@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from tokenflow_jax.batching import SequenceChunk
 from tokenflow_jax.bench import ablation, faithful
 from tokenflow_jax.bench import paper_setups as ps
 from tokenflow_jax.config import PRESETS
@@ -86,6 +87,30 @@ def test_one_copy_timeline_makes_a_load_wait_for_the_evictions_before_it() -> No
     assert loaded > evicted  # it waited for it
 
 
+def test_only_a_switched_off_part_makes_the_step_after_a_swap_wait_for_its_transfers() -> None:
+    def step_after_swaps(**switches: bool) -> tuple[float, float, float, float]:
+        """(start, end of the step after a pauses and b comes back, a's copy landed, b's load landed)."""
+        ex = SimExecutor("rtx4090-llama3-8b", num_device_pages=64, num_host_pages=64, **switches)
+        reqs = {r: Request(r, [1] * 320, SamplingParams(max_tokens=8, ignore_eos=True), 20.0, 0.0) for r in "ab"}
+        for rid, token in ex.execute(StepPlan(schedule={"a": 320, "b": 320}), reqs).sampled.items():
+            reqs[rid].output_ids.append(token)
+        ex.execute(StepPlan(swap_out=["b"]), reqs)
+        ex.idle_until(max(ex.copy_free_at, ex.clock + 1.0))  # b's host copy is complete
+        start = ex.now()
+        step = ex.step_time([SequenceChunk([1], 320, ())])  # b's next token
+        ex.execute(StepPlan(swap_out=["a"], swap_in=["b"], schedule={"b": 1}), reqs)
+        assert ex.now() >= start + step
+        return start, ex.now() - step, ex.copy_free_at, ex.load_free_at
+
+    for switches in ({}, {"write_through": False}):  # the engine: the step runs beside both transfers
+        start, step_start, _, loaded = step_after_swaps(**switches)
+        assert step_start == start and loaded > start
+    start, step_start, copied, _ = step_after_swaps(write_through=False, swap_out_copies_whole_kv=True)
+    assert step_start == copied > start  # a's whole KV is copied before its pages are used again
+    start, step_start, copied, loaded = step_after_swaps(overlap_transfers=False)
+    assert step_start == max(copied, loaded) > start  # the step waits for the eviction and the load
+
+
 def test_the_ablation_switches_each_part_off() -> None:
     cheap = ps.PaperSetup("rtx4090", "llama3-8b", "burst", 60, "short")
     runs = {r["variant"]: r for r in ablation.run_ablation("roofline", setup=cheap)}
@@ -94,6 +119,10 @@ def test_the_ablation_switches_each_part_off() -> None:
     assert full["preemptions_swap"] > 0 and no_offload["preemptions_swap"] == 0
     assert no_offload["preemptions_recompute"] > 0 and no_offload["swap_bytes"] == 0
     assert runs["without evict-load overlap"]["executor_options"] == {"overlap_transfers": False}
+    no_wt, no_overlap = runs["without write-through"], runs["without evict-load overlap"]
+    assert full["held_s"] == 0 and no_wt["held_s"] > 0 and no_overlap["held_s"] > 0  # steps waited for copies
+    assert no_wt["swap_bytes"] > full["swap_bytes"]  # every pause copies the whole KV
+    assert full["duration"] < min(no_wt["duration"], no_overlap["duration"], no_offload["duration"])
     for r in runs.values():
         assert r["completed"] == 60 and r["duration"] >= r["bound"]["min_duration_s"]
     text = ablation.ablation_report(list(runs.values()), "roofline")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tokenflow_jax import workloads
@@ -173,3 +174,25 @@ class _SwapOutOnce:
         if self.plans == 2:
             return StepPlan(swap_out=[self.request_id])
         return self.fcfs.plan(state)
+
+
+def test_the_serving_loop_fit_recovers_a_known_step_cost_despite_noise_and_a_compile() -> None:
+    from tokenflow_jax.sim.profiles import fit_steps
+
+    rng = np.random.default_rng(0)
+    truth = (2e-3, 1e-4, 2e-7, 0.0, 1e-6)  # no per-prefill-token term: the fit must not go negative
+
+    def cost(coef, terms) -> float:
+        return coef[0] + sum(c * t for c, t in zip(coef[1:], terms, strict=True))
+
+    steps = []
+    for _ in range(400):
+        tokens = int(rng.integers(1, 64))
+        prefill = tokens * int(rng.integers(0, 2))
+        steps.append((tokens, tokens * int(rng.integers(10, 200)), prefill, prefill * float(rng.integers(10, 100))))
+    records = [(*terms, cost(truth, terms) * rng.normal(1, 0.03)) for terms in steps]
+    records[0] = (*records[0][:4], 5.0)  # a step that compiled
+    fit = fit_steps(records)
+    assert all(v >= 0 for v in fit) and abs(fit[0] - truth[0]) <= 0.1 * truth[0]
+    for terms in steps:  # every step's cost within 3% (the noise's sd) of the true one
+        assert abs(cost(fit, terms) - cost(truth, terms)) <= 0.03 * cost(truth, terms)
