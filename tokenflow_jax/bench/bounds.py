@@ -263,11 +263,16 @@ def bench_bounds(
 #   contexts of their steps, plus, for a started stream, its prompt: (b + c) P + X(P) - b - c P more (the
 #   first token is the prefill; `first_token_bounds`);
 # - one step's sequences and contexts fit: sum_i N_i(t) <= N S(t) and sum_i Ctx(N_i(t)) <= M S(t).
+# - the steps ending in (t', t], but the first of them, ran inside it: s (a (S(t) - S(t') - 1) + b (sum_i N_i(t)
+#   - N_i(t') - N)) <= t - t' (time left idle is not banked);
+# - every stream, whatever its TTFT, waits for its tokens 2 .. L one step each after its first: S_i >= s ((L - 1)
+#   (a + b) + c sum_{j=2..L} (P + j - 1)) - (L - 1) / r.
 # The schedule picks K. Relaxing "i in K" to a weight w_i in [0, 1] with sum w_i >= k, each i's stall to z_i
 # >= max(0, (w_i d_i(t) - N_i(t)) / r_i) at the points t of a grid, and the convex Ctx to the largest of a few
 # tangents (below it), gives a linear program whose every constraint is implied by the schedule's; its least
 # sum z_i is a lower bound on the streams' total rebuffer. Rate-less requests' work, swaps, loads and the
-# policy's own time are left out (they only add), so it holds whatever a schedule does for the rate-less.
+# policy's own time are left out (they only add), so it holds whatever a schedule does for the rate-less, as long as
+# it completes every stream.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +362,12 @@ def stream_stall_bound(
     # A step's sequences and contexts: sum_i N_ik - N S_k <= 0; sum_i Q_ik - M S_k <= 0.
     add([iN + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.max_num_seqs))], np.zeros(K), at=[kk, None])
     add([iQ + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.device_tokens))], np.zeros(K), at=[kk, None])
+    # Steps ending in a slot, but its first, ran inside it: s (a (S_k - S_{k-1} - 1) + b (tokens - N)) <= t_k - t_{k-1}.
+    dt = np.diff(t, prepend=0.0)
+    add([iS + kk[0], iS + kk[0, 1:] - 1, iN + ni(ii, kk), iN + ni(ii[:, 1:], kk[:, 1:] - 1)],
+        [np.full(K, s * costs.base_s), np.full(K - 1, -s * costs.base_s), s * costs.per_token_s,
+         -s * costs.per_token_s], dt + s * (costs.base_s + costs.per_token_s * costs.max_num_seqs),
+        at=[None, kk[0, 1:], kk, kk[:, 1:]])  # fmt: skip
     # K: sum w >= k.
     add([iw + np.arange(n)], [-1.0], np.array([-float(k)]), at=[np.zeros(n, dtype=np.int64)])
 
@@ -364,9 +375,14 @@ def stream_stall_bound(
     upper = np.full(nvar, np.inf)
     upper[iN:iQ] = np.where(t[None, :] > arrival[:, None], out[:, None], 0.0).ravel()
     upper[iw:iz] = 1.0
+    # Every stream, alone: its tokens 2 .. L come a step apart, each step at least s (a + b + c context).
+    lower = np.zeros(nvar)
+    lone = s * ((out - 1) * (costs.base_s + costs.per_token_s) + costs.per_context_token_s * (
+        (out - 1) * p + out * (out - 1) / 2)) - (out - 1) / rate  # fmt: skip
+    lower[iz:] = np.maximum(lone, 0.0)
     cost = np.zeros(nvar)
     cost[iz:] = 1.0
-    res = optimize.linprog(cost, A_ub=a_ub, b_ub=np.concatenate(rhs), bounds=np.stack([np.zeros(nvar), upper], 1),
+    res = optimize.linprog(cost, A_ub=a_ub, b_ub=np.concatenate(rhs), bounds=np.stack([lower, upper], 1),
                            method="highs")  # fmt: skip
     if res.status == 2:  # no schedule has this TTFT at all: every stall bound holds vacuously
         return StallBound(math.inf, playback)

@@ -50,6 +50,7 @@ def stall_rows(runs: Sequence[dict[str, Any]], setups: dict[str, ps.PaperSetup] 
         fcfs, tf = pol["fcfs"], pol["tokenflow"]
         cap_s = fcfs["p99_stream_ttft_ms"] / 1e3
         bound = setup_bound(setups[name], rates, fcfs["kernels"], cap_s) if name in setups else None
+        print(f"{name} {rates}: bound {'-' if bound is None else f'{bound.share:.3f}'}", file=sys.stderr, flush=True)
         row = {"setup": name, "rates": rates, "fcfs_p99_stream_ttft_s": cap_s,
                "bound_share": None if bound is None else bound.share}  # fmt: skip
         for key, r in (("fcfs", fcfs), ("tokenflow", tf)):
