@@ -6,8 +6,9 @@
 Per setup: the streams' P99 TTFT, their stall as a share of their playback (total stall / total playback, and
 the worst stream's), for fcfs and tokenflow; and the bound on that share for any schedule whose streams' P99
 TTFT is at most fcfs's. A bound above 10% means the target "streams' rebuffer within 10% of their playback
-time, P99 TTFT at most fcfs's" is infeasible on that setup; the bound on the total share also bounds the worst
-stream's (a largest ratio is at least the ratio of the sums).
+time, P99 TTFT at most fcfs's" is infeasible on that setup; one at or under 10% shows nothing either way (it is a
+relaxation, not a schedule). The bound on the total share also bounds the worst stream's (a largest ratio is at
+least the ratio of the sums).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def verdict(row: dict[str, Any]) -> str:
     if row["bound_share"] is not None and row["bound_share"] > TARGET_SHARE:
         return "infeasible"
     ttft_ok = row["tokenflow_p99_stream_ttft_s"] <= row["fcfs_p99_stream_ttft_s"]
-    return "met" if ttft_ok and row["tokenflow_share"] <= TARGET_SHARE else "feasible, missed"
+    met = ttft_ok and row["tokenflow_share"] <= TARGET_SHARE
+    return "met" if met else "missed (bound <= 10%: not shown infeasible)"
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
