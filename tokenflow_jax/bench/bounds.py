@@ -238,3 +238,155 @@ def bench_bounds(
     costs = StepCosts.of_executor(executor) if hasattr(executor, "profile") else engine_floor_costs(
         executor, step_seconds)  # fmt: skip
     return workload_bounds(specs, costs)
+
+
+# The streams' stall under a TTFT cap (the mixed-traffic target: streams' rebuffer within 10% of their playback
+# time while their P99 TTFT is at most fcfs's).
+#
+# **What is bounded.** A stream read at r from its first token g_1 reads token j at read_j = max(g_j, read_{j-1}
+# + 1/r) (`metrics.read_times`); its rebuffer S is the sum of its stalls max(0, g_j - read_{j-1} - 1/r). The
+# target's share is the completed streams' total rebuffer over their total playback, sum S_i / sum L_i / r_i
+# (`stream_rebuffer_s` / `stream_playback_s` in `metrics.summarize`); the worst stream's share
+# (`stream_max_rebuffer_share`) is at least that (a largest ratio is at least the ratio of the sums).
+#
+# **Lower bound for any schedule whose streams' P99 TTFT is at most T.** P99 is linearly interpolated over the
+# n streams' sorted TTFTs, so entry floor(0.99 (n - 1)) is <= T: a set K of k = floor(0.99 (n - 1)) + 1 streams
+# have g_1 <= a + T. The stall up to token j is g_j - g_1 - (j - 1)/r plus nothing negative, and it never
+# shrinks; so if stream i has made N_i(t) < L_i tokens by time t (token N_i + 1 comes later),
+#     S_i >= (d_i(t) - N_i(t)) / r_i  for i in K,  d_i(t) = min(L_i, r_i (t - a_i - T)),
+# and also when N_i(t) = L_i (the right side is <= 0). What N_i(t) any schedule can reach, on the cost model
+# of the module docstring, with S(t) token-yielding steps ended by t:
+# - N_i(t) <= L_i, N_i is 0 until a_i and never falls, and N_i(t') - N_i(t) <= S(t') - S(t): a stream gets at
+#   most one token a step;
+# - the steps ended by t ran, one at a time, between the first arrival t0 and t: s (a S(t) + sum_i cost_i) <=
+#   t - t0, where a stream's first N tokens cost at least b N + c Ctx(N), Ctx(N) = N P + N (N - 1) / 2 the
+#   contexts of their steps, plus, for a started stream, its prompt: (b + c) P + X(P) - b - c P more (the
+#   first token is the prefill; `first_token_bounds`);
+# - one step's sequences and contexts fit: sum_i N_i(t) <= N S(t) and sum_i Ctx(N_i(t)) <= M S(t).
+# - the steps ending in (t', t], but the first of them, ran inside it: s (a (S(t) - S(t') - 1) + b (sum_i N_i(t)
+#   - N_i(t') - N)) <= t - t' (time left idle is not banked);
+# - every stream, whatever its TTFT, waits for its tokens 2 .. L one step each after its first: S_i >= s ((L - 1)
+#   (a + b) + c sum_{j=2..L} (P + j - 1)) - (L - 1) / r.
+# The schedule picks K. Relaxing "i in K" to a weight w_i in [0, 1] with sum w_i >= k, each i's stall to z_i
+# >= max(0, (w_i d_i(t) - N_i(t)) / r_i) at the points t of a grid, and the convex Ctx to the largest of a few
+# tangents (below it), gives a linear program whose every constraint is implied by the schedule's; its least
+# sum z_i is a lower bound on the streams' total rebuffer. Rate-less requests' work, swaps, loads and the
+# policy's own time are left out (they only add), so it holds whatever a schedule does for the rate-less, as long as
+# it completes every stream.
+
+
+@dataclasses.dataclass(frozen=True)
+class StallBound:
+    stall_s: float  # lower bound on the streams' total rebuffer
+    playback_s: float  # the streams' total playback, sum L / r
+
+    @property
+    def share(self) -> float:
+        """The bound over the streams' playback: above 0.10, no schedule meets the 10% target at this TTFT."""
+        return self.stall_s / self.playback_s if self.playback_s else 0.0
+
+
+TANGENTS = 6  # points where Ctx(N) is linearised from below, per stream
+
+
+def stream_stall_bound(
+    specs: Sequence[RequestSpec], costs: StepCosts, p99_ttft_s: float, points: int = 48
+) -> StallBound:
+    """A lower bound on the streams' total rebuffer for any schedule of `specs` on `costs` whose streams' P99
+    TTFT is at most `p99_ttft_s`: the linear program of the comment above `StallBound`, on `points` times."""
+    from scipy import optimize, sparse  # (scipy comes with jax; imported here, the rest of the module needs none)
+
+    streams = [x for x in specs if x.rate is not None]
+    if not streams:
+        return StallBound(0.0, 0.0)
+    t0 = min(x.arrival for x in specs)
+    arrival = np.array([x.arrival for x in streams]) - t0
+    p = np.array([x.prompt_len for x in streams], dtype=np.int64)
+    out = np.array([x.output_len for x in streams], dtype=np.float64)
+    rate = np.array([x.rate for x in streams], dtype=np.float64)
+    playback = float((out / rate).sum())
+    n, big_t = len(streams), float(p99_ttft_s)
+    k = math.floor(P99 / 100 * (n - 1)) + 1
+    t = np.linspace(0.0, float((arrival + big_t + out / rate).max()), points + 1)[1:]
+    K = t.size
+    s = costs.speed
+    prompt_more = s * ((costs.per_token_s + costs.per_context_token_s) * p + prompt_extra(p, costs)
+                       - costs.per_token_s - costs.per_context_token_s * p)  # fmt: skip
+    demand = np.minimum(out[:, None], rate[:, None] * (t[None, :] - arrival[:, None] - big_t))  # (n, K)
+
+    # Variables: N (n, K), Q (n, K) >= Ctx(N), S (K), w (n), z (n).
+    nN = n * K
+    iN, iQ, iS, iw, iz = 0, nN, 2 * nN, 2 * nN + K, 2 * nN + K + n
+    nvar = iz + n
+
+    def ni(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return i * K + j
+
+    rows, cols, vals, rhs = [], [], [], []
+    row = 0
+
+    def add(r_cols: list[np.ndarray], r_vals: list, b: np.ndarray, at: list | None = None) -> None:
+        """Rows `b.size` more: term j puts r_vals[j] at columns r_cols[j] of the rows at[j] (default: one each)."""
+        nonlocal row
+        for j, (c, v) in enumerate(zip(r_cols, r_vals, strict=True)):
+            local = np.arange(b.size).reshape(c.shape) if at is None or at[j] is None else at[j]
+            rows.append(row + np.broadcast_to(local, c.shape).ravel())
+            cols.append(c.ravel())
+            vals.append(np.broadcast_to(v, c.shape).ravel().astype(np.float64))
+        rhs.append(b.ravel().astype(np.float64))
+        row += b.size
+
+    ii, kk = np.meshgrid(np.arange(n), np.arange(K), indexing="ij")
+    # Stall: w_i d_i(t_k) - N_ik - r_i z_i <= 0 where d > 0.
+    live = demand > 0
+    li, lk = ii[live], kk[live]
+    add([iw + li, iN + ni(li, lk), iz + li], [demand[live], -1.0, -rate[li]], np.zeros(li.size))
+    # Monotone and one token a step: N_{i,k-1} - N_ik <= 0; N_ik - N_{i,k-1} - S_k + S_{k-1} <= 0.
+    mi, mk = ii[:, 1:].ravel(), kk[:, 1:].ravel()
+    add([iN + ni(mi, mk - 1), iN + ni(mi, mk)], [1.0, -1.0], np.zeros(mi.size))
+    add([iN + ni(mi, mk), iN + ni(mi, mk - 1), iS + mk, iS + mk - 1], [1.0, -1.0, -1.0, 1.0], np.zeros(mi.size))
+    fi, fk = ii[:, 0], kk[:, 0]
+    add([iN + ni(fi, fk), iS + fk], [1.0, -1.0], np.zeros(n))
+    # Ctx(N) >= tangent at q: Ctx(q) + Ctx'(q) (N - q) <= Q.
+    for frac in np.linspace(0.0, 1.0, TANGENTS):
+        q = np.round(frac * out)
+        slope = p + q - 0.5
+        offset = p * q + q * (q - 1) / 2 - slope * q
+        add([iN + ni(ii, kk), iQ + ni(ii, kk)], [slope[:, None] * np.ones((n, K)), -1.0],
+            -np.broadcast_to(offset[:, None], (n, K)))  # fmt: skip
+    # Time: s a S_k + sum_i (s b N_ik + s c Q_ik + w_i more_i [started by t_k]) <= t_k.
+    started = (t[None, :] >= arrival[:, None] + big_t).astype(np.float64)
+    add([iS + kk[0], iN + ni(ii, kk), iQ + ni(ii, kk), iw + ii],
+        [np.full(K, s * costs.base_s), s * costs.per_token_s, s * costs.per_context_token_s,
+         prompt_more[:, None] * started], t, at=[None, kk, kk, kk])  # fmt: skip
+    # A step's sequences and contexts: sum_i N_ik - N S_k <= 0; sum_i Q_ik - M S_k <= 0.
+    add([iN + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.max_num_seqs))], np.zeros(K), at=[kk, None])
+    add([iQ + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.device_tokens))], np.zeros(K), at=[kk, None])
+    # Steps ending in a slot, but its first, ran inside it: s (a (S_k - S_{k-1} - 1) + b (tokens - N)) <= t_k - t_{k-1}.
+    dt = np.diff(t, prepend=0.0)
+    add([iS + kk[0], iS + kk[0, 1:] - 1, iN + ni(ii, kk), iN + ni(ii[:, 1:], kk[:, 1:] - 1)],
+        [np.full(K, s * costs.base_s), np.full(K - 1, -s * costs.base_s), s * costs.per_token_s,
+         -s * costs.per_token_s], dt + s * (costs.base_s + costs.per_token_s * costs.max_num_seqs),
+        at=[None, kk[0, 1:], kk, kk[:, 1:]])  # fmt: skip
+    # K: sum w >= k.
+    add([iw + np.arange(n)], [-1.0], np.array([-float(k)]), at=[np.zeros(n, dtype=np.int64)])
+
+    a_ub = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(row, nvar))
+    upper = np.full(nvar, np.inf)
+    upper[iN:iQ] = np.where(t[None, :] > arrival[:, None], out[:, None], 0.0).ravel()
+    upper[iw:iz] = 1.0
+    # Every stream, alone: its tokens 2 .. L come a step apart, each step at least s (a + b + c context).
+    lower = np.zeros(nvar)
+    lone = s * ((out - 1) * (costs.base_s + costs.per_token_s) + costs.per_context_token_s * (
+        (out - 1) * p + out * (out - 1) / 2)) - (out - 1) / rate  # fmt: skip
+    lower[iz:] = np.maximum(lone, 0.0)
+    cost = np.zeros(nvar)
+    cost[iz:] = 1.0
+    res = optimize.linprog(cost, A_ub=a_ub, b_ub=np.concatenate(rhs), bounds=np.stack([lower, upper], 1),
+                           method="highs")  # fmt: skip
+    if res.status == 2:  # no schedule has this TTFT at all: every stall bound holds vacuously
+        return StallBound(math.inf, playback)
+    if res.status != 0:
+        raise RuntimeError(f"the stall bound's linear program did not solve: {res.message}")
+    # The dual bound of HiGHS, slightly lowered for its tolerance, keeps the bound a bound.
+    return StallBound(max(0.0, float(res.fun) * (1 - 1e-6) - 1e-6), playback)
