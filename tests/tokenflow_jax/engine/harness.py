@@ -145,7 +145,7 @@ def check_host_copies(core: EngineCore) -> None:
         n = min(req.num_host_synced, req.num_computed)
         for t in range(n):
             hp, dp = req.host_pages[t // s], req.device_pages[t // s]
-            host = ex.host.pages[:, :, :, hp, t % s]
+            host = ex.host.pages[hp, :, :, :, t % s]
             device = np.stack([np.stack([np.asarray(k[:, dp, t % s]), np.asarray(v[:, dp, t % s])])
                                for k, v in ex.runner.kv_cache])  # fmt: skip
             np.testing.assert_array_equal(host, device, err_msg=f"{req.request_id} token {t}")
