@@ -146,6 +146,11 @@ class HostKVTier:
             self.load_threads[threading.current_thread().name] += 1
         return data
 
+    def loads_by_thread(self) -> collections.Counter[str]:
+        """Host reads for the device so far, by the name of the thread that made them."""
+        with self._lock:
+            return collections.Counter(self.load_threads)
+
     def load_async(
         self, host_ids: Sequence[int], after: int | None, to_device: Callable[[np.ndarray], Any]
     ) -> concurrent.futures.Future:

@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.executor import EngineExecutor
@@ -174,6 +174,14 @@ class ScriptedEngineRules(RuleBasedStateMachine):
         self.index: dict[str, int] = {}
         self.aborted: set[str] = set()
         self.n = 0
+
+    @invariant()
+    def host_pages_load_on_the_load_thread(self) -> None:
+        """Swap-ins and host prefix hits read host pages on the tier's load thread, never on the engine's."""
+        reads = self.ex.host.loads_by_thread()
+        if not hasattr(self, "reads_before"):
+            self.reads_before = reads
+        assert set(reads - self.reads_before) <= {"kv-load"}, dict(reads - self.reads_before)
 
     def pick(self, status: RequestStatus | None, k: int) -> str | None:
         """The k-th live request (modulo) in `status`, any status if None."""

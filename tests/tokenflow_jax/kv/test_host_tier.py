@@ -6,7 +6,6 @@ A device copy that has not completed cannot be produced on demand on a CPU (XLA 
 
 from __future__ import annotations
 
-import collections
 import threading
 
 import jax
@@ -165,7 +164,7 @@ def test_a_swap_in_loads_its_pages_on_the_load_thread_and_resumes_exactly():
     reqs = [add(core, f"load-thread-{i}", p) for i, p in enumerate(prompts)]
     while reqs[0].num_computed < 9:
         core.step()
-    reads0 = collections.Counter(ex.host.load_threads)
+    reads0 = ex.host.loads_by_thread()
     policy.swap_out.append(reqs[0].request_id)
     core.step()
     assert reqs[0].status is RequestStatus.PAUSED
@@ -173,7 +172,7 @@ def test_a_swap_in_loads_its_pages_on_the_load_thread_and_resumes_exactly():
     policy.swap_in.append(reqs[0].request_id)
     core.step()
     assert reqs[0].status is RequestStatus.RUNNING
-    reads = ex.host.load_threads - reads0
+    reads = ex.host.loads_by_thread() - reads0
     assert set(reads) == {"kv-load"}, f"host pages read for the device on {dict(reads)}"
     while core.has_work():
         core.step()
