@@ -45,3 +45,7 @@ def test_gpu_check_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert [d["batch"] for d in engine["decode"]] == [8, 16] and all(d["step_ms"] > 0 for d in engine["decode"])
     assert [s["pages"] for s in engine["swap"]] == [16, 64]
     assert (tmp_path / "decision.txt").read_text().strip()
+
+    # The burst at the client, each policy on its own server: every request completed.
+    burst = json.loads((tmp_path / "burst.json").read_text())["0"]
+    assert set(burst) == {"tokenflow", "fcfs"} and all(s["completed"] == 8 for s in burst.values()), burst

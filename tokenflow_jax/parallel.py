@@ -26,7 +26,7 @@ from tokenflow_jax.config import ModelConfig
 
 TP_AXIS = "tp"
 KV_SPEC = P(TP_AXIS)  # a layer's [Hkv, pages, page_size, head_dim] K or V pages, split by kv heads
-BLOCK_SPEC = P(None, None, TP_AXIS)  # a transfer block [layers, 2, Hkv, pages, page_size, head_dim]
+BLOCK_SPEC = P(None, None, None, TP_AXIS)  # a transfer block [pages, layers, 2, Hkv, page_size, head_dim]
 
 _COLUMN_SPLIT = ("wq", "wk", "wv", "w_gate", "w_up")  # [in, out]: whole heads / hidden units per device
 _ROW_SPLIT = ("wo", "w_down")  # [in, out]: partial sums, all-reduced

@@ -8,9 +8,11 @@
 #   3. kernels.{txt,json} paged decode GB/s at context 512/2048/8192 (batch 64 and 1) against JAX's own Pallas
 #                        paged attention and the XLA reference, prefill TFLOP/s; tiles.json, the fastest tiling
 #                        of each shape as a tile table (pallas_kernels/tiles.py)
-#   4. engine.{txt,json} the decode step of $MODEL (dummy bf16 weights) at batch 64 and 256, context 1024, and
-#                        swap bandwidth for 64 and 512 pages each way
+#   4. engine.{txt,json} the decode step of $MODEL (dummy bf16 weights) at batch 64 and 256, context 1024, with
+#                        write-through on and off, and swap bandwidth for 64 and 512 pages each way
 #   5. decision.*        the TokenFlow decision time on this host's CPU
+#   6. burst.{txt,json}  a short streaming burst, tokenflow against fcfs, on the real server with $MODEL (dummy
+#                        bf16 weights) and a device pool too small for the burst, measured at the client
 # Exits non-zero when any part failed (all parts still run). Dry run on CPU, a test:
 #   MODEL=tiny SMALL=1 OUT=/tmp/gpu_check bash tools/gpu_check.sh
 set -uo pipefail
@@ -89,12 +91,23 @@ if [ "$SMALL" = 1 ]; then
     --swap-pages 16,64 --repeats 3 --offline-requests 8 --offline-tokens 16 --out "$OUT/engine.json"
   part decision decision.txt python -c "from tokenflow_jax.bench import paper_setups as ps; \
 print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))"
+  # tiny-random: random weights, as $MODEL's preset has on the GPU (and nothing to load); served as "tiny", the
+  # model id the burst's clients send.
+  part burst burst.txt python -m serving.burst_bench --schedulers tokenflow,fcfs --contention 0 --model tiny-random \
+    --num-requests 8 --max-tokens 8 --server-args "--served-model-name tiny --kv-pages 6 --max-num-seqs 4 \
+    --max-batch-tokens 64 --max-model-len 64" --log-dir "$OUT" --json "$OUT/burst.json"
 else
   part kernel-bench kernels.txt python -m pallas_kernels.bench --out "$OUT/kernels.json" --tiles-out "$OUT/tiles.json"
   part engine-bench engine.txt python -m tokenflow_jax.engine_bench --model "$MODEL" --dtype bfloat16 \
     --batches 64,256 --context 1024 --swap-pages 64,512 --offline-requests 0 --out "$OUT/engine.json"
   # Last (first to drop if time runs short): its CPU caches differ from the dev VM's (BENCHMARKS.md).
   part decision decision.json timeout 240 python -m tokenflow_jax.paper_setups --decision-bench
+  # ~9 pages a request, 80 device pages: about 9 of the 64 fit at once, the rest wait or are paused to the host.
+  # Served as "tiny": the model id the burst's clients send.
+  part burst burst.txt timeout 300 python -m serving.burst_bench --schedulers tokenflow,fcfs --contention 0 \
+    --model "$MODEL" --num-requests 64 --max-tokens 96 --server-args "--served-model-name tiny --dtype bfloat16 \
+    --kv-pages 80 --host-kv-pages 2048 --max-num-seqs 32 --max-batch-tokens 512 --max-model-len 256" \
+    --log-dir "$OUT" --json "$OUT/burst.json"
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

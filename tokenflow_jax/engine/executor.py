@@ -56,6 +56,9 @@ class EngineExecutor(PagedExecutor):
         )  # fmt: skip
         self.host = HostKVTier(cfg, pool_pages(num_host_pages), page_size, kv_dtype) if num_host_pages else None
         self.pipelined = pipelined
+        # Host->device loads under way on the tier's load thread: (device pages, their future); the step that
+        # needs them waits for them, and their scatters are dispatched before it (`_finish_loads`).
+        self._loading: list[tuple[list[int], Any]] = []
         # The leader of a mesh that spans processes tells its followers every device operation before issuing it.
         spans_processes = any(d.process_index != jax.process_index() for d in self.runner.mesh.devices.flat)
         leads = spans_processes and jax.process_index() == 0
@@ -85,6 +88,7 @@ class EngineExecutor(PagedExecutor):
             feeds = {i: row_of[request_ids[i]] for i in pending}
             previous_tokens = previous.handle
         key, batch = self.runner.step_batch(chunks, rows, feeds)
+        self._finish_loads()  # built while the loads ran; the step waits only for the pages it resumes
         if self.followers is not None:
             self.followers.send_step(key, batch, feeds is not None)
         return self.runner.run_batch(key, batch, previous_tokens)
@@ -96,6 +100,7 @@ class EngineExecutor(PagedExecutor):
 
     def _copy_to_host(self, copy: PageCopy) -> int:
         assert self.host is not None
+        self._finish_loads()  # a host page a load still reads may be written next
         if self.followers is not None:
             self.followers.send_copy(DeviceOp.TO_HOST, copy.src, copy.dst)
         block = self.runner.gather_pages(copy.src)  # dispatched behind the step that wrote these pages
@@ -113,6 +118,30 @@ class EngineExecutor(PagedExecutor):
         if self.host is not None and ticket is not None:
             self.host.wait(ticket)
 
+    def _load(self, copy: PageCopy) -> None:
+        """Start loading host pages on the tier's load thread (prefetch): the engine thread goes on with the
+        evictions and the step's batch, and waits for these pages just before the step (`_finish_loads`).
+        Followers of a multi-process mesh carry out every device operation in the leader's order: loaded here."""
+        if self.host is None or self.followers is not None or not copy.src:
+            super()._load(copy)
+            return
+        tickets = [t for p in copy.src if (t := self._host_ticket.get(p)) is not None]
+        after = max(tickets) if tickets else None  # the latest copy into these pages: FIFO, so every earlier one
+        step = self.max_transfer_pages
+        for start in range(0, len(copy.src), step):
+            src, dst = copy.src[start : start + step], copy.dst[start : start + step]
+            self._loading.append((dst, self.host.load_async(src, after, self.runner.stage_pages)))
+            self.bytes_to_device += len(src) * self.host.page_bytes
+
+    def _finish_loads(self) -> None:
+        """Wait for the loads under way and dispatch their scatters, in the order they were started; their time,
+        measured on the load thread from the host read to the data on the device, feeds the estimates."""
+        loading, self._loading = self._loading, []
+        for dst, future in loading:
+            blocks, seconds = future.result()
+            self.runner.scatter_staged(dst, blocks)
+            self._h2d_per_page.update(seconds / len(dst))
+
     def _load_to_device(self, copy: PageCopy) -> None:
         assert self.host is not None
         if self.followers is not None:
@@ -124,6 +153,7 @@ class EngineExecutor(PagedExecutor):
         return self.host.pending_pages if self.host else 0
 
     def close(self) -> None:
+        self._loading.clear()
         if self.followers is not None:
             self.followers.send(DeviceOp.SHUTDOWN)
             self.followers = None

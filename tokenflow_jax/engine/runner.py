@@ -8,6 +8,7 @@ and of every KV page, which also gathers and scatters its own slice of the pages
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
-from tokenflow_jax.kv.pages import NULL_PAGE, pages_for
+from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward
 from tokenflow_jax.parallel import (
     BLOCK_SPEC,
@@ -65,12 +66,14 @@ def _step(
 
 
 def _gather_pages(kv_cache: KVCache, page_ids: jax.Array) -> jax.Array:
-    """-> [layers, 2, Hkv, n, S, D]: the listed pages of every layer, one contiguous block for one copy (per
-    device: its kv heads)."""
-    return jnp.stack([jnp.stack([k[:, page_ids], v[:, page_ids]]) for k, v in kv_cache])
+    """-> [n, layers, 2, Hkv, S, D]: the listed pages of every layer, page-major (each page one contiguous piece
+    of the block, as in the host tier), one block for one copy (per device: its kv heads)."""
+    block = jnp.stack([jnp.stack([k[:, page_ids], v[:, page_ids]]) for k, v in kv_cache])
+    return jnp.moveaxis(block, 3, 0)
 
 
 def _scatter_pages(kv_cache: KVCache, page_ids: jax.Array, data: jax.Array) -> KVCache:
+    data = jnp.moveaxis(data, 0, 3)  # -> [layers, 2, Hkv, n, S, D], the cache's order
     return [
         (k.at[:, page_ids].set(data[i, 0].astype(k.dtype)), v.at[:, page_ids].set(data[i, 1].astype(v.dtype)))
         for i, (k, v) in enumerate(kv_cache)
@@ -196,7 +199,7 @@ class ModelRunner:
         k0 = self.kv_cache[0][0]
         for n in self.buckets.transfer_pages:
             ids = page_spec((n,), jnp.int32)
-            data = page_spec((self.cfg.num_layers, 2, k0.shape[0], n, self.page_size, k0.shape[3]), k0.dtype)
+            data = page_spec((n, self.cfg.num_layers, 2, k0.shape[0], self.page_size, k0.shape[3]), k0.dtype)
             plan.append((("gather", n), self._jit_gather, (self.kv_cache, ids)))
             plan.append((("scatter", n), self._jit_scatter, (self.kv_cache, ids, data)))
         return plan
@@ -283,27 +286,48 @@ class ModelRunner:
         return tokens
 
     # ---- page transfers
-    def _padded_ids(self, page_ids: Sequence[int]) -> np.ndarray:
-        n = self.buckets.transfer_bucket(len(page_ids))
-        ids = np.full(n, NULL_PAGE, np.int32)  # padding reads / writes the null page
-        ids[: len(page_ids)] = page_ids
-        return ids
+    def transfer_pieces(self, num_pages: int) -> list[int]:
+        """Compiled transfer sizes that add up to exactly `num_pages` (its binary decomposition, largest first):
+        a copy moves only the pages asked for, in at most log2(largest size) + 1 pieces, with no new compile."""
+        sizes, pieces = self.buckets.transfer_pages, []
+        while num_pages > 0:
+            pieces.append(sizes[bisect.bisect_right(sizes, num_pages) - 1])
+            num_pages -= pieces[-1]
+        return pieces
 
-    def gather_pages(self, page_ids: Sequence[int]) -> jax.Array:
-        """Device pages -> one device block [layers, 2, Hkv, n_bucket, S, D] (dispatch only, no wait)."""
-        ids = self._padded_ids(page_ids)
-        exe = self._executable(("gather", len(ids)), self._jit_gather, self.kv_cache, ids)
-        return exe(self.kv_cache, ids)
+    def gather_pages(self, page_ids: Sequence[int]) -> list[jax.Array]:
+        """Device pages -> page-major device blocks [n_i, layers, 2, Hkv, S, D] whose pages, in order, are
+        `page_ids` (`transfer_pieces`; dispatch only, no wait)."""
+        blocks, start = [], 0
+        for n in self.transfer_pieces(len(page_ids)):
+            ids = np.asarray(page_ids[start : start + n], np.int32)
+            start += n
+            exe = self._executable(("gather", n), self._jit_gather, self.kv_cache, ids)
+            blocks.append(exe(self.kv_cache, ids))
+        return blocks
+
+    def stage_pages(self, data: np.ndarray) -> list[jax.Array]:
+        """Host pages [n, layers, 2, Hkv, S, D] -> device blocks, one per transfer piece: the host->device copy,
+        which touches no runner state, so any thread may run it."""
+        blocks, start = [], 0
+        for n in self.transfer_pieces(len(data)):
+            blocks.append(host_to_devices(data[start : start + n], self._block_sharding))
+            start += n
+        return blocks
+
+    def scatter_staged(self, page_ids: Sequence[int], blocks: Sequence[jax.Array]) -> None:
+        """Write `stage_pages` blocks into device pages `page_ids` (in place: the cache is donated)."""
+        start = 0
+        for block in blocks:
+            n = block.shape[0]
+            ids = np.asarray(page_ids[start : start + n], np.int32)
+            start += n
+            exe = self._executable(("scatter", n), self._jit_scatter, self.kv_cache, ids, block)
+            self.kv_cache = exe(self.kv_cache, ids, block)
 
     def scatter_pages(self, page_ids: Sequence[int], data: np.ndarray) -> None:
-        """Write host data [layers, 2, Hkv, n, S, D] into device pages (in place: the cache is donated)."""
-        ids = self._padded_ids(page_ids)
-        if data.shape[3] != len(ids):
-            pad = np.zeros(data.shape[:3] + (len(ids) - data.shape[3],) + data.shape[4:], data.dtype)
-            data = np.concatenate([data, pad], axis=3)
-        block = host_to_devices(data, self._block_sharding)
-        exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, block)
-        self.kv_cache = exe(self.kv_cache, ids, block)
+        """Write host data [n, layers, 2, Hkv, S, D] into device pages, staging it on this thread."""
+        self.scatter_staged(page_ids, self.stage_pages(data))
 
     def block_until_ready(self) -> float:
         t0 = time.perf_counter()

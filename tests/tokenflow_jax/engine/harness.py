@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.executor import EngineExecutor
@@ -145,7 +145,7 @@ def check_host_copies(core: EngineCore) -> None:
         n = min(req.num_host_synced, req.num_computed)
         for t in range(n):
             hp, dp = req.host_pages[t // s], req.device_pages[t // s]
-            host = ex.host.pages[:, :, :, hp, t % s]
+            host = ex.host.pages[hp, :, :, :, t % s]
             device = np.stack([np.stack([np.asarray(k[:, dp, t % s]), np.asarray(v[:, dp, t % s])])
                                for k, v in ex.runner.kv_cache])  # fmt: skip
             np.testing.assert_array_equal(host, device, err_msg=f"{req.request_id} token {t}")
@@ -174,6 +174,14 @@ class ScriptedEngineRules(RuleBasedStateMachine):
         self.index: dict[str, int] = {}
         self.aborted: set[str] = set()
         self.n = 0
+
+    @invariant()
+    def host_pages_load_on_the_load_thread(self) -> None:
+        """Swap-ins and host prefix hits read host pages on the tier's load thread, never on the engine's."""
+        reads = self.ex.host.loads_by_thread()
+        if not hasattr(self, "reads_before"):
+            self.reads_before = reads
+        assert set(reads - self.reads_before) <= {"kv-load"}, dict(reads - self.reads_before)
 
     def pick(self, status: RequestStatus | None, k: int) -> str | None:
         """The k-th live request (modulo) in `status`, any status if None."""

@@ -143,8 +143,10 @@ def test_preempted_requests_with_shared_pages_give_the_cache_off_tokens(mode: st
 
 
 def device_pages_as_host_layout(core: EngineCore) -> np.ndarray:
-    """The device KV cache as one host array in the host tier's layout `[layers, 2, Hkv, pages, page, dim]`."""
-    return np.stack([np.stack([np.asarray(k), np.asarray(v)]) for k, v in core.executor.runner.kv_cache])
+    """The device KV cache as one host array in the host tier's page-major layout `[pages, layers, 2, Hkv, page,
+    dim]`."""
+    return np.moveaxis(np.stack([np.stack([np.asarray(k), np.asarray(v)]) for k, v in core.executor.runner.kv_cache]),
+                       3, 0)  # fmt: skip
 
 
 def check_copies_agree(core: EngineCore) -> None:
@@ -157,15 +159,15 @@ def check_copies_agree(core: EngineCore) -> None:
     for req in core.requests.values():
         if req.status is RequestStatus.RUNNING and req.device_pages:
             for t in range(min(req.num_host_synced, req.num_computed)):
-                np.testing.assert_array_equal(ex.host.pages[:, :, :, req.host_pages[t // s], t % s],
-                                              device[:, :, :, req.device_pages[t // s], t % s],
+                np.testing.assert_array_equal(ex.host.pages[req.host_pages[t // s], :, :, :, t % s],
+                                              device[req.device_pages[t // s], :, :, :, t % s],
                                               err_msg=f"{req.request_id} token {t}")  # fmt: skip
     for device_page in range(1, blocks.device.num_pages):
         h = blocks.device_index.hash_of(device_page)
         host_page = None if h is None else blocks.host_index.get(h)
         if host_page is None or blocks.host_index.origin(host_page) != blocks.device_index.origin(device_page):
             continue
-        np.testing.assert_array_equal(ex.host.pages[:, :, :, host_page], device[:, :, :, device_page])
+        np.testing.assert_array_equal(ex.host.pages[host_page], device[device_page])
 
 
 class PrefixCacheMachine(ScriptedEngineRules):

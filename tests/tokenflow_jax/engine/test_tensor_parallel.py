@@ -88,6 +88,7 @@ def test_host_copies_of_each_slice_equal_the_device_pages_and_resume_bit_exact(h
     victim.status = RequestStatus.PAUSED
     ex.blocks.device.drop_idle()  # nothing of it stays on the device: resume loads every page
     ex.swap_in(victim)
+    ex._finish_loads()  # the pages load on the load thread; the next step would wait for them here
     for t, kv in before.items():
         np.testing.assert_array_equal(_device_token_kv(ex, victim, t), kv, err_msg=f"token {t}")
     llm.close()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.tokenflow_jax.engine.harness import add, prompt_pool, reference_outputs, scripted_core, small_llm
 from tokenflow_jax.config import PRESETS
+from tokenflow_jax.kv.block_manager import PageCopy
 from tokenflow_jax.kv.host_tier import HostKVTier
 from tokenflow_jax.request import RequestStatus
 
@@ -36,6 +37,10 @@ class HeldCopy:
             raise self.error
         return self
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self.data
 
@@ -47,7 +52,7 @@ class HeldCopy:
 
 def block_for(tier: HostKVTier, pages: int, value: float) -> np.ndarray:
     shape = list(tier.pages.shape)
-    shape[3] = pages
+    shape[0] = pages
     return np.full(shape, value, dtype=tier.pages.dtype)
 
 
@@ -85,14 +90,14 @@ def test_wait_returns_once_its_copy_lands_without_waiting_for_later_ones(tier):
     t3 = tier.write_async(jnp.asarray(block_for(tier, 1, 3.0)), [4])
     assert t1 < t2 < t3
     assert finishes(lambda: tier.wait(t1), timeout=30)
-    np.testing.assert_array_equal(tier.pages[:, :, :, [1, 2]], first)
+    np.testing.assert_array_equal(tier.pages[[1, 2]], first)
     assert tier.pending_pages == 2  # the held copy and the one behind it
     assert not finishes(lambda: tier.wait(t3), timeout=0.3)  # FIFO: the third lands after the held one
     held.land()
     assert finishes(lambda: tier.wait(t3))
     assert tier.pending_pages == 0
-    np.testing.assert_array_equal(tier.pages[:, :, :, 3], held.data[:, :, :, 0])
-    np.testing.assert_array_equal(tier.pages[:, :, :, 4], 3.0)
+    np.testing.assert_array_equal(tier.pages[3], held.data[0])
+    np.testing.assert_array_equal(tier.pages[4], 3.0)
 
 
 def test_wait_surfaces_a_failed_copy_once(tier):
@@ -103,7 +108,7 @@ def test_wait_surfaces_a_failed_copy_once(tier):
         tier.wait(ticket)
     later = tier.write_async(jnp.asarray(block_for(tier, 1, 5.0)), [2])
     tier.wait(later)  # the failure was reported; the tier goes on
-    np.testing.assert_array_equal(tier.pages[:, :, :, 2], 5.0)
+    np.testing.assert_array_equal(tier.pages[2], 5.0)
 
 
 def test_swap_in_does_not_wait_for_copies_queued_after_its_own():
@@ -131,3 +136,61 @@ def test_swap_in_does_not_wait_for_copies_queued_after_its_own():
     while core.has_work():
         core.step()
     assert tuple(req.output_ids) == reference_outputs()[0]
+
+
+@pytest.mark.parametrize("num_pages", [5, 13])
+def test_a_device_to_host_copy_moves_only_the_pages_asked_for(num_pages):
+    """Bucketed, 5 pages would cross as 8 and 13 as 16; exact pieces (4 + 1, 8 + 4 + 1) move just the pages."""
+    ex = small_llm().executor
+    dev, host = ex.blocks.device.allocate(num_pages), ex.blocks.host.allocate(num_pages)
+    try:
+        data = np.random.default_rng(num_pages).standard_normal((num_pages, *ex.host.pages.shape[1:]))
+        ex.runner.scatter_pages(dev, data.astype(ex.host.pages.dtype))
+        moved0 = ex.host.pages_moved_to_host
+        ex._transfer_to_host(PageCopy("exact", dev, host))
+        ex._flush_to_host()
+        assert ex.host.pages_moved_to_host - moved0 == num_pages
+        np.testing.assert_array_equal(ex.host.pages[host], data.astype(ex.host.pages.dtype))
+        assert sum(block.shape[0] for block in ex.runner.gather_pages(dev)) == num_pages
+    finally:
+        ex.blocks.device.free(dev)
+        ex.blocks.host.free(host)
+
+
+def test_a_swap_in_loads_its_pages_on_the_load_thread_and_resumes_exactly():
+    ex = small_llm().executor
+    core, policy = scripted_core(ex)
+    prompts = prompt_pool()[:2]
+    reqs = [add(core, f"load-thread-{i}", p) for i, p in enumerate(prompts)]
+    while reqs[0].num_computed < 9:
+        core.step()
+    reads0 = ex.host.loads_by_thread()
+    policy.swap_out.append(reqs[0].request_id)
+    core.step()
+    assert reqs[0].status is RequestStatus.PAUSED
+    core.step()  # the other request runs on, writing through, while this one is paused
+    policy.swap_in.append(reqs[0].request_id)
+    core.step()
+    assert reqs[0].status is RequestStatus.RUNNING
+    reads = ex.host.loads_by_thread() - reads0
+    assert set(reads) == {"kv-load"}, f"host pages read for the device on {dict(reads)}"
+    while core.has_work():
+        core.step()
+    assert [tuple(r.output_ids) for r in reqs] == list(reference_outputs()[:2])
+
+
+def test_a_copy_waits_while_the_staged_blocks_fill_the_cap():
+    one_page = int(np.prod(HostKVTier(PRESETS["tiny-random"], 1, PAGE_SIZE, jnp.float32).pages.shape) * 4)
+    tier = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32, max_staged_bytes=2 * one_page)
+    try:
+        held = HeldCopy(block_for(tier, 2, 1.0))
+        tier.write_async(held, [1, 2])
+        assert not finishes(lambda: tier.write_async(jnp.asarray(block_for(tier, 1, 2.0)), [3]), timeout=0.3)
+        held.land()
+        assert finishes(lambda: tier.wait(2))  # the held copy landed, so the waiting one went (ticket 2)
+        assert tier.pending_pages == 0
+        np.testing.assert_array_equal(tier.pages[3], 2.0)
+        big = tier.write_async(jnp.asarray(block_for(tier, 3, 3.0)), [4, 5, 6])  # over the cap, alone: goes
+        assert finishes(lambda: tier.wait(big))
+    finally:
+        tier.close()
