@@ -58,16 +58,25 @@ def running_server(server_args: Sequence[str], log_path: Path) -> Iterator[str]:
                 proc.wait()
 
 
-def load_args(args: argparse.Namespace, url: str, contention: int) -> argparse.Namespace:
-    flags = ["--url", url, "--arrivals", "burst", "--num-requests", str(args.num_requests), "--max-tokens",
-             str(args.max_tokens), "--prompt-words", str(args.prompt_words), "--stream-rate", str(args.stream_rate),
+def served_model(server_args: list[str]) -> str:
+    """The model id the server answers to, which its clients must send."""
+    from serving.__main__ import build_parser
+
+    parsed = build_parser().parse_args(server_args)
+    return parsed.served_model_name or parsed.model
+
+
+def load_args(args: argparse.Namespace, url: str, contention: int, model: str) -> argparse.Namespace:
+    flags = ["--url", url, "--model", model, "--arrivals", "burst", "--num-requests", str(args.num_requests),
+             "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words), "--stream-rate", str(args.stream_rate),
              "--contention", str(contention)]  # fmt: skip
     return loadtest.build_parser().parse_args([*flags, *(["--pace"] if args.pace else [])])
 
 
-def warm_up(url: str) -> None:
+def warm_up(url: str, model: str) -> None:
     """A few requests first, so the first burst does not pay for anything done once."""
-    loadtest.load(loadtest.build_parser().parse_args(["--url", url, "--num-requests", "4", "--concurrency", "4",
+    loadtest.load(loadtest.build_parser().parse_args(["--url", url, "--model", model, "--num-requests", "4",
+                                                      "--concurrency", "4",
                                                       "--max-tokens", "4"]))  # fmt: skip
 
 
@@ -76,10 +85,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
     results: dict[str, dict[str, dict[str, Any]]] = {str(c): {} for c in args.contention}
     for policy in args.schedulers:
         server_args = ["--model", args.model, "--scheduler", policy, *shlex.split(args.server_args)]
+        model = served_model(server_args)
         with running_server(server_args, Path(args.log_dir) / f"server-{policy}.log") as url:
-            warm_up(url)
+            warm_up(url, model)
             for level in args.contention:
-                summary = loadtest.load(load_args(args, url, level))
+                summary = loadtest.load(load_args(args, url, level, model))
                 rebuffers = summary.pop("rebuffer_per_request_s")
                 summary["max_rebuffer_s"] = max(rebuffers, default=0.0)
                 for key in loadtest.PER_REQUEST:

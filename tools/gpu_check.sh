@@ -91,10 +91,9 @@ if [ "$SMALL" = 1 ]; then
     --swap-pages 16,64 --repeats 3 --offline-requests 8 --offline-tokens 16 --out "$OUT/engine.json"
   part decision decision.txt python -c "from tokenflow_jax.bench import paper_setups as ps; \
 print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))"
-  # tiny-random: random weights, as $MODEL's preset has on the GPU (and nothing to load); served as "tiny", the
-  # model id the burst's clients send.
+  # tiny-random: random weights, as $MODEL's preset has on the GPU (and nothing to load).
   part burst burst.txt python -m serving.burst_bench --schedulers tokenflow,fcfs --contention 0 --model tiny-random \
-    --num-requests 8 --max-tokens 8 --server-args "--served-model-name tiny --kv-pages 6 --max-num-seqs 4 \
+    --num-requests 8 --max-tokens 8 --server-args "--kv-pages 6 --max-num-seqs 4 \
     --max-batch-tokens 64 --max-model-len 64" --log-dir "$OUT" --json "$OUT/burst.json"
 else
   part kernel-bench kernels.txt python -m pallas_kernels.bench --out "$OUT/kernels.json" --tiles-out "$OUT/tiles.json"
@@ -103,9 +102,8 @@ else
   # Last (first to drop if time runs short): its CPU caches differ from the dev VM's (BENCHMARKS.md).
   part decision decision.json timeout 240 python -m tokenflow_jax.paper_setups --decision-bench
   # ~9 pages a request, 80 device pages: about 9 of the 64 fit at once, the rest wait or are paused to the host.
-  # Served as "tiny": the model id the burst's clients send.
   part burst burst.txt timeout 300 python -m serving.burst_bench --schedulers tokenflow,fcfs --contention 0 \
-    --model "$MODEL" --num-requests 64 --max-tokens 96 --server-args "--served-model-name tiny --dtype bfloat16 \
+    --model "$MODEL" --num-requests 64 --max-tokens 96 --server-args "--dtype bfloat16 \
     --kv-pages 80 --host-kv-pages 2048 --max-num-seqs 32 --max-batch-tokens 512 --max-model-len 256" \
     --log-dir "$OUT" --json "$OUT/burst.json"
 fi
