@@ -68,8 +68,8 @@ def served_model(server_args: list[str]) -> str:
 
 def load_args(args: argparse.Namespace, url: str, contention: int, model: str) -> argparse.Namespace:
     flags = ["--url", url, "--model", model, "--arrivals", "burst", "--num-requests", str(args.num_requests),
-             "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words), "--stream-rate", str(args.stream_rate),
-             "--contention", str(contention)]  # fmt: skip
+             "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words),
+             "--stream-rate", str(args.stream_rate), "--contention", str(contention)]  # fmt: skip
     return loadtest.build_parser().parse_args([*flags, *(["--pace"] if args.pace else [])])
 
 
