@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokenflow_jax.bench.no_harm", description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", type=Path, help="--json output of python -m tokenflow_jax.paper_setups")
     args = p.parse_args(argv)
+    if missing_files := [str(f) for f in args.json if not f.is_file()]:
+        p.error(f"no such file: {', '.join(missing_files)}")
     rows, missing = check(load_runs(args.json))
     print(format_rows(rows))
     if missing:
