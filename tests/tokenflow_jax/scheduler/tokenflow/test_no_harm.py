@@ -109,8 +109,8 @@ def test_rotations_of_streams_not_due_back_are_budgeted_and_do_no_harm():
     wait for the load: they get `io_fraction` of an interval (0.05), not half of it (on the faithful H200 long
     burst at the roofline, 0.5 let ~45 rotations a second through: 6,513 swaps, 0.88x fcfs's tokens, 0.79x its
     effective throughput; docs/DESIGN.md section 3.11)."""
-    fcfs, tokenflow, half = comfortable_burst("fcfs"), comfortable_burst("tokenflow"), comfortable_burst(
-        "tokenflow", io_fraction=0.5)
+    fcfs, tokenflow = comfortable_burst("fcfs"), comfortable_burst("tokenflow")
+    half = comfortable_burst("tokenflow", io_fraction=0.5)
     assert tokenflow["preemptions_swap"] <= 0.75 * half["preemptions_swap"]
     assert tokenflow["completed"] == fcfs["completed"] == 30
     assert tokenflow["output_throughput"] >= 0.97 * fcfs["output_throughput"]
