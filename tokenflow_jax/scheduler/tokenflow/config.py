@@ -19,7 +19,7 @@ class TokenFlowConfig:
     resume_margin_s: float = 0.25  # resume a paused stream this long (plus its load time) before it runs dry
     local_search_iters: int = 4  # adjacent swaps tried after the greedy fill
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
-    io_fraction: float = 0.5  # swap-ins a decision plans: at most this share of an interval in load time
+    io_fraction: float = 0.05  # loads of streams not due back a decision plans: this share of an interval
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
     overload_fcfs_order: bool = True  # overloaded, every request started: equal buffers go by fcfs's order
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs to its end
