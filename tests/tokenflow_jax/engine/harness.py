@@ -37,6 +37,12 @@ def small_llm() -> LLM:
     return LLM("tiny-random", **ENGINE_KW)
 
 
+@functools.lru_cache(maxsize=1)
+def small_llm_without_prefix_cache() -> LLM:
+    """The same engine with the prefix cache off: write-through and swap-out take their plain paths."""
+    return LLM("tiny-random", **ENGINE_KW, enable_prefix_caching=False)
+
+
 def prompt_pool(n: int = 6, seed: int = 7) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [[int(t) for t in rng.integers(0, 256, int(rng.integers(3, 20)))] for _ in range(n)]

@@ -24,6 +24,7 @@ from tests.tokenflow_jax.engine.harness import (
     sampled_reference_outputs,
     scripted_core,
     small_llm,
+    small_llm_without_prefix_cache,
 )
 from tokenflow_jax.engine.buckets import CompileDuringServing
 from tokenflow_jax.engine.llm import LLM
@@ -41,10 +42,12 @@ def clean_shared_executor() -> None:
     check_executor_clean(ex, "after")
 
 
-def run_with_random_preemptions(mode: str, seed: int, sampled: bool = False) -> tuple[dict[str, list[int]], int]:
+def run_with_random_preemptions(
+    mode: str, seed: int, sampled: bool = False, llm: LLM | None = None
+) -> tuple[dict[str, list[int]], int]:
     """Run the pool with a preemption at random points; paused requests resume a few steps later. Sampled:
-    every request draws with temperature, top-k and top-p, seeded by its index + 1."""
-    ex = small_llm().executor
+    every request draws with temperature, top-k and top-p, seeded by its index + 1. `llm`: default small_llm()."""
+    ex = (llm or small_llm()).executor
     core, policy = scripted_core(ex)
     rng = np.random.default_rng(seed)
     reqs = {
@@ -85,6 +88,20 @@ def test_preempted_outputs_identical_to_uninterrupted(mode: str, sampled: bool) 
     ex = small_llm().executor
     assert total >= 15, f"only {total} preemptions: the test did not exercise {mode}"
     assert ex.blocks.device.num_used == 0 and ex.blocks.host.num_used == 0
+
+
+def test_preempted_outputs_identical_without_the_prefix_cache() -> None:
+    """With the prefix cache off, write-through syncs only full pages and a swap-out copies the partial tail
+    itself: a resumed request still continues on exactly its own KV."""
+    llm = small_llm_without_prefix_cache()
+    total = 0
+    for seed in range(3):
+        outputs, preemptions = run_with_random_preemptions("swap", seed, llm=llm)
+        total += preemptions
+        for i, out in enumerate(outputs.values()):
+            assert tuple(out) == reference_outputs()[i], f"seed {seed} request {i}"
+    assert total >= 15, f"only {total} preemptions"
+    assert llm.executor.blocks.device.num_used == 0 and llm.executor.blocks.host.num_used == 0
 
 
 def test_swap_moves_real_bytes_and_frees_device_pages_at_once() -> None:
