@@ -295,34 +295,31 @@ class ModelRunner:
             num_pages -= pieces[-1]
         return pieces
 
+    def _piece_slices(self, num_pages: int) -> list[slice]:
+        """`transfer_pieces` as consecutive slices of the pages."""
+        ends = np.cumsum([0, *self.transfer_pieces(num_pages)]).tolist()
+        return [slice(a, b) for a, b in zip(ends, ends[1:], strict=False)]
+
     def gather_pages(self, page_ids: Sequence[int]) -> list[jax.Array]:
         """Device pages -> page-major device blocks [n_i, layers, 2, Hkv, S, D] whose pages, in order, are
         `page_ids` (`transfer_pieces`; dispatch only, no wait)."""
-        blocks, start = [], 0
-        for n in self.transfer_pieces(len(page_ids)):
-            ids = np.asarray(page_ids[start : start + n], np.int32)
-            start += n
-            exe = self._executable(("gather", n), self._jit_gather, self.kv_cache, ids)
+        blocks = []
+        for piece in self._piece_slices(len(page_ids)):
+            ids = np.asarray(page_ids[piece], np.int32)
+            exe = self._executable(("gather", len(ids)), self._jit_gather, self.kv_cache, ids)
             blocks.append(exe(self.kv_cache, ids))
         return blocks
 
     def stage_pages(self, data: np.ndarray) -> list[jax.Array]:
         """Host pages [n, layers, 2, Hkv, S, D] -> device blocks, one per transfer piece: the host->device copy,
         which touches no runner state, so any thread may run it."""
-        blocks, start = [], 0
-        for n in self.transfer_pieces(len(data)):
-            blocks.append(host_to_devices(data[start : start + n], self._block_sharding))
-            start += n
-        return blocks
+        return [host_to_devices(data[piece], self._block_sharding) for piece in self._piece_slices(len(data))]
 
     def scatter_staged(self, page_ids: Sequence[int], blocks: Sequence[jax.Array]) -> None:
         """Write `stage_pages` blocks into device pages `page_ids` (in place: the cache is donated)."""
-        start = 0
-        for block in blocks:
-            n = block.shape[0]
-            ids = np.asarray(page_ids[start : start + n], np.int32)
-            start += n
-            exe = self._executable(("scatter", n), self._jit_scatter, self.kv_cache, ids, block)
+        for piece, block in zip(self._piece_slices(len(page_ids)), blocks, strict=True):
+            ids = np.asarray(page_ids[piece], np.int32)
+            exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, block)
             self.kv_cache = exe(self.kv_cache, ids, block)
 
     def scatter_pages(self, page_ids: Sequence[int], data: np.ndarray) -> None:
