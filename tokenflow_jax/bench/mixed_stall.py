@@ -22,6 +22,7 @@ from typing import Any
 from tokenflow_jax.bench import paper_setups as ps
 from tokenflow_jax.bench.bounds import StepCosts, stream_stall_bound
 from tokenflow_jax.bench.faithful import faithful_setups
+from tokenflow_jax.bench.no_harm import by_pair
 from tokenflow_jax.sim.executor import SimExecutor
 
 TARGET_SHARE = 0.10
@@ -41,11 +42,8 @@ def setup_bound(setup: ps.PaperSetup, rates: str, kernels: str, p99_ttft_s: floa
 def stall_rows(runs: Sequence[dict[str, Any]], setups: dict[str, ps.PaperSetup] | None = None) -> list[dict[str, Any]]:
     """One row per (setup, rates) with both policies: shares, TTFTs and the bound at fcfs's stream P99 TTFT."""
     setups = known_setups() if setups is None else setups
-    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for r in runs:
-        by_key.setdefault((r["setup"], r["rates"]), {})[r["policy"]] = r
     rows = []
-    for (name, rates), pol in by_key.items():
+    for (name, rates), pol in by_pair(runs).items():
         if "fcfs" not in pol or "tokenflow" not in pol or not pol["fcfs"].get("stream_playback_s"):
             continue
         fcfs, tf = pol["fcfs"], pol["tokenflow"]

@@ -13,20 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenflow_jax.bench.paper_setups import NO_HARM, comparison_rows, harms
 
 
-def load_runs(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
-    """(setup, rates) -> policy -> run, later files overriding earlier ones."""
+def by_pair(runs: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+    """(setup, rates) -> policy -> run of a sweep's `--json` runs, later runs overriding earlier ones."""
     pairs: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for path in paths:
-        for run in json.loads(Path(path).read_text()):
-            pairs.setdefault((run["setup"], run["rates"]), {})[run["policy"]] = run
+    for run in runs:
+        pairs.setdefault((run["setup"], run["rates"]), {})[run["policy"]] = run
     return pairs
+
+
+def load_runs(paths: Sequence[Path]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+    """`by_pair` over the runs of several files, later files overriding earlier ones."""
+    return by_pair(run for path in paths for run in json.loads(Path(path).read_text()))
 
 
 def check(pairs: dict[tuple[str, str], dict[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], int]:
