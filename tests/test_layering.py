@@ -68,6 +68,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "tokenflow_jax.sampling",
             "tokenflow_jax.batching",
             "tokenflow_jax.kv.host_tier",
+            "tokenflow_jax.kv.host_pool",
             "tokenflow_jax.parallel",
             "tokenflow_jax.tokenizer",
         ),
@@ -97,7 +98,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # Peers in one layer that must not know each other: policies decide, executors carry plans out.
 FORBIDDEN = [
-    ("tokenflow_jax.scheduler", ("tokenflow_jax.engine", "tokenflow_jax.sim", "tokenflow_jax.kv.host_tier")),
+    (
+        "tokenflow_jax.scheduler",
+        ("tokenflow_jax.engine", "tokenflow_jax.sim", "tokenflow_jax.kv.host_tier", "tokenflow_jax.kv.host_pool"),
+    ),
     ("tokenflow_jax.engine.paged_executor", ("tokenflow_jax.scheduler.",)),
     ("tokenflow_jax.engine.executor", ("tokenflow_jax.scheduler.",)),
     ("tokenflow_jax.sim.executor", ("tokenflow_jax.scheduler.",)),

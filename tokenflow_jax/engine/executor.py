@@ -42,6 +42,7 @@ class EngineExecutor(PagedExecutor):
         prefix_caching: bool = False,
         cache_salt: str = "",
         mesh: Mesh | None = None,
+        host_memory: str | None = None,
     ) -> None:
         self.runner = ModelRunner(
             cfg, params, num_pages=pool_pages(num_device_pages), page_size=page_size, max_num_seqs=max_num_seqs,
@@ -54,7 +55,10 @@ class EngineExecutor(PagedExecutor):
             write_through=write_through, max_transfer_pages=self.runner.buckets.transfer_pages[-1],
             prefix_caching=prefix_caching, cache_salt=cache_salt,
         )  # fmt: skip
-        self.host = HostKVTier(cfg, pool_pages(num_host_pages), page_size, kv_dtype) if num_host_pages else None
+        self.host = HostKVTier(
+            cfg, pool_pages(num_host_pages), page_size, kv_dtype, mesh=self.runner.mesh,
+            transfer_pages=self.runner.buckets.transfer_pages, host_memory=host_memory,
+        ) if num_host_pages else None  # fmt: skip
         self.pipelined = pipelined
         # Host->device loads under way on the tier's load thread: (device pages, their future); the step that
         # needs them waits for them, and their scatters are dispatched before it (`_finish_loads`).
@@ -75,6 +79,8 @@ class EngineExecutor(PagedExecutor):
     def warmup(self, progress: bool = True) -> int:
         if self.followers is not None:
             self.followers.send(DeviceOp.WARMUP)
+        if self.host is not None:
+            self.host.compile()
         return self.runner.warmup(progress)
 
     def _compute(self, chunks: list[SequenceChunk], rows: list[SamplingRow], request_ids: list[str]) -> Any:
@@ -130,7 +136,7 @@ class EngineExecutor(PagedExecutor):
         step = self.max_transfer_pages
         for start in range(0, len(copy.src), step):
             src, dst = copy.src[start : start + step], copy.dst[start : start + step]
-            self._loading.append((dst, self.host.load_async(src, after, self.runner.stage_pages)))
+            self._loading.append((dst, self.host.load_async(src, after)))
             self.bytes_to_device += len(src) * self.host.page_bytes
 
     def _finish_loads(self) -> None:
@@ -146,7 +152,7 @@ class EngineExecutor(PagedExecutor):
         assert self.host is not None
         if self.followers is not None:
             self.followers.send_copy(DeviceOp.TO_DEVICE, copy.dst, copy.src)
-        self.runner.scatter_pages(copy.dst, self.host.read(copy.src))
+        self.runner.scatter_staged(copy.dst, self.host.load(copy.src))
         self.bytes_to_device += len(copy.src) * self.host.page_bytes
 
     def _pending_to_host_pages(self) -> int:

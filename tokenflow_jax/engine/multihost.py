@@ -110,7 +110,7 @@ def follow(runner: ModelRunner, host: HostKVTier | None) -> None:
                 tickets = [t for p in host_pages if (t := host_ticket.get(p)) is not None]
                 if tickets:
                     host.wait(max(tickets))  # this process's own copies into those pages have landed
-                runner.scatter_pages(device_pages, host.read(host_pages))
+                runner.scatter_staged(device_pages, host.load(host_pages))
         elif op is DeviceOp.WARMUP:
             runner.warmup(progress=False)
         else:

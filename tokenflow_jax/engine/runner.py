@@ -8,7 +8,6 @@ and of every KV page, which also gathers and scatters its own slice of the pages
 
 from __future__ import annotations
 
-import bisect
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
-from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.kv.pages import pages_for, transfer_pieces
 from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward
 from tokenflow_jax.parallel import (
     BLOCK_SPEC,
@@ -289,11 +288,7 @@ class ModelRunner:
     def transfer_pieces(self, num_pages: int) -> list[int]:
         """Compiled transfer sizes that add up to exactly `num_pages` (its binary decomposition, largest first):
         a copy moves only the pages asked for, in at most log2(largest size) + 1 pieces, with no new compile."""
-        sizes, pieces = self.buckets.transfer_pages, []
-        while num_pages > 0:
-            pieces.append(sizes[bisect.bisect_right(sizes, num_pages) - 1])
-            num_pages -= pieces[-1]
-        return pieces
+        return transfer_pieces(num_pages, self.buckets.transfer_pages)
 
     def _piece_slices(self, num_pages: int) -> list[slice]:
         """`transfer_pieces` as consecutive slices of the pages."""
@@ -316,7 +311,8 @@ class ModelRunner:
         return [host_to_devices(data[piece], self._block_sharding) for piece in self._piece_slices(len(data))]
 
     def scatter_staged(self, page_ids: Sequence[int], blocks: Sequence[jax.Array]) -> None:
-        """Write `stage_pages` blocks into device pages `page_ids` (in place: the cache is donated)."""
+        """Write staged blocks (`stage_pages`, `HostKVTier.load`) into device pages `page_ids` (in place: the cache
+        is donated)."""
         for piece, block in zip(self._piece_slices(len(page_ids)), blocks, strict=True):
             ids = np.asarray(page_ids[piece], np.int32)
             exe = self._executable(("scatter", len(ids)), self._jit_scatter, self.kv_cache, ids, block)

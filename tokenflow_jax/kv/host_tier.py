@@ -3,42 +3,75 @@ host pages back onto the device.
 
 Copies run on their own threads because on a GPU a copy issued from the compute thread queues behind the next
 step, while one issued from another thread overlaps it (docs/DESIGN.md section 4). Pages are page-major, so a
-page is one contiguous piece and a copy of n pages is n contiguous rows on the host. Under tensor parallelism
-each device copies its own kv heads' slice of the block into that slice of the host pages; across processes,
-each process's tier holds its own devices' slices (the rest of its array is never touched, so never mapped).
+page is one contiguous piece and a copy of n pages is n contiguous rows on the host. The pages live in pinned
+host memory or in numpy (`kv.host_pool`, chosen at start-up); under tensor parallelism each device copies its
+own kv heads' slice of the block into that slice of the host pages; across processes, each process's tier holds
+its own devices' slices (numpy: the rest of its array is never touched, so never mapped).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from tokenflow_jax.config import ModelConfig
+from tokenflow_jax.kv.host_pool import ASKED, POOLS
+from tokenflow_jax.kv.host_pool import host_memory as host_memory_for
+from tokenflow_jax.kv.pages import transfer_pieces
+from tokenflow_jax.parallel import block_sharding, make_mesh
+
+logger = logging.getLogger(__name__)
 
 # Device memory that gathered blocks waiting for their copy may hold (more waits): 1 GiB.
 MAX_STAGED_BYTES = 1 << 30
 
 
 class HostKVTier:
-    """Pages `[num_pages, layers, 2, Hkv, page_size, head_dim]` in host memory, the layout of a transfer block."""
+    """Pages `[num_pages, layers, 2, Hkv, page_size, head_dim]` in host memory, the layout of a transfer block.
+
+    `mesh`: the devices whose blocks it copies (default: one). `transfer_pages`: the copy sizes the runner
+    compiled (ascending, from 1; default: powers of two); reads are cut into them, so the pinned pool compiles
+    nothing else. `host_memory`: "pinned_host", "numpy" or "auto" (`kv.host_pool.host_memory`)."""
 
     def __init__(
-        self, cfg: ModelConfig, num_pages: int, page_size: int, dtype: Any, max_staged_bytes: int = MAX_STAGED_BYTES
+        self,
+        cfg: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype: Any,
+        max_staged_bytes: int = MAX_STAGED_BYTES,
+        *,
+        mesh: Mesh | None = None,
+        transfer_pages: Sequence[int] | None = None,
+        host_memory: str | None = None,
     ) -> None:
         self.num_pages = num_pages
-        shape = (num_pages, cfg.num_layers, 2, cfg.num_kv_heads, page_size, cfg.head_dim)
-        # np.zeros maps lazily: untouched host pages cost no memory.
-        self.pages = np.zeros(shape, dtype=np.dtype(jax.numpy.dtype(dtype)))
-        self.page_bytes = int(np.prod(shape[1:]) * self.pages.itemsize)
+        mesh = make_mesh(1) if mesh is None else mesh
+        self.shape = (num_pages, cfg.num_layers, 2, cfg.num_kv_heads, page_size, cfg.head_dim)
+        self.dtype = np.dtype(jax.numpy.dtype(dtype))
+        self.memory_kind, why = host_memory_for(mesh, host_memory)
+        self._pool = POOLS[self.memory_kind](self.shape, dtype, mesh)
+        self.page_bytes = int(np.prod(self.shape[1:]) * self.dtype.itemsize)
+        # Only a fallback on an accelerator, where pinned memory is what makes copies fast, is worth a warning.
+        fallback = self.memory_kind == "numpy" and why != ASKED and jax.default_backend() != "cpu"
+        logger.log(
+            logging.WARNING if fallback else logging.INFO,
+            "host KV tier: %d pages (%.1f MiB) in %s memory (%s)",
+            num_pages, num_pages * self.page_bytes / 2**20, self.memory_kind, why,
+        )  # fmt: skip
+        self.transfer_pages = tuple(transfer_pages or [1 << i for i in range(max(1, num_pages).bit_length())])
+        self._block_sharding = block_sharding(mesh)
         self.max_staged_pages = max(1, max_staged_bytes // self.page_bytes)
         self.bytes_to_host = 0
         self.bytes_to_device = 0
@@ -53,7 +86,7 @@ class HostKVTier:
         self._landed_cv = threading.Condition(self._lock)
         self._error: BaseException | None = None
         self._queue: queue.Queue[tuple[list[Any], list[int]] | None] = queue.Queue()
-        self._loads: queue.Queue[tuple[list[int], int | None, Callable, concurrent.futures.Future] | None]
+        self._loads: queue.Queue[tuple[list[int], int | None, concurrent.futures.Future] | None]
         self._loads = queue.Queue()
         # The copy threads hand the GIL back and forth with the engine thread every step; the default 5 ms
         # switch interval would add up to that much to a step (measured: 1.9x step time at batch 16 on CPU).
@@ -71,21 +104,13 @@ class HostKVTier:
                 if item is None:
                     return
                 blocks, host_ids = item
-                for block in blocks:
-                    block.block_until_ready()
+                blocks = [block.block_until_ready() for block in blocks]
                 t0 = time.perf_counter()
                 moved, start = 0, 0
                 for block in blocks:
                     n = block.shape[0]
-                    rows = host_ids[start : start + n]
+                    moved += self._pool.write(host_ids[start : start + n], block)
                     start += n
-                    written = set()  # one copy of a replicated slice is enough (this process's, if it spans several)
-                    for shard in block.addressable_shards:
-                        heads = shard.index[3]
-                        if (heads.start, heads.stop) not in written:
-                            written.add((heads.start, heads.stop))
-                            self.pages[rows, :, :, heads] = np.asarray(shard.data)
-                            moved += n
                 with self._lock:
                     self.d2h_seconds += time.perf_counter() - t0
                     self.bytes_to_host += len(host_ids) * self.page_bytes
@@ -138,27 +163,44 @@ class HostKVTier:
         return self._pending_pages
 
     # ---- host -> device
-    def read(self, host_ids: Sequence[int]) -> np.ndarray:
-        """Host pages -> one contiguous `[n, layers, 2, Hkv, S, D]` array, on the calling thread."""
-        data = self.pages[list(host_ids)]
+    def _pieces(self, host_ids: Sequence[int]) -> list[list[int]]:
+        """`host_ids` cut into the transfer sizes, in order."""
+        ids, start, pieces = list(host_ids), 0, []
+        for n in transfer_pieces(len(ids), self.transfer_pages):
+            pieces.append(ids[start : start + n])
+            start += n
+        return pieces
+
+    def _count_load(self, num_pages: int) -> None:
         with self._lock:
-            self.bytes_to_device += len(host_ids) * self.page_bytes
+            self.bytes_to_device += num_pages * self.page_bytes
             self.load_threads[threading.current_thread().name] += 1
-        return data
+
+    def host_pages(self, host_ids: Sequence[int]) -> np.ndarray:
+        """Host pages as one numpy array `[n, layers, 2, Hkv, S, D]`, for checks (not counted as a load)."""
+        pieces = [self._pool.host_pages(piece) for piece in self._pieces(host_ids)]
+        return np.concatenate(pieces) if pieces else np.zeros((0, *self.shape[1:]), self.dtype)
+
+    def load(self, host_ids: Sequence[int]) -> list[jax.Array]:
+        """Host pages -> device blocks, one per transfer piece (each exactly its pages, one transfer), on the
+        calling thread; dispatched, not waited for."""
+        self._count_load(len(host_ids))
+        return [self._pool.to_device(piece, self._block_sharding) for piece in self._pieces(host_ids)]
+
+    def compile(self) -> None:
+        """Compile every transfer size's host programs (the pinned pool's scatter and gather) before serving."""
+        self._pool.compile(self.transfer_pages)
 
     def loads_by_thread(self) -> collections.Counter[str]:
         """Host reads for the device so far, by the name of the thread that made them."""
         with self._lock:
             return collections.Counter(self.load_threads)
 
-    def load_async(
-        self, host_ids: Sequence[int], after: int | None, to_device: Callable[[np.ndarray], Any]
-    ) -> concurrent.futures.Future:
-        """Load host pages on the load thread once copy `after` (the latest into them) has landed: `to_device`
-        turns `read(host_ids)` into device arrays. The future gives (those arrays, seconds from the read to the
-        arrays being on the device)."""
+    def load_async(self, host_ids: Sequence[int], after: int | None) -> concurrent.futures.Future:
+        """`load(host_ids)` on the load thread once copy `after` (the latest into them) has landed. The future
+        gives (the device blocks, seconds from the host read to the blocks being on the device)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._loads.put((list(host_ids), after, to_device, future))
+        self._loads.put((list(host_ids), after, future))
         return future
 
     def _load_loop(self) -> None:
@@ -166,12 +208,12 @@ class HostKVTier:
             item = self._loads.get()
             if item is None:
                 return
-            host_ids, after, to_device, future = item
+            host_ids, after, future = item
             try:
                 if after is not None:
                     self.wait(after)
                 t0 = time.perf_counter()
-                blocks = jax.block_until_ready(to_device(self.read(host_ids)))
+                blocks = jax.block_until_ready(self.load(host_ids))
                 future.set_result((blocks, time.perf_counter() - t0))
             except BaseException as e:  # raised where the step waits for these pages
                 future.set_exception(e)

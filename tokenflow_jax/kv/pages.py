@@ -6,9 +6,10 @@ Page 0 of every pool is the null page: padding tokens write there and nothing va
 
 from __future__ import annotations
 
+import bisect
 import os
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 NULL_PAGE = 0
 # The host tier's default size: vLLM's default swap space per device, capped at a quarter of the host's memory.
@@ -23,6 +24,16 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 def pool_pages(usable_pages: int) -> int:
     """Pages a pool allocates for `usable_pages` usable ones: the null page comes on top."""
     return usable_pages + 1
+
+
+def transfer_pieces(num_pages: int, sizes: Sequence[int]) -> list[int]:
+    """Transfer sizes (ascending `sizes`, 1 among them) that add up to exactly `num_pages`, largest first (its
+    binary decomposition when `sizes` are powers of two): a copy moves only the pages asked for, in compiled sizes."""
+    pieces = []
+    while num_pages > 0:
+        pieces.append(sizes[bisect.bisect_right(sizes, num_pages) - 1])
+        num_pages -= pieces[-1]
+    return pieces
 
 
 def page_ids(pages: Iterable[int] = ()) -> array:

@@ -7,8 +7,11 @@ running request and admits waiting ones in order (the fcfs admission helpers), l
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import os
+from collections.abc import Iterator
 
 import numpy as np
 from hypothesis import strategies as st
@@ -17,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.engine.llm import LLM
+from tokenflow_jax.kv.host_pool import HOST_KV_MEMORY_ENV
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.sampling import SamplingParams
@@ -31,10 +35,26 @@ ENGINE_KW = dict(
 MAX_TOKENS = 12
 
 
+@contextlib.contextmanager
+def host_kv_memory(kind: str) -> Iterator[None]:
+    """Engines built inside keep their host KV pages in `kind` memory (`kv.host_pool`)."""
+    before = os.environ.get(HOST_KV_MEMORY_ENV)
+    os.environ[HOST_KV_MEMORY_ENV] = kind
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[HOST_KV_MEMORY_ENV]
+        else:
+            os.environ[HOST_KV_MEMORY_ENV] = before
+
+
 @functools.lru_cache(maxsize=1)
 def small_llm() -> LLM:
-    # Random weights: every token depends on the whole context, so any damage to the KV pages shows.
-    return LLM("tiny-random", **ENGINE_KW)
+    # Random weights: every token depends on the whole context, so any damage to the KV pages shows. Host pages
+    # in pinned host memory, as on a GPU (the CPU's default is numpy, which the engine without a prefix cache keeps).
+    with host_kv_memory("pinned_host"):
+        return LLM("tiny-random", **ENGINE_KW)
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,13 +165,14 @@ def check_host_copies(core: EngineCore) -> None:
     ex = core.executor
     ex.host.flush()
     s = ex.page_size
+    pages = ex.host.host_pages(range(ex.host.num_pages))
     for req in core.requests.values():
         if req.status is not RequestStatus.RUNNING or not req.device_pages:
             continue
         n = min(req.num_host_synced, req.num_computed)
         for t in range(n):
             hp, dp = req.host_pages[t // s], req.device_pages[t // s]
-            host = ex.host.pages[hp, :, :, :, t % s]
+            host = pages[hp, :, :, :, t % s]
             device = np.stack([np.stack([np.asarray(k[:, dp, t % s]), np.asarray(v[:, dp, t % s])])
                                for k, v in ex.runner.kv_cache])  # fmt: skip
             np.testing.assert_array_equal(host, device, err_msg=f"{req.request_id} token {t}")

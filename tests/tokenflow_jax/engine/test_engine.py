@@ -86,6 +86,7 @@ def test_preempted_outputs_identical_to_uninterrupted(mode: str, sampled: bool) 
         for i, out in enumerate(outputs.values()):
             assert tuple(out) == expected[i], f"{mode} seed {seed} request {i}"
     ex = small_llm().executor
+    assert ex.host.memory_kind == "pinned_host"  # swaps went through the pinned pool
     assert total >= 15, f"only {total} preemptions: the test did not exercise {mode}"
     assert ex.blocks.device.num_used == 0 and ex.blocks.host.num_used == 0
 
@@ -101,6 +102,7 @@ def test_preempted_outputs_identical_without_the_prefix_cache() -> None:
         for i, out in enumerate(outputs.values()):
             assert tuple(out) == reference_outputs()[i], f"seed {seed} request {i}"
     assert total >= 15, f"only {total} preemptions"
+    assert llm.executor.host.memory_kind == "numpy"  # the CPU's default pool
     assert llm.executor.blocks.device.num_used == 0 and llm.executor.blocks.host.num_used == 0
 
 

@@ -156,10 +156,11 @@ def check_copies_agree(core: EngineCore) -> None:
     ex.host.flush()
     blocks, s = ex.blocks, ex.page_size
     device = device_pages_as_host_layout(core)
+    host = ex.host.host_pages(range(ex.host.num_pages))
     for req in core.requests.values():
         if req.status is RequestStatus.RUNNING and req.device_pages:
             for t in range(min(req.num_host_synced, req.num_computed)):
-                np.testing.assert_array_equal(ex.host.pages[req.host_pages[t // s], :, :, :, t % s],
+                np.testing.assert_array_equal(host[req.host_pages[t // s], :, :, :, t % s],
                                               device[req.device_pages[t // s], :, :, :, t % s],
                                               err_msg=f"{req.request_id} token {t}")  # fmt: skip
     for device_page in range(1, blocks.device.num_pages):
@@ -167,7 +168,7 @@ def check_copies_agree(core: EngineCore) -> None:
         host_page = None if h is None else blocks.host_index.get(h)
         if host_page is None or blocks.host_index.origin(host_page) != blocks.device_index.origin(device_page):
             continue
-        np.testing.assert_array_equal(ex.host.pages[host_page], device[device_page])
+        np.testing.assert_array_equal(host[host_page], device[device_page])
 
 
 class PrefixCacheMachine(ScriptedEngineRules):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.tokenflow_jax.engine.harness import check_host_copies, check_page_ownership
+from tests.tokenflow_jax.engine.harness import check_host_copies, check_page_ownership, host_kv_memory
 from tokenflow_jax import LLM
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.parallel import kv_head_replicas
@@ -71,9 +71,14 @@ def test_seeded_sampling_under_tensor_parallel_equals_one_device(tp, hf_checkpoi
     llm.close()
 
 
-def test_host_copies_of_each_slice_equal_the_device_pages_and_resume_bit_exact(hf_checkpoint) -> None:
-    llm = LLM(str(hf_checkpoint("qwen2_sharded").path), scheduler="fcfs", tensor_parallel_size=4, **ENGINE)
+@pytest.mark.parametrize(("tp", "host_memory"), [(4, "numpy"), (2, "pinned_host")])
+def test_host_copies_of_each_slice_equal_the_device_pages_and_resume_bit_exact(tp, host_memory, hf_checkpoint) -> None:
+    """Each device's kv-head slice goes to its own slice of the host pages and back: numpy, and a pinned pool
+    sharded like the blocks (each slice in its device's pinned memory)."""
+    with host_kv_memory(host_memory):
+        llm = LLM(str(hf_checkpoint("qwen2_sharded").path), scheduler="fcfs", tensor_parallel_size=tp, **ENGINE)
     core, ex = llm.core, llm.executor
+    assert ex.host.memory_kind == host_memory
     reqs = [llm.make_request(p, SamplingParams(max_tokens=N_TOKENS, ignore_eos=True)) for p in prompts()[:2]]
     for r in reqs:
         core.add_request(r)

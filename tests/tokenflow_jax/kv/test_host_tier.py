@@ -6,6 +6,7 @@ A device copy that has not completed cannot be produced on demand on a CPU (XLA 
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import jax
@@ -16,10 +17,12 @@ import pytest
 from tests.tokenflow_jax.engine.harness import add, prompt_pool, reference_outputs, scripted_core, small_llm
 from tokenflow_jax.config import PRESETS
 from tokenflow_jax.kv.block_manager import PageCopy
+from tokenflow_jax.kv.host_pool import HOST_KV_MEMORY_ENV
 from tokenflow_jax.kv.host_tier import HostKVTier
 from tokenflow_jax.request import RequestStatus
 
 PAGE_SIZE = 4
+HOST_MEMORY = ["pinned_host", "numpy"]  # both pools, whichever this backend uses by default
 
 
 class HeldCopy:
@@ -31,29 +34,19 @@ class HeldCopy:
     def land(self) -> None:
         self._landed.set()
 
-    def block_until_ready(self) -> HeldCopy:
+    def block_until_ready(self) -> jax.Array:
         assert self._landed.wait(timeout=120), "the test never let this copy land"
         if self.error is not None:
             raise self.error
-        return self
+        return jnp.asarray(self.data)  # the landed block, as a real gather's `block_until_ready` returns it
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.data.shape
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return self.data
-
-    @property
-    def addressable_shards(self) -> list:
-        """The shards of the block on its one device, as a real gathered block has them."""
-        return jax.device_put(self.data).addressable_shards
-
 
 def block_for(tier: HostKVTier, pages: int, value: float) -> np.ndarray:
-    shape = list(tier.pages.shape)
-    shape[0] = pages
-    return np.full(shape, value, dtype=tier.pages.dtype)
+    return np.full((pages, *tier.shape[1:]), value, dtype=tier.dtype)
 
 
 def finishes(fn, timeout: float = 30.0) -> bool:
@@ -75,9 +68,10 @@ def finishes(fn, timeout: float = 30.0) -> bool:
     return bool(outcome)
 
 
-@pytest.fixture
-def tier():
-    t = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
+@pytest.fixture(params=HOST_MEMORY)
+def tier(request):
+    t = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32, host_memory=request.param)
+    assert t.memory_kind == request.param
     yield t
     t.close()
 
@@ -90,14 +84,14 @@ def test_wait_returns_once_its_copy_lands_without_waiting_for_later_ones(tier):
     t3 = tier.write_async(jnp.asarray(block_for(tier, 1, 3.0)), [4])
     assert t1 < t2 < t3
     assert finishes(lambda: tier.wait(t1), timeout=30)
-    np.testing.assert_array_equal(tier.pages[[1, 2]], first)
+    np.testing.assert_array_equal(tier.host_pages([1, 2]), first)
     assert tier.pending_pages == 2  # the held copy and the one behind it
     assert not finishes(lambda: tier.wait(t3), timeout=0.3)  # FIFO: the third lands after the held one
     held.land()
     assert finishes(lambda: tier.wait(t3))
     assert tier.pending_pages == 0
-    np.testing.assert_array_equal(tier.pages[3], held.data[0])
-    np.testing.assert_array_equal(tier.pages[4], 3.0)
+    np.testing.assert_array_equal(tier.host_pages([3])[0], held.data[0])
+    np.testing.assert_array_equal(tier.host_pages([4])[0], 3.0)
 
 
 def test_wait_surfaces_a_failed_copy_once(tier):
@@ -108,7 +102,7 @@ def test_wait_surfaces_a_failed_copy_once(tier):
         tier.wait(ticket)
     later = tier.write_async(jnp.asarray(block_for(tier, 1, 5.0)), [2])
     tier.wait(later)  # the failure was reported; the tier goes on
-    np.testing.assert_array_equal(tier.pages[2], 5.0)
+    np.testing.assert_array_equal(tier.host_pages([2])[0], 5.0)
 
 
 def test_swap_in_does_not_wait_for_copies_queued_after_its_own():
@@ -144,13 +138,13 @@ def test_a_device_to_host_copy_moves_only_the_pages_asked_for(num_pages):
     ex = small_llm().executor
     dev, host = ex.blocks.device.allocate(num_pages), ex.blocks.host.allocate(num_pages)
     try:
-        data = np.random.default_rng(num_pages).standard_normal((num_pages, *ex.host.pages.shape[1:]))
-        ex.runner.scatter_pages(dev, data.astype(ex.host.pages.dtype))
+        data = np.random.default_rng(num_pages).standard_normal((num_pages, *ex.host.shape[1:]))
+        ex.runner.scatter_pages(dev, data.astype(ex.host.dtype))
         moved0 = ex.host.pages_moved_to_host
         ex._transfer_to_host(PageCopy("exact", dev, host))
         ex._flush_to_host()
         assert ex.host.pages_moved_to_host - moved0 == num_pages
-        np.testing.assert_array_equal(ex.host.pages[host], data.astype(ex.host.pages.dtype))
+        np.testing.assert_array_equal(ex.host.host_pages(host), data.astype(ex.host.dtype))
         assert sum(block.shape[0] for block in ex.runner.gather_pages(dev)) == num_pages
     finally:
         ex.blocks.device.free(dev)
@@ -179,9 +173,13 @@ def test_a_swap_in_loads_its_pages_on_the_load_thread_and_resumes_exactly():
     assert [tuple(r.output_ids) for r in reqs] == list(reference_outputs()[:2])
 
 
-def test_a_copy_waits_while_the_staged_blocks_fill_the_cap():
-    one_page = int(np.prod(HostKVTier(PRESETS["tiny-random"], 1, PAGE_SIZE, jnp.float32).pages.shape) * 4)
-    tier = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32, max_staged_bytes=2 * one_page)
+@pytest.mark.parametrize("host_memory", HOST_MEMORY)
+def test_a_copy_waits_while_the_staged_blocks_fill_the_cap(host_memory):
+    tier = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32, host_memory=host_memory)
+    tier.close()
+    tier = HostKVTier(
+        PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32, max_staged_bytes=2 * tier.page_bytes, host_memory=host_memory
+    )
     try:
         held = HeldCopy(block_for(tier, 2, 1.0))
         tier.write_async(held, [1, 2])
@@ -189,8 +187,46 @@ def test_a_copy_waits_while_the_staged_blocks_fill_the_cap():
         held.land()
         assert finishes(lambda: tier.wait(2))  # the held copy landed, so the waiting one went (ticket 2)
         assert tier.pending_pages == 0
-        np.testing.assert_array_equal(tier.pages[3], 2.0)
+        np.testing.assert_array_equal(tier.host_pages([3])[0], 2.0)
         big = tier.write_async(jnp.asarray(block_for(tier, 3, 3.0)), [4, 5, 6])  # over the cap, alone: goes
         assert finishes(lambda: tier.wait(big))
     finally:
         tier.close()
+
+
+def test_loads_read_the_pinned_pool_while_writes_donate_it():
+    """The write thread replaces the pinned pool with every copy (a donated scatter) while the load thread
+    gathers from it: every load sees its pages as last written, none reads a donated buffer."""
+    tier = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32, host_memory="pinned_host")
+    try:
+        tier.wait(tier.write_async(jnp.asarray(block_for(tier, 2, 7.0)), [6, 7]))
+        loads = []
+        for i in range(40):
+            tier.write_async(jnp.asarray(block_for(tier, 2, float(i))), [1 + i % 4, 2 + i % 4])
+            loads.append(tier.load_async([6, 7], after=None))
+        tier.flush()
+        for future in loads:
+            (block,), _ = future.result(timeout=60)
+            np.testing.assert_array_equal(np.asarray(block), 7.0)
+        assert set(tier.loads_by_thread()) == {"kv-load"}
+        np.testing.assert_array_equal(tier.host_pages([4, 5]), block_for(tier, 2, 39.0))
+    finally:
+        tier.close()
+
+
+def test_the_host_memory_is_chosen_at_start_up_and_logged(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="tokenflow_jax.kv.host_tier")
+    monkeypatch.setenv(HOST_KV_MEMORY_ENV, "numpy")
+    forced = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
+    forced.close()
+    assert forced.memory_kind == "numpy"
+    assert "8 pages" in caplog.text and "in numpy memory (asked for)" in caplog.text
+    monkeypatch.delenv(HOST_KV_MEMORY_ENV)
+    caplog.clear()
+    auto = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
+    auto.close()
+    if jax.default_backend() == "cpu":  # pinned memory works here, but is plain host memory allocated whole
+        assert auto.memory_kind == "numpy" and "CPU backend" in caplog.text
+    monkeypatch.setenv(HOST_KV_MEMORY_ENV, "pinned")
+    with pytest.raises(ValueError, match="'pinned': expected one of auto, pinned_host, numpy"):
+        HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
