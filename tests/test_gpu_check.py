@@ -44,6 +44,13 @@ def test_gpu_check_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     engine = json.loads((tmp_path / "engine.json").read_text())
     assert [d["batch"] for d in engine["decode"]] == [8, 16] and all(d["step_ms"] > 0 for d in engine["decode"])
     assert [s["pages"] for s in engine["swap"]] == [16, 64]
+    # Which host memory the engine chose is said, and both pools were timed, one after the other.
+    env_lines = (tmp_path / "env.txt").read_text().splitlines()
+    assert any(line.startswith(f"host KV memory: {engine['host_memory']} (") for line in env_lines), env_lines
+    pools = json.loads((tmp_path / "host_memory.json").read_text())
+    assert pools["kinds"] == ["numpy", "pinned_host"] and [s["pages"] for s in pools["swap"]] == [4, 16]
+    assert all(s[f"{k}_{way}_ms"] > 0 for s in pools["swap"] for k in pools["kinds"] for way in ("out", "in"))
+    assert [d["batch"] for d in pools["decode"]] == [8]
     assert (tmp_path / "decision.txt").read_text().strip()
 
     # The burst at the client, each policy on its own server: every request completed.

@@ -9,7 +9,9 @@
 #                        paged attention and the XLA reference, prefill TFLOP/s; tiles.json, the fastest tiling
 #                        of each shape as a tile table (pallas_kernels/tiles.py)
 #   4. engine.{txt,json} the decode step of $MODEL (dummy bf16 weights) at batch 64 and 256, context 1024, with
-#                        write-through on and off, and swap bandwidth for 64 and 512 pages each way
+#                        write-through on and off, and swap bandwidth for 64 and 512 pages each way;
+#                        host_memory.{txt,json} the host tier's pools (numpy, pinned_host) alternately, swaps of
+#                        64 and 512 $MODEL pages each way (env.txt says which pool the engine chose, and why)
 #   5. decision.*        the TokenFlow decision time on this host's CPU
 #   6. burst.{txt,json}  a short streaming burst, tokenflow against fcfs, on the real server with $MODEL (dummy
 #                        bf16 weights) and a device pool too small for the burst, measured at the client
@@ -35,7 +37,10 @@ part() {
 
 part env env.txt python -c '
 import jax, platform
-print(platform.python_version(), "jax", jax.__version__, jax.devices(), jax.devices()[0].device_kind)'
+from tokenflow_jax.kv.host_pool import host_memory
+from tokenflow_jax.parallel import make_mesh
+print(platform.python_version(), "jax", jax.__version__, jax.devices(), jax.devices()[0].device_kind)
+print("host KV memory: %s (%s)" % host_memory(make_mesh(1)))'
 
 part kernel-check kernel_check.txt python - <<'PY'
 import os, sys
@@ -89,6 +94,8 @@ if [ "$SMALL" = 1 ]; then
     --tiles-out "$OUT/tiles.json"
   part engine-bench engine.txt python -m tokenflow_jax.engine_bench --model "$MODEL" --batches 8,16 --context 128 \
     --swap-pages 16,64 --repeats 3 --offline-requests 8 --offline-tokens 16 --out "$OUT/engine.json"
+  part host-memory host_memory.txt python -m tokenflow_jax.engine_bench --host-memory-ab --model "$MODEL" \
+    --batches 8 --context 64 --swap-pages 4,16 --repeats 3 --out "$OUT/host_memory.json"
   part decision decision.txt python -c "from tokenflow_jax.bench import paper_setups as ps; \
 print(ps.decision_benchmark(num_requests=32, repeats=5, staggered=True, steps_between=1))"
   # tiny-random: random weights, as $MODEL's preset has on the GPU (and nothing to load).
@@ -99,6 +106,8 @@ else
   part kernel-bench kernels.txt python -m pallas_kernels.bench --out "$OUT/kernels.json" --tiles-out "$OUT/tiles.json"
   part engine-bench engine.txt python -m tokenflow_jax.engine_bench --model "$MODEL" --dtype bfloat16 \
     --batches 64,256 --context 1024 --swap-pages 64,512 --offline-requests 0 --out "$OUT/engine.json"
+  part host-memory host_memory.txt python -m tokenflow_jax.engine_bench --host-memory-ab --model "$MODEL" \
+    --dtype bfloat16 --batches '' --swap-pages 64,512 --repeats 5 --out "$OUT/host_memory.json"
   # Last (first to drop if time runs short): its CPU caches differ from the dev VM's (BENCHMARKS.md).
   part decision decision.json timeout 240 python -m tokenflow_jax.paper_setups --decision-bench
   # ~9 pages a request, 80 device pages: about 9 of the 64 fit at once, the rest wait or are paused to the host.

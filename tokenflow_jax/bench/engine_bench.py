@@ -2,8 +2,10 @@
 
     python -m tokenflow_jax.engine_bench [--model tiny|llama3-8b] [--batches 16,64] [--context 256]
         [--swap-pages 64,512] [--dtype float32|bfloat16] [--out FILE.json]
+    python -m tokenflow_jax.engine_bench --host-memory-ab [--model llama3-8b] [--batches 16] [--swap-pages 4,16]
 
 Decode steps run on the real runner with synthetic block tables (KV contents do not change the cost).
+`--host-memory-ab` compares the host tier's two pools (numpy, pinned host memory) alternately in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from tokenflow_jax.batching import SequenceChunk, build_ragged_batch
 from tokenflow_jax.engine.executor import EngineExecutor
 from tokenflow_jax.engine.llm import default_attention
 from tokenflow_jax.kv.block_manager import PageCopy
+from tokenflow_jax.kv.host_pool import POOLS, pinned_unavailable
+from tokenflow_jax.kv.host_tier import HostKVTier
 from tokenflow_jax.kv.pages import page_ids, pages_for
 
 
@@ -109,6 +113,90 @@ def swap_bandwidth(ex: EngineExecutor, num_pages: int, repeats: int) -> tuple[fl
         ex.blocks.host.free(host)
 
 
+def host_memory_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The host tier with its pages in numpy against pinned host memory, alternating in one process: a swap
+    round trip (device block -> host pages, landed; host pages -> device block, ready) at each `--swap-pages`
+    at the model's page shape (no weights needed), and, where the model's weights load (`--batches`), the decode
+    step with write-through into each pool on one executor."""
+    from checkpoints.presets import model_config
+    from tokenflow_jax.parallel import make_mesh
+
+    kinds = list(POOLS) if pinned_unavailable(make_mesh(1)) is None else ["numpy"]
+    cfg = model_config(args.model)
+    swap_pages = [int(p) for p in args.swap_pages.split(",")]
+    tiers = {k: HostKVTier(cfg, 2 * max(swap_pages) + 1, args.page_size, args.dtype, host_memory=k) for k in kinds}
+    result: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "kinds": kinds,
+        "swap": [],
+        "decode": [],
+    }
+    rng = np.random.default_rng(0)
+    for n in swap_pages:
+        block = jax.device_put(rng.standard_normal((n, *tiers[kinds[0]].shape[1:])).astype(tiers[kinds[0]].dtype))
+        ids = list(range(1 + n, 1 + 2 * n))
+        times: dict[str, list[float]] = {f"{k}_{way}": [] for k in kinds for way in ("out", "in")}
+        for i in range(args.repeats + 1):  # the first round compiles and touches the pages: not timed
+            for k, tier in tiers.items():
+                t0 = time.perf_counter()
+                tier.wait(tier.write_async(block, ids))
+                t1 = time.perf_counter()
+                back = jax.block_until_ready(tier.load(ids))
+                t2 = time.perf_counter()
+                if i:
+                    times[f"{k}_out"].append(t1 - t0)
+                    times[f"{k}_in"].append(t2 - t1)
+                assert np.array_equal(np.asarray(back[0]), np.asarray(block)), k
+        result["swap"].append({"pages": n, "MiB": n * tiers[kinds[0]].page_bytes / 2**20,
+                               **{f"{key}_ms": statistics.median(t) * 1e3 for key, t in times.items()}})  # fmt: skip
+    for tier in tiers.values():
+        tier.close()
+    if args.batches:
+        from checkpoints import load_model
+
+        batches = [int(b) for b in args.batches.split(",")]
+        loaded = load_model(args.model, dtype=args.dtype)
+        pages = max(batches) * pages_for(args.context, args.page_size) + 8
+        ex = EngineExecutor(loaded.cfg, loaded.params, num_device_pages=pages, num_host_pages=pages,
+                            page_size=args.page_size, max_num_seqs=max(batches), max_batch_tokens=max(batches),
+                            max_model_len=args.context, kv_dtype=args.dtype,
+                            attention_impl=args.attention or default_attention(), host_memory=kinds[0])  # fmt: skip
+        steps = {k: ex.host if k == kinds[0] else HostKVTier(
+            loaded.cfg, ex.host.num_pages, args.page_size, args.dtype, mesh=ex.runner.mesh,
+            transfer_pages=ex.runner.buckets.transfer_pages, host_memory=k) for k in kinds}  # fmt: skip
+        for b in batches:
+            times = {k: [] for k in ["off", *kinds]}
+            for _ in range(args.repeats):
+                times["off"].append(decode_step_time(ex, b, args.context, 3, write_through=False))
+                for k in kinds:
+                    ex.host = steps[k]
+                    times[k].append(decode_step_time(ex, b, args.context, 3, write_through=True))
+            off = statistics.median(times["off"])
+            result["decode"].append({"batch": b, "step_ms": off * 1e3, **{
+                f"{k}_write_through_ratio": statistics.median(times[k]) / off for k in kinds}})  # fmt: skip
+        ex.host = steps.pop(kinds[0])
+        for tier in steps.values():
+            tier.close()
+        ex.close()
+    return result
+
+
+def print_host_memory_ab(r: dict[str, Any]) -> None:
+    kinds = r["kinds"]
+    print(f"host tier pools, {r['model']} {r['dtype']} pages on {r['device']} ({r['backend']}): medians, "
+          "alternating in one process")  # fmt: skip
+    print(f"{'pages':>6} {'MiB':>8} " + " ".join(f"{k + ' ' + w + ' ms':>18}" for k in kinds for w in ("out", "in")))
+    for s in r["swap"]:
+        print(f"{s['pages']:>6} {s['MiB']:>8.1f} " + " ".join(f"{s[f'{k}_{w}_ms']:>18.2f}" for k in kinds
+                                                              for w in ("out", "in")))  # fmt: skip
+    for d in r["decode"]:
+        ratios = ", ".join(f"{k} {d[f'{k}_write_through_ratio']:.2f}x" for k in kinds)
+        print(f"decode batch {d['batch']}: {d['step_ms']:.2f} ms without write-through; with it: {ratios}")
+
+
 def offline_tokens_per_s(model: str, dtype: str, num_prompts: int, max_tokens: int, repeats: int = 3) -> dict:
     """`LLM.generate` throughput with sampled tokens read in the same step vs one step late (pipelined),
     alternating the two `repeats` times on one engine."""
@@ -149,7 +237,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": args.model, "dtype": args.dtype, "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "python": platform.python_version(),
-        "attention": ex.runner.attention_impl, "page_size": args.page_size, "context": args.context,
+        "attention": ex.runner.attention_impl, "host_memory": ex.host.memory_kind, "page_size": args.page_size,
+        "context": args.context,
         "decode": [], "swap": [],
     }  # fmt: skip
     for b in batches:
@@ -195,7 +284,8 @@ def write_sim_profile(ex: EngineExecutor, cfg: Any, args: argparse.Namespace, re
 
 
 def print_report(r: dict[str, Any]) -> None:
-    print(f"{r['model']} {r['dtype']} on {r['device']} ({r['backend']}), jax {r['jax']}, attention={r['attention']}")
+    print(f"{r['model']} {r['dtype']} on {r['device']} ({r['backend']}), jax {r['jax']}, attention={r['attention']}, "
+          f"host KV pages in {r['host_memory']} memory")  # fmt: skip
     print(
         f"{'batch':>6} {'ctx':>6} {'step ms':>9} {'+write-through':>15} {'ratio':>6} {'tok/s':>9} "
         f"{'of which host batch ms':>22}"
@@ -236,6 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vs-hf-rounds", type=int, default=3, help="--vs-hf: alternating rounds per workload")
     p.add_argument("--step-profile", action="store_true",
                    help="where a decode step's time goes, device and host (see bench.step_profile)")  # fmt: skip
+    p.add_argument(
+        "--host-memory-ab",
+        action="store_true",
+        help="the host tier's numpy pool against its pinned one (swaps; decode steps at --batches)",
+    )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument(
         "--profile-out",
@@ -249,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         result = vs_hf.compare(args.vs_hf_batch, args.vs_hf_tokens, args.vs_hf_rounds)
         vs_hf.print_report(result)
+    elif args.host_memory_ab:
+        result = host_memory_ab(args)
+        print_host_memory_ab(result)
     elif args.step_profile:
         from tokenflow_jax.bench import step_profile
 
