@@ -194,6 +194,8 @@ def host_memory(mesh: Mesh, requested: str | None = None) -> tuple[str, str]:
                          f"(argument or {HOST_KV_MEMORY_ENV})")  # fmt: skip
     if requested == "numpy":
         return "numpy", ASKED
+    if requested == "auto" and mesh.devices.flat[0].platform == "cpu":
+        return "numpy", "on the CPU backend pinned_host is plain host memory, allocated whole"
     why_not = pinned_unavailable(mesh)
     if requested == "pinned_host":
         if why_not:
@@ -201,8 +203,6 @@ def host_memory(mesh: Mesh, requested: str | None = None) -> tuple[str, str]:
         return "pinned_host", ASKED
     if why_not:
         return "numpy", why_not
-    if mesh.devices.flat[0].platform == "cpu":
-        return "numpy", "on the CPU backend pinned_host is plain host memory, allocated whole"
     return "pinned_host", "a round trip through it matched"
 
 

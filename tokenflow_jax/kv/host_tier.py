@@ -188,8 +188,9 @@ class HostKVTier:
         return [self._pool.to_device(piece, self._block_sharding) for piece in self._pieces(host_ids)]
 
     def compile(self) -> None:
-        """Compile every transfer size's host programs (the pinned pool's scatter and gather) before serving."""
-        self._pool.compile(self.transfer_pages)
+        """Compile every transfer size's host programs (the pinned pool's scatter and gather) before serving: those
+        a copy can use (no piece holds more pages than the tier)."""
+        self._pool.compile([n for n in self.transfer_pages if n <= self.num_pages])
 
     def loads_by_thread(self) -> collections.Counter[str]:
         """Host reads for the device so far, by the name of the thread that made them."""
