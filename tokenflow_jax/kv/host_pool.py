@@ -108,29 +108,31 @@ class PinnedHostPages:
         self._executables: dict[tuple[str, int], Any] = {}
         self._compile_lock = threading.Lock()
 
+    def compile_plan(self, sizes: Sequence[int]) -> list[tuple[tuple[str, int], Any, tuple]]:
+        """(key, jitted function, abstract arguments) of the scatter and the gather of each size in `sizes`: what
+        `compile` compiles (also what a cross-platform lowering check walks)."""
+        pool = jax.ShapeDtypeStruct(self._pool.shape, self._pool.dtype, sharding=self._sharding)
+        plan = []
+        for n in sizes:
+            rows = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=self._rows_sharding)
+            block = jax.ShapeDtypeStruct((n, *self._pool.shape[1:]), self.dtype, sharding=self._sharding)
+            plan += [(("scatter", n), self._scatter, (pool, rows, block)), (("gather", n), self._gather, (pool, rows))]
+        return plan
+
     def _executable(self, op: str, n: int) -> Any:
         """The scatter or gather of `n` rows, compiled once (`compile` does it ahead of serving)."""
         key = (op, n)
-        exe = self._executables.get(key)
-        if exe is None:
-            with self._compile_lock:
-                exe = self._executables.get(key)
-                if exe is None:
-                    pool = jax.ShapeDtypeStruct(self._pool.shape, self._pool.dtype, sharding=self._sharding)
-                    rows = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=self._rows_sharding)
-                    if op == "scatter":
-                        block = jax.ShapeDtypeStruct((n, *self._pool.shape[1:]), self.dtype, sharding=self._sharding)
-                        exe = self._scatter.lower(pool, rows, block).compile()
-                    else:
-                        exe = self._gather.lower(pool, rows).compile()
-                    self._executables[key] = exe
-        return exe
+        if key not in self._executables:
+            with self._compile_lock:  # the write and load threads may both meet a new size
+                for k, fn, args in self.compile_plan([n]):
+                    if k == key and k not in self._executables:
+                        self._executables[k] = fn.lower(*args).compile()
+        return self._executables[key]
 
     def compile(self, sizes: Sequence[int]) -> None:
-        """Compile the scatter and the gather of every transfer size (the sizes the tier is handed)."""
-        for n in sizes:
-            self._executable("scatter", n)
-            self._executable("gather", n)
+        """Compile the scatter and the gather of every size in `sizes` (the tier's transfer sizes)."""
+        for (op, n), _, _ in self.compile_plan(sizes):
+            self._executable(op, n)
 
     def _rows(self, rows: Sequence[int]) -> jax.Array:
         # A host computation's operands must all be in host memory, the row ids too.

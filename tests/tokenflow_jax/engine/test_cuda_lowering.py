@@ -19,6 +19,7 @@ from checkpoints.presets import model_config
 from tests.pallas_kernels.cuda_lowering import TRITON_CALL, lower_for_cuda
 from tokenflow_jax.engine.llm import LLM
 from tokenflow_jax.engine.runner import ModelRunner
+from tokenflow_jax.kv.host_pool import PinnedHostPages
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.model import init_params
 from tokenflow_jax.parallel import make_mesh, sharded_config
@@ -61,3 +62,18 @@ def test_tensor_parallel_steps_lower_for_cuda_with_their_collectives() -> None:
         text = lower_for_cuda(jitted, *args)
         if key[0] == "step":
             assert TRITON_CALL in text and "all_reduce" in text and "all_gather" in text, key
+
+
+def test_the_pinned_host_pools_copies_lower_for_cuda_as_host_computations() -> None:
+    """The pinned host pool's scatter and gather of every transfer size, at Llama-3-8B page shapes in bfloat16,
+    lower for CUDA with every operand in pinned host memory and the work marked for the host (whether a GPU's
+    XLA compiles them is what the tier's start-up round trip checks there)."""
+    cfg = model_config("llama3-8b")
+    pool = PinnedHostPages((2, cfg.num_layers, 2, cfg.num_kv_heads, 16, cfg.head_dim), jnp.bfloat16, make_mesh(1))
+    plan = pool.compile_plan([1 << i for i in range(10)])
+    assert {key for key, _, _ in plan} >= {("scatter", 512), ("gather", 512)}
+    for key, jitted, args in plan:
+        text = jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert 'mhlo.memory_kind = "device"' not in text and 'memory_kind = "pinned_host"' in text, key
+        op = "stablehlo.scatter" if key[0] == "scatter" else "stablehlo.gather"
+        assert op in text and '_xla_compute_type = "host"' in text, key
