@@ -11,6 +11,7 @@ its own devices' slices (numpy: the rest of its array is never touched, so never
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import logging
@@ -18,6 +19,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +37,16 @@ logger = logging.getLogger(__name__)
 
 # Device memory that gathered blocks waiting for their copy may hold (more waits): 1 GiB.
 MAX_STAGED_BYTES = 1 << 30
+
+_open_tiers: weakref.WeakSet[HostKVTier] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_tiers() -> None:
+    """Let queued copies land before the interpreter exits: a copy thread still inside XLA (a pinned pool's
+    scatter) when Python stops its daemon threads aborts the process."""
+    for tier in list(_open_tiers):
+        tier.close()
 
 
 class HostKVTier:
@@ -95,6 +107,7 @@ class HostKVTier:
         self._thread.start()
         self._load_thread = threading.Thread(target=self._load_loop, name="kv-load", daemon=True)
         self._load_thread.start()
+        _open_tiers.add(self)
 
     # ---- device -> host
     def _copy_loop(self) -> None:
@@ -220,6 +233,8 @@ class HostKVTier:
                 future.set_exception(e)
 
     def close(self) -> None:
+        """Stop both threads once the copies queued before have landed."""
+        _open_tiers.discard(self)
         self._queue.put(None)
         self._loads.put(None)
         self._thread.join(timeout=10)

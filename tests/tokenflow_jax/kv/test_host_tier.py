@@ -7,7 +7,11 @@ A device copy that has not completed cannot be produced on demand on a CPU (XLA 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,7 @@ from tokenflow_jax.kv.host_pool import HOST_KV_MEMORY_ENV
 from tokenflow_jax.kv.host_tier import HostKVTier
 from tokenflow_jax.request import RequestStatus
 
+ROOT = Path(__file__).resolve().parents[3]
 PAGE_SIZE = 4
 HOST_MEMORY = ["pinned_host", "numpy"]  # both pools, whichever this backend uses by default
 
@@ -140,6 +145,7 @@ def test_a_device_to_host_copy_moves_only_the_pages_asked_for(num_pages):
     try:
         data = np.random.default_rng(num_pages).standard_normal((num_pages, *ex.host.shape[1:]))
         ex.runner.scatter_pages(dev, data.astype(ex.host.dtype))
+        ex._flush_to_host()  # copies an earlier test left in flight land before the count starts
         moved0 = ex.host.pages_moved_to_host
         ex._transfer_to_host(PageCopy("exact", dev, host))
         ex._flush_to_host()
@@ -230,3 +236,20 @@ def test_the_host_memory_is_chosen_at_start_up_and_logged(monkeypatch, caplog):
     monkeypatch.setenv(HOST_KV_MEMORY_ENV, "pinned")
     with pytest.raises(ValueError, match="'pinned': expected one of auto, pinned_host, numpy"):
         HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
+
+
+def test_a_process_that_exits_with_copies_in_flight_exits_cleanly():
+    """Python stops its daemon threads at exit; a copy thread still inside XLA then (a pinned pool's scatter)
+    aborted the process ("FATAL: exception not rethrown"), so the tier lets queued copies land first."""
+    script = (
+        "from tests.tokenflow_jax.engine.harness import add, prompt_pool, scripted_core, small_llm\n"
+        "ex = small_llm().executor\n"
+        "core, _ = scripted_core(ex)\n"
+        "add(core, 'exit', prompt_pool()[0])\n"
+        "while core.has_work():\n"
+        "    core.step()\n"
+        "print('host pages still being copied at exit:', ex.host.pending_pages)\n"  # no flush, no close
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
