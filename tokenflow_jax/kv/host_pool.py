@@ -182,7 +182,8 @@ def pinned_unavailable(mesh: Mesh) -> str | None:
         if not np.array_equal(back, block[::-1]) or pool.host_pages([0]).any():
             return "a round trip through pinned_host memory came back changed"
     except Exception as e:  # noqa: BLE001 - any failure means: not on this backend
-        return f"a round trip through pinned_host memory failed ({type(e).__name__}: {str(e).splitlines()[0]})"
+        first_line = (str(e).splitlines() or [""])[0]
+        return f"a round trip through pinned_host memory failed ({type(e).__name__}: {first_line})"
     return None
 
 
