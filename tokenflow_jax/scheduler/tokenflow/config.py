@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
@@ -35,8 +36,8 @@ class TokenFlowConfig:
         if not 0.0 < self.capacity_hysteresis <= 1.0:
             raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
         check_max_hold(self.max_hold_s)
-        if not self.rateless_step_fraction > 0:
-            raise ValueError(f"rateless_step_fraction must be > 0, got {self.rateless_step_fraction!r}")
+        if not 0 < self.rateless_step_fraction < math.inf:
+            raise ValueError(f"rateless_step_fraction must be a finite number > 0, got {self.rateless_step_fraction!r}")
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
                        "io_fraction")  # fmt: skip
         for name in nonnegative:

@@ -110,3 +110,10 @@ def test_where_the_streams_alone_outpace_their_readers_the_plan_is_fcfs_s():
     assert {rid: rec.token_times for rid, rec in tokenflow.records.items()} == {
         rid: rec.token_times for rid, rec in fcfs.records.items()
     }
+
+
+def test_rateless_step_fraction_must_be_a_positive_finite_number():
+    assert TokenFlowPolicy().config.rateless_step_fraction == 0.95
+    for bad in (0.0, -0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="rateless_step_fraction"):
+            TokenFlowPolicy(rateless_step_fraction=bad)
