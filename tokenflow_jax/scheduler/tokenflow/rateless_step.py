@@ -51,21 +51,21 @@ def sitting_out(
     if step_s > cap_s:  # the streams alone outpace their readers: leaving anyone out would not feed them
         return []
 
-    def held(r: Request) -> bool:
-        return held_back(state, r, max_hold_s)
-
-    def order(chunk: Chunk) -> tuple[bool, int, float, str]:
-        r = chunk[0]
-        return not held(r), len(r.output_ids) - r.sampling.max_tokens, r.arrival, r.request_id
-
+    # Held back `max_hold_s` first, then the most tokens left (`max_tokens` bounds them), then arrival.
+    tiers = [0 if held_back(state, r, max_hold_s) else 1 for r, _ in rateless]
+    weighed = sorted(
+        (tier, len(r.output_ids) - r.sampling.max_tokens, r.arrival, r.request_id, n)
+        for tier, (r, n) in zip(tiers, rateless, strict=True)
+    )
+    by_id = {r.request_id: r for r, _ in rateless}
     left_out = []
-    for r, n in sorted(rateless, key=order):
-        c, p = chunk_cost_s(est, r, n)
+    for tier, _, _, rid, n in weighed:
+        c, p = chunk_cost_s(est, by_id[rid], n)
         extra_s = per_seq + per_context * c + p
-        if step_s + extra_s <= cap_s or held(r):
+        if step_s + extra_s <= cap_s or tier == 0:  # tier 0: held back, stepped regardless
             step_s += extra_s
         else:
-            left_out.append(r.request_id)
+            left_out.append(rid)
     return left_out
 
 
