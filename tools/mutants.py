@@ -92,6 +92,13 @@ MUTANTS = [
     Mutant("the sampling key follows the batch row, not the request's step", "tokenflow_jax/engine/paged_executor.py",
            "req.seed, len(req.output_ids)))", "req.seed, len(rows)))",
            ("tests/tokenflow_jax/engine/test_seeds.py", "-k", "fcfs-swap")),
+    Mutant("a rate-less request held back max_hold_s still sits the step out",
+           "tokenflow_jax/scheduler/tokenflow/rateless_step.py",
+           "if step_s + extra_s <= cap_s or tier == 0:", "if step_s + extra_s <= cap_s:",
+           ("tests/tokenflow_jax/scheduler/tokenflow/test_rateless_step.py",)),
+    Mutant("rate-less requests share every step with the streams", "tokenflow_jax/scheduler/tokenflow/rateless_step.py",
+           "if step_s > cap_s:  # the streams alone", "if True:  # the streams alone",
+           ("tests/tokenflow_jax/scheduler/tokenflow/test_rateless_step.py",)),
 ]  # fmt: skip
 
 

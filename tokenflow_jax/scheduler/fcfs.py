@@ -8,6 +8,7 @@ every policy's, and has nothing to bound: fcfs holds no request back beyond memo
 
 from __future__ import annotations
 
+from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.interface import SchedulerState, StepPlan
 from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
@@ -46,6 +47,10 @@ class FCFSPolicy:
             budget.take(plan, req, n, pages)
             i += 1
         if not preempted:
-            admit_in_order(state, plan, budget, admission_queue(state))
+            admit_in_order(state, plan, budget, self.queue(state))
         plan.sync_order = write_through_order(state, plan)
         return plan
+
+    def queue(self, state: SchedulerState) -> list[Request]:
+        """The paused and waiting requests in the order they are admitted: arrival."""
+        return admission_queue(state)

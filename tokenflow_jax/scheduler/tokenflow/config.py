@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from tokenflow_jax.scheduler.rateless import DEFAULT_MAX_HOLD_S, check_max_hold
 
@@ -23,6 +24,7 @@ class TokenFlowConfig:
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
     overload_fcfs_order: bool = True  # overloaded, every request started: equal buffers go by fcfs's order
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs to its end
+    rateless_step_fraction: float = 0.95  # rate-less requests join a step while it takes <= this x a reader's period
 
     def __post_init__(self) -> None:
         if not self.reschedule_interval > 0:
@@ -34,6 +36,8 @@ class TokenFlowConfig:
         if not 0.0 < self.capacity_hysteresis <= 1.0:
             raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
         check_max_hold(self.max_hold_s)
+        if not 0 < self.rateless_step_fraction < math.inf:
+            raise ValueError(f"rateless_step_fraction must be a finite number > 0, got {self.rateless_step_fraction!r}")
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
                        "io_fraction")  # fmt: skip
         for name in nonnegative:

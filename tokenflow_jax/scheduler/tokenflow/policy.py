@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -16,6 +17,14 @@ from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState, Ste
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
 from tokenflow_jax.scheduler.tokenflow.costs import preemption_costs_of
 from tokenflow_jax.scheduler.tokenflow.decision import Decision, decide
+from tokenflow_jax.scheduler.tokenflow.rateless_step import (
+    held_back,
+    leave_out,
+    planned_chunks,
+    running_chunks,
+    sitting_out,
+    slots_short,
+)
 from tokenflow_jax.scheduler.tokenflow.snapshot import Snapshot
 from tokenflow_jax.scheduler.tokenflow.timing import DecisionClock
 
@@ -36,7 +45,7 @@ class TokenFlowPolicy:
         # The decision in force: its running set by urgency, less what has been paused since; its victims.
         self._wanted: dict[str, int] = {}
         self._victims: tuple[str, ...] = ()
-        self._fcfs = FCFSPolicy()
+        self._fcfs = StreamsFirstFCFS(self.config.max_hold_s)
         # Started streams a decision called back (paused, or waiting to recompute) -> when: how long a call-back
         # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
         self._called_back: dict[str, tuple[Request, float]] = {}
@@ -55,7 +64,7 @@ class TokenFlowPolicy:
             self.rebalance(state, est)
         if self.decision is not None and self.decision.as_fcfs:  # no order keeps anyone fed, or no room: fcfs
             self._wanted, self._victims = {}, ()
-            return self._fcfs.plan(state)
+            return self._fcfs_plan(state, est)
         # This step: everyone running steps; entrants come in by urgency, taking a victim's room only if needed.
         order = {rid: i for i, rid in enumerate(self._victims)}
         victims = sorted((r for r in state.running if r.request_id in order), key=lambda r: order[r.request_id])
@@ -63,6 +72,26 @@ class TokenFlowPolicy:
         entrants = sorted((r for r in (*state.paused, *state.waiting) if r.request_id in rank),
                           key=lambda r: rank[r.request_id])  # fmt: skip
         return self._schedule(state, est, victims, entrants, fcfs=False)
+
+    def _fcfs_plan(self, state: SchedulerState, est: CostEstimates) -> StepPlan:
+        """fcfs's plan, but rate-less requests share the step only while it stays within the streams' readers'
+        period (`rateless_step`): those that sit it out are weighed first, and while some do, no other rate-less
+        request is admitted (unless held back `max_hold_s`) and those sitting out that the plan takes sequence
+        slots from are paused (KV to the host tier), so that the slots go to the streams."""
+        hold_s, fraction = self.config.max_hold_s, self.config.rateless_step_fraction
+        idle = sitting_out(running_chunks(state), state, est, hold_s, fraction)
+        self._fcfs.rateless_wait = bool(idle)
+        if not idle:
+            plan = self._fcfs.plan(state)
+        else:
+            stepping = [r for r in state.running if r.request_id not in idle]
+            plan = self._fcfs.plan(dataclasses.replace(state, running=stepping))
+            fill = StepFill(state, est, (), plan)
+            running = {r.request_id: r for r in state.running}
+            for rid in idle[: slots_short(plan, state)]:
+                fill.preempt(running[rid])
+        leave_out(plan, sitting_out(planned_chunks(plan, state), state, est, hold_s, fraction))
+        return plan
 
     def rebalance(self, state: SchedulerState, est: CostEstimates) -> Decision:
         """Take a decision now (timed into `decision_log`) and put it in force."""
@@ -182,6 +211,19 @@ class TokenFlowPolicy:
         return max(running, key=lambda r: (spare_s(r), r.admitted_order))
 
 
+class StreamsFirstFCFS(FCFSPolicy):
+    """fcfs's plan; while `rateless_wait` (rate-less requests sit steps out, `rateless_step`), its queue holds back
+    the rate-less requests not yet held `max_hold_s`, so that the slots go to the streams."""
+
+    rateless_wait = False
+
+    def queue(self, state: SchedulerState) -> list[Request]:
+        queue = super().queue(state)
+        if not self.rateless_wait:
+            return queue
+        return [r for r in queue if r.rate is not None or held_back(state, r, self.max_hold_s)]
+
+
 class StepFill:
     """One iteration's plan as it fills: the token, slot and page budget left, free host pages, the decision's
     victims not paused yet (least urgent last: popped first), those paused, and the pages each step takes.
@@ -189,9 +231,11 @@ class StepFill:
     Pausing is instant but loads trickle in a step at a time: pausing ahead of need only shrinks the batch, so a
     victim is paused only when its room is needed."""
 
-    def __init__(self, state: SchedulerState, est: CostEstimates, victims: Sequence[Request]) -> None:
+    def __init__(
+        self, state: SchedulerState, est: CostEstimates, victims: Sequence[Request], plan: StepPlan | None = None
+    ) -> None:
         self.state, self.est = state, est
-        self.plan = StepPlan()
+        self.plan = StepPlan() if plan is None else plan
         self.budget = budget_for(state)
         self.host_free = state.executor.free_host_pages()
         self.pending = list(victims)
