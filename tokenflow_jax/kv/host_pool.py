@@ -17,6 +17,7 @@ processes and where the round trip fails. `TOKENFLOW_HOST_KV_MEMORY=numpy|pinned
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -79,14 +80,27 @@ def _bits(dtype: Any) -> Any:
     return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(dtype).itemsize]
 
 
+def _on_host(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """`fn` as a host computation whose result stays in host memory: a context manager up to jax 0.10, a
+    function transform that names the outputs' memory from jax 0.11."""
+    if "out_memory_spaces" in inspect.signature(compute_on).parameters:
+        return compute_on(fn, compute_type="device_host", out_memory_spaces=jax.memory.Space.Host)
+
+    @functools.wraps(fn)
+    def on_host(*args: Any) -> jax.Array:
+        with compute_on("device_host"):
+            return fn(*args)
+
+    return on_host
+
+
 def _scatter_rows(pool: jax.Array, rows: jax.Array, block: jax.Array) -> jax.Array:
-    with compute_on("device_host"):
-        return pool.at[rows].set(jax.lax.bitcast_convert_type(block, pool.dtype))
+    return _on_host(lambda pool, rows, block: pool.at[rows].set(jax.lax.bitcast_convert_type(block, pool.dtype)))(
+        pool, rows, block)
 
 
 def _gather_rows(pool: jax.Array, rows: jax.Array, *, dtype: Any) -> jax.Array:
-    with compute_on("device_host"):
-        return jax.lax.bitcast_convert_type(pool[rows], dtype)
+    return _on_host(lambda pool, rows: jax.lax.bitcast_convert_type(pool[rows], dtype))(pool, rows)
 
 
 class PinnedHostPages:
