@@ -95,12 +95,17 @@ def _on_host(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
 
 
 def _scatter_rows(pool: jax.Array, rows: jax.Array, block: jax.Array) -> jax.Array:
-    return _on_host(lambda pool, rows, block: pool.at[rows].set(jax.lax.bitcast_convert_type(block, pool.dtype)))(
-        pool, rows, block)
+    def scatter(pool: jax.Array, rows: jax.Array, block: jax.Array) -> jax.Array:
+        return pool.at[rows].set(jax.lax.bitcast_convert_type(block, pool.dtype))
+
+    return _on_host(scatter)(pool, rows, block)
 
 
 def _gather_rows(pool: jax.Array, rows: jax.Array, *, dtype: Any) -> jax.Array:
-    return _on_host(lambda pool, rows: jax.lax.bitcast_convert_type(pool[rows], dtype))(pool, rows)
+    def gather(pool: jax.Array, rows: jax.Array) -> jax.Array:
+        return jax.lax.bitcast_convert_type(pool[rows], dtype)
+
+    return _on_host(gather)(pool, rows)
 
 
 class PinnedHostPages:
