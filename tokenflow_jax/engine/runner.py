@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from tokenflow_jax.batching import RaggedBatch, SequenceChunk, build_ragged_batch
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.engine.buckets import Buckets, CompileDuringServing
-from tokenflow_jax.kv.pages import pages_for, transfer_pieces
+from tokenflow_jax.kv.pages import pages_for, transfer_pieces, transfer_slices
 from tokenflow_jax.model import AttentionMetadata, KVCache, Params, forward
 from tokenflow_jax.parallel import (
     BLOCK_SPEC,
@@ -292,8 +292,7 @@ class ModelRunner:
 
     def _piece_slices(self, num_pages: int) -> list[slice]:
         """`transfer_pieces` as consecutive slices of the pages."""
-        ends = np.cumsum([0, *self.transfer_pieces(num_pages)]).tolist()
-        return [slice(a, b) for a, b in zip(ends, ends[1:], strict=False)]
+        return transfer_slices(num_pages, self.buckets.transfer_pages)
 
     def gather_pages(self, page_ids: Sequence[int]) -> list[jax.Array]:
         """Device pages -> page-major device blocks [n_i, layers, 2, Hkv, S, D] whose pages, in order, are

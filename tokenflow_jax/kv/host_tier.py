@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from tokenflow_jax.config import ModelConfig
 from tokenflow_jax.kv.host_pool import ASKED, POOLS
 from tokenflow_jax.kv.host_pool import host_memory as host_memory_for
-from tokenflow_jax.kv.pages import transfer_pieces
+from tokenflow_jax.kv.pages import transfer_slices
 from tokenflow_jax.parallel import block_sharding, make_mesh
 
 logger = logging.getLogger(__name__)
@@ -178,11 +178,8 @@ class HostKVTier:
     # ---- host -> device
     def _pieces(self, host_ids: Sequence[int]) -> list[list[int]]:
         """`host_ids` cut into the transfer sizes, in order."""
-        ids, start, pieces = list(host_ids), 0, []
-        for n in transfer_pieces(len(ids), self.transfer_pages):
-            pieces.append(ids[start : start + n])
-            start += n
-        return pieces
+        ids = list(host_ids)
+        return [ids[piece] for piece in transfer_slices(len(ids), self.transfer_pages)]
 
     def _count_load(self, num_pages: int) -> None:
         with self._lock:

@@ -36,6 +36,15 @@ def transfer_pieces(num_pages: int, sizes: Sequence[int]) -> list[int]:
     return pieces
 
 
+def transfer_slices(num_pages: int, sizes: Sequence[int]) -> list[slice]:
+    """`transfer_pieces` as consecutive slices of the `num_pages` pages, in order."""
+    slices, start = [], 0
+    for n in transfer_pieces(num_pages, sizes):
+        slices.append(slice(start, start + n))
+        start += n
+    return slices
+
+
 def page_ids(pages: Iterable[int] = ()) -> array:
     """Device page ids as a flat int32 array: every step lays out the pages of every sequence it computes, and
     arrays join into one buffer in C where lists of ints convert one by one (~70x slower at 16k pages)."""
