@@ -156,8 +156,9 @@ class LLM:
 
     `LLM("tiny").generate(["Hello"], SamplingParams(max_tokens=8))` -> list[Output]. `kv_pages` and
     `host_kv_pages` count usable pages of each tier (default: `max_num_seqs` full sequences; and
-    `kv.pages.default_host_pages`: twice that, or 4 GiB if more); `gpu_memory_utilization` instead sizes the
-    device pool as vLLM does, as the pages that fit in that fraction of the device's memory less the weights
+    `kv.pages.default_host_pages`: twice that, or 4 GiB if more, at most a quarter of host memory);
+    `gpu_memory_utilization` instead sizes the device pool as vLLM does, as the pages that fit in that fraction of
+    the device's memory less the weights
     (`kv_pages_for_memory`). A request's reader rate is `rates[i]` in `generate` (None: the request states no
     rate and is served at what the streams leave spare), else `default_rate` (None: rate-less too). EOS and
     sampling defaults are the

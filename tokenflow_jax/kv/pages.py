@@ -51,12 +51,18 @@ def page_ids(pages: Iterable[int] = ()) -> array:
     return array("i", pages)
 
 
-def default_host_pages(device_pages: int, page_bytes: int) -> int:
-    """Usable host-tier pages when none are asked for: twice the device pool (SGLang HiCache's ratio), or as many as
-    HOST_TIER_BYTES holds, whichever is more. A paused stream keeps its KV there; a host tier too small for
-    the streams a burst starts turns every further pause into a recompute (docs/DESIGN.md section 3.15)."""
+def host_memory_bytes() -> int:
+    """The host's physical memory in bytes (4x HOST_TIER_BYTES where the host does not say)."""
     try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX host: assume the default fits
-        physical = 4 * HOST_TIER_BYTES
-    return max(2 * device_pages, min(HOST_TIER_BYTES, physical // 4) // max(1, page_bytes))
+        return 4 * HOST_TIER_BYTES
+
+
+def default_host_pages(device_pages: int, page_bytes: int, host_bytes: int | None = None) -> int:
+    """Usable host-tier pages when none are asked for: twice the device pool (SGLang HiCache's ratio), or as many as
+    HOST_TIER_BYTES holds, whichever is more, and never more than a quarter of `host_bytes` (the host's memory) holds:
+    twice a GPU's pool can be more than the host has (docs/DESIGN.md section 3.15). A paused stream keeps its KV
+    there; a host tier too small for the streams a burst starts turns every further pause into a recompute."""
+    cap = (host_memory_bytes() if host_bytes is None else host_bytes) // 4 // max(1, page_bytes)
+    return min(max(2 * device_pages, HOST_TIER_BYTES // max(1, page_bytes)), cap)

@@ -1,10 +1,12 @@
-"""Page allocator: the null page is never handed out, reference counts keep shared pages alive."""
+"""Page allocator: the null page is never handed out, reference counts keep shared pages alive; the host tier's
+default size."""
 
 from __future__ import annotations
 
 import pytest
 
 from tokenflow_jax.kv.page_pool import OutOfPages, PageAllocator
+from tokenflow_jax.kv.pages import default_host_pages, host_memory_bytes
 
 
 def test_allocate_never_hands_out_the_null_page_and_runs_out_cleanly() -> None:
@@ -67,3 +69,17 @@ def test_shared_pages_are_counted_as_they_gain_and_lose_owners() -> None:
     assert pool.num_shared == 2 and pool.refcount(a) == 2
     pool.free([a, b])
     assert pool.num_shared == 0 and pool.num_used == 2
+
+
+def test_default_host_tier_is_twice_the_device_pool_or_4_gib_and_at_most_a_quarter_of_the_host() -> None:
+    gib, page = 1 << 30, 1 << 20  # 1 MiB pages
+    # A small pool: the 4 GiB floor decides.
+    assert default_host_pages(100, page, host_bytes=64 * gib) == 4096
+    # A GPU-sized pool: twice it, while a quarter of the host holds that.
+    assert default_host_pages(10_000, page, host_bytes=128 * gib) == 20_000
+    # Twice ~56 GB of pages is more than a quarter of a 128 GiB host: the host decides.
+    assert default_host_pages(56_000, page, host_bytes=128 * gib) == 32 * 1024
+    # A host with under 16 GiB: even the floor is capped.
+    assert default_host_pages(100, page, host_bytes=8 * gib) == 2048
+    # Without a size given, the machine's own memory caps it.
+    assert default_host_pages(10**9, page) == host_memory_bytes() // 4 // page
