@@ -50,8 +50,9 @@ class TokenFlowPolicy:
         # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
         self._called_back: dict[str, tuple[Request, float]] = {}
         self.resume_delay = DecayingPeak()
-        # Rate-less requests held back `max_hold_s`: they must run until they finish (`scheduler.rateless`).
+        # Rate-less requests held back `max_hold_s`: they must run, for `max_hold_s` once on the device (since when).
         self._must_run: dict[str, Request] = {}
+        self._must_run_since: dict[str, float] = {}
 
     def plan(self, state: SchedulerState) -> StepPlan:
         est = state.executor.estimates()
@@ -77,28 +78,79 @@ class TokenFlowPolicy:
         """fcfs's plan, but rate-less requests share the step only while it stays within the streams' readers'
         period (`rateless_step`): those that sit it out are weighed first, and while some do, no other rate-less
         request is admitted (unless held back `max_hold_s`) and those sitting out that the plan takes sequence
-        slots from are paused (KV to the host tier), so that the slots go to the streams."""
+        slots from are paused (KV to the host tier), so that the slots go to the streams. Running rate-less
+        requests not bound to run also yield the room of started streams waiting to run again (`_yielding`)."""
         hold_s, fraction = self.config.max_hold_s, self.config.rateless_step_fraction
         idle = sitting_out(running_chunks(state), state, est, hold_s, fraction)
-        self._fcfs.rateless_wait = bool(idle)
-        if not idle:
+        yielding = self._yielding(state, idle)
+        self._fcfs.rateless_wait = bool(idle) or bool(yielding)
+        if not idle and not yielding:
             plan = self._fcfs.plan(state)
         else:
-            stepping = [r for r in state.running if r.request_id not in idle]
+            gone = {r.request_id for r in yielding}
+            stepping = [r for r in state.running if r.request_id not in idle and r.request_id not in gone]
             plan = self._fcfs.plan(dataclasses.replace(state, running=stepping))
             fill = StepFill(state, est, (), plan)
+            for req in yielding:
+                fill.preempt(req)
             running = {r.request_id: r for r in state.running}
             for rid in idle[: slots_short(plan, state)]:
                 fill.preempt(running[rid])
         leave_out(plan, sitting_out(planned_chunks(plan, state), state, est, hold_s, fraction))
         return plan
 
+    def _yielding(self, state: SchedulerState, idle: Sequence[str]) -> list[Request]:
+        """Running rate-less requests (not held back `max_hold_s`) whose device pages or sequence slots the started
+        streams waiting to run again (paused, or to recompute) need, in fcfs's queue order: the latest admitted
+        yields first, and only for a stream it lets back in."""
+        tracker, hold_s = state.tracker, self.config.max_hold_s
+        back = [
+            r for r in (*state.paused, *state.waiting) if r.rate is not None and tracker[r.request_id].num_generated
+        ]
+        if not back:
+            return []
+        candidates = sorted(
+            (r for r in state.running if r.rate is None and r.request_id not in idle
+             and r.request_id not in self._must_run and not held_back(state, r, hold_s)),
+            key=lambda r: r.admitted_order, reverse=True)  # fmt: skip
+        if not candidates:
+            return []
+        ex = state.executor
+        free, slots = ex.free_device_pages(), ex.max_num_seqs - len(state.running)
+        out: list[Request] = []
+        for req in sorted(back, key=lambda r: (r.arrival, r.request_id)):
+            n = min(req.num_uncomputed, ex.max_batch_tokens)
+            need = state.extra_pages_for(req, n)
+            take, f, sl = 0, free, slots
+            while (f < need or sl < 1) and take < len(candidates):
+                f += state.pages_freed_by(candidates[take])
+                sl += 1
+                take += 1
+            if f < need or sl < 1:
+                break
+            out += candidates[:take]
+            del candidates[:take]
+            free, slots = f - need, sl - 1
+        return out
+
+    def _keep_must_run(self, state: SchedulerState) -> None:
+        """Release the must-run requests that finished or have run `max_hold_s` since they came back: the hold
+        bounds each wait, and one that ran to its end instead kept the streams' room through an overload (a burst of
+        rate-less requests held back together came back together and held the device for their whole answers)."""
+        since, now, hold_s = self._must_run_since, state.now, self.config.max_hold_s
+        for rid, req in self._must_run.items():
+            if req.status is RequestStatus.RUNNING:
+                since.setdefault(rid, now)
+        self._must_run = {rid: r for rid, r in self._must_run.items()
+                          if r.status is not RequestStatus.FINISHED and now - since.get(rid, now) < hold_s}  # fmt: skip
+        self._must_run_since = {rid: t for rid, t in since.items() if rid in self._must_run}
+
     def rebalance(self, state: SchedulerState, est: CostEstimates) -> Decision:
         """Take a decision now (timed into `decision_log`) and put it in force."""
         t0 = time.perf_counter()
         self.decisions += 1
         if self._must_run:
-            self._must_run = {rid: r for rid, r in self._must_run.items() if r.status is not RequestStatus.FINISHED}
+            self._keep_must_run(state)
         snap = Snapshot.take(state, self.slack_s(state), self.config.max_hold_s, self._must_run)
         if snap.must_run is not None:
             for i in snap.must_run.nonzero()[0].tolist():
