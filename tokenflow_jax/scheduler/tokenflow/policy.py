@@ -82,7 +82,8 @@ class TokenFlowPolicy:
         requests not bound to run also yield the room of started streams waiting to run again (`_yielding`)."""
         hold_s, fraction = self.config.max_hold_s, self.config.rateless_step_fraction
         idle = sitting_out(running_chunks(state), state, est, hold_s, fraction)
-        yielding = self._yielding(state, idle)
+        # Only for want of room: where no order keeps the readers fed (hopeless), yielding only moves the stall.
+        yielding = [] if self.decision.hopeless else self._yielding(state, idle)
         self._fcfs.rateless_wait = bool(idle) or bool(yielding)
         if not idle and not yielding:
             plan = self._fcfs.plan(state)
