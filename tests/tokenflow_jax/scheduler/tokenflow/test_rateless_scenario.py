@@ -98,7 +98,9 @@ def test_the_hold_bound_lets_an_agent_in_that_the_streams_would_keep_out():
     # Once in, it runs at least the hold before it may yield again (not to its end: a crowd of held-back
     # requests would hold the device through an overload), and it never waits longer than the hold again.
     came_in = changes(events, "A", "running")[0][0]
-    assert all(t - came_in >= 2.0 for t, _ in changes(events, "A", "paused"))
+    pauses = changes(events, "A", "paused")
+    assert pauses  # after the hold it yields to a stream running low again
+    assert all(t - came_in >= 2.0 for t, _ in pauses)
     gaps = [b - a for a, b in zip(agent.token_times, agent.token_times[1:], strict=False)]
     assert max(gaps) <= 2.0
 
