@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from tokenflow_jax.estimators import DecayingPeak
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request, RequestStatus
-from tokenflow_jax.scheduler.budget import admit_in_order, budget_for, write_through_order
+from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.fcfs import FCFSPolicy
 from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState, StepPlan
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
@@ -105,9 +105,7 @@ class TokenFlowPolicy:
         streams waiting to run again (paused, or to recompute) need, in fcfs's queue order: the latest admitted
         yields first, and only for a stream it lets back in."""
         tracker, hold_s = state.tracker, self.config.max_hold_s
-        back = [
-            r for r in (*state.paused, *state.waiting) if r.rate is not None and tracker[r.request_id].num_generated
-        ]
+        back = [r for r in admission_queue(state) if r.rate is not None and tracker[r.request_id].num_generated]
         if not back:
             return []
         candidates = sorted(
@@ -116,12 +114,11 @@ class TokenFlowPolicy:
             key=lambda r: r.admitted_order, reverse=True)  # fmt: skip
         if not candidates:
             return []
-        ex = state.executor
-        free, slots = ex.free_device_pages(), ex.max_num_seqs - len(state.running)
+        budget = budget_for(state)
+        free, slots = budget.pages, budget.seqs - len(state.running)
         out: list[Request] = []
-        for req in sorted(back, key=lambda r: (r.arrival, r.request_id)):
-            n = min(req.num_uncomputed, ex.max_batch_tokens)
-            need = state.extra_pages_for(req, n)
+        for req in back:
+            _, need = budget.chunk(state, req)
             take, f, sl = 0, free, slots
             while (f < need or sl < 1) and take < len(candidates):
                 f += state.pages_freed_by(candidates[take])
