@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tokenflow_jax.bench import no_harm, paper_cli
 
 SETUP = "rtx4090 llama3-8b burst 60 short"
@@ -35,3 +37,31 @@ def test_the_check_reads_a_sweep_and_gives_the_four_ratios_and_a_verdict(tmp_pat
     only_tokenflow.write_text(json.dumps([tf]))
     assert no_harm.main([str(only_tokenflow)]) == 2
     assert "skipped" in capsys.readouterr().out
+
+
+def test_the_noise_floor_holds_fcfs_to_the_rule_against_itself_on_a_slower_machine(tmp_path, capsys):
+    out = tmp_path / "floor.json"
+    code = no_harm.main(["--noise-floor", "1.5", "--only", SETUP, "--out", str(out)])
+    text = capsys.readouterr().out
+    runs = json.loads(out.read_text())
+    fcfs = next(r for r in runs if "slowdown" not in r)
+    slower = next(r for r in runs if r.get("slowdown") == 1.5)
+    assert fcfs["policy"] == "fcfs" and slower["setup"] == fcfs["setup"] == SETUP
+    # A machine 1.5x slower makes 1/1.5 of the tokens (same work, every step dearer): the rule's first clause fails.
+    tokens = slower["output_throughput"] / fcfs["output_throughput"]
+    assert abs(tokens - 1 / 1.5) < 0.02
+    row = next(line for line in text.splitlines() if line.startswith(f"| {SETUP} |"))
+    assert f"| {tokens:.3f} |" in row and "FAIL" in row and code == 1
+    assert "fcfs on a machine 1.5x slower against fcfs" in text
+    # The same machine: fcfs equals itself, so every pair passes at 1.000x and no stall beyond itself.
+    assert no_harm.main(["--noise-floor", "1", "--only", SETUP]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {SETUP} |"))
+    assert "| 1.000 | 1.000 | 1.000 | +0.0% |" in row and "PASS" in row
+
+
+@pytest.mark.parametrize("argv", [["--noise-floor", "0"], ["--noise-floor", "nan"], ["--noise-floor", "1.1", "x.json"],
+                                  ["--noise-floor", "1.1", "--only", "no such setup"], []])  # fmt: skip
+def test_bad_noise_floor_arguments_are_refused(argv):
+    with pytest.raises(SystemExit) as e:
+        no_harm.main(argv)
+    assert e.value.code == 2
