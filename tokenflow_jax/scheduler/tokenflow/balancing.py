@@ -17,11 +17,11 @@ from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, RATE
 
 
 def rank(
-    snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float, held: np.ndarray, all_started: bool = False
+    snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, lead_s: float, held: np.ndarray, fcfs_order: bool = False
 ) -> Ranking:
     """Contenders by urgency: gamma phi(b) descending, value, rate; ties keep what is on device, then arrival.
-    Newcomers `held` back by schedulability (snapshot indices) do not contend. Overloaded with every request
-    started (`all_started`), equal buffers go by fcfs's order instead (`cfg.overload_fcfs_order`).
+    Newcomers `held` back by schedulability (snapshot indices) do not contend. Overloaded (`fcfs_order`, with
+    `cfg.overload_fcfs_order`), equal urgency and value go by fcfs's order (arrival, then id) instead.
 
     A rate-less request has an empty buffer and full value but rate 0: it sorts after every stream as urgent as a
     newcomer (newcomers, streams due back, running streams short of `stickiness_s`) and before every stream with
@@ -51,12 +51,12 @@ def rank(
     off_device = np.ones(n, dtype=bool)
     off_device[:nr] = False
     fcfs_rank = None
-    if all_started and cfg.overload_fcfs_order:
-        # Someone stalls whatever the order; fcfs keeps its earliest streams fed. Ranked by value, the streams
-        # left off the device once buffers ran out were whichever happened to be paused then (DESIGN 3.13).
+    if fcfs_order:
+        # Someone stalls whatever the order; fcfs keeps its earliest streams fed. Ranked by buffer alone, the
+        # streams left off the device once buffers ran out were whichever happened to be paused then (DESIGN 3.13).
         fcfs_rank = np.empty(n)
         fcfs_rank[np.lexsort((np.array(snap.rids), block[ARRIVAL]))] = np.arange(n)
-        order = np.lexsort((fcfs_rank, urgency))
+        order = np.lexsort((fcfs_rank, neg_value, urgency))
     else:
         order = np.lexsort((block[ARRIVAL], off_device, np.negative(block[RATE]), neg_value, urgency))
     if held.size:

@@ -105,6 +105,29 @@ def test_the_hold_bound_lets_an_agent_in_that_the_streams_would_keep_out():
     assert max(gaps) <= 2.0
 
 
+def test_overloaded_newcomers_wait_but_an_agent_held_back_max_hold_s_does_not():
+    """Three 15 tok/s streams share two slots until the machine turns 2.2x slower at t=2: 45 tok/s owed against
+    ~36 made, overloaded (not hopeless: a 55 ms step is shorter than a reader's 67 ms period). Newcomers then wait
+    until demand recovers (docs/DESIGN.md 3.13), but an agent that arrives at t=3 and is held back `max_hold_s`
+    must run: it is not a newcomer to hold, overload or not."""
+    ex = SimExecutor(TWO_SLOTS_40_TOK_S, max_num_seqs=2, max_batch_tokens=64, slowdown=((2.0, 2.2),))
+    policy = TokenFlowPolicy(max_hold_s=2.0)
+    core = EngineCore(ex, policy)
+    for rid in ("S1", "S2", "S3"):
+        core.add_request(request(rid, 15.0, 400))
+    agent = Request("A", [1] * 16, SamplingParams(max_tokens=50, ignore_eos=True), rate=None, arrival=3.0)
+    overloaded_when_it_came = None
+    while core.has_work():  # (the streams run past t=3: 400 tokens at 15 tok/s)
+        if ex.now() >= 3.0 and overloaded_when_it_came is None:
+            overloaded_when_it_came = policy.decision.overloaded and not policy.decision.hopeless
+            core.add_request(agent)
+        core.step()
+    assert overloaded_when_it_came
+    streams_done = min(core.records[r].token_times[-1] for r in ("S1", "S2", "S3"))
+    first = core.records["A"].token_times[0]
+    assert 5.0 <= first <= 6.0 < streams_done
+
+
 def test_max_hold_s_must_be_a_positive_finite_number():
     for bad in (0.0, -1.0, float("inf"), float("nan"), "5"):
         with pytest.raises(ValueError, match="max_hold_s"):
