@@ -56,7 +56,10 @@ def rank(
         # streams left off the device once buffers ran out were whichever happened to be paused then (DESIGN 3.13).
         fcfs_rank = np.empty(n)
         fcfs_rank[np.lexsort((np.array(snap.rids), block[ARRIVAL]))] = np.arange(n)
-        order = np.lexsort((fcfs_rank, neg_value, urgency))
+        keys = [fcfs_rank, neg_value, urgency]
+        if snap.rateless is not None:  # a rate-less request still runs on what the streams leave (3.16)
+            keys.insert(1, snap.rateless)
+        order = np.lexsort(keys)
     else:
         order = np.lexsort((block[ARRIVAL], off_device, np.negative(block[RATE]), neg_value, urgency))
     if held.size:

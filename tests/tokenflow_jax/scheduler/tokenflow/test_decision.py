@@ -71,7 +71,7 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
         contenders.append(c)
     if fcfs_order := decision.overloaded:  # equal urgency and value go by fcfs's order
         for c in contenders:
-            c["key"] = (*c["key"][:2], c["req"].arrival, c["req"].request_id)
+            c["key"] = (*c["key"][:2], c["req"].rate is None, c["req"].arrival, c["req"].request_id)
         # Newcomers take free room only while the started requests' projected peak, with theirs, fits the device
         # pool, in arrival order.
         started, admissible = [c["req"] for c in contenders], []
