@@ -58,7 +58,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     newcomers = held_newcomers(snap, overloaded, spare_rate)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     # Overloaded, someone stalls whatever the order: as under fcfs, the stall falls on the latest admitted (equal
-    # urgency and value go by fcfs's order, and newcomers wait rather than take free room).
+    # urgency and value go by fcfs's order).
     fcfs_order = overloaded and cfg.overload_fcfs_order
     ranking, gate = rank(snap, est, cfg, lead_s, newcomers, fcfs_order), Gate(est, cfg.mu, lead_s)
     order, rids = ranking.order, snap.rids
@@ -89,8 +89,6 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
             left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
             used += int(snap.pages.take(left_out_paused).sum())
             count = int(chosen.sum()) + left_out_paused.size
-    if free_room.size and fcfs_order:
-        free_room = within_started_peak(snap, free_room)
     if free_room.size:
         running += fill_free_room(snap, free_room, used, count)
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short)
@@ -108,17 +106,13 @@ def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float)
     return max(1.0, (1 - adaptation_rate) * static + adaptation_rate * snap.num_running)
 
 
-def projected_peak_pages(snap: Snapshot, rows: np.ndarray | None = None) -> float:
-    """Device pages the live requests (those at `rows`, snapshot indices) would hold at their peak if all ran from
-    now on, one token a step each: the footprint grows until the first of them finishes, drops, grows again; its
-    highest point is just before some finish, where the requests still running hold their contexts plus that
-    one's remaining tokens."""
+def projected_peak_pages(snap: Snapshot) -> float:
+    """Device pages the live requests would hold at their peak if all ran from now on, one token a step each: the
+    footprint grows until the first of them finishes, drops, grows again; its highest point is just before some
+    finish, where the requests still running hold their contexts plus that one's remaining tokens."""
     remaining = snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED]
-    context = snap.context
-    if rows is not None:
-        remaining, context = remaining.take(rows), context.take(rows)
     order = remaining.argsort(kind="stable")
-    remaining, context = remaining.take(order), context.take(order)
+    remaining, context = remaining.take(order), snap.context.take(order)
     alive = np.arange(len(order), 0, -1, dtype=np.float64)  # still running just before the j-th finish
     tokens = context[::-1].cumsum()[::-1]
     tokens += alive * remaining
@@ -204,26 +198,6 @@ def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.nd
         else:
             spare_rate -= rate
     return newcomers.take(held)
-
-
-def within_started_peak(snap: Snapshot, newcomers: np.ndarray) -> np.ndarray:
-    """The leading newcomers (arrival order) that the started requests' projected peak leaves room for on the
-    device, with theirs (`projected_peak_pages`): overloaded, a newcomer started beyond that room takes pages the
-    started streams will need as their contexts grow, and the overload's stall lands on them."""
-    started = np.ones(len(snap.reqs), dtype=bool)
-    started[newcomers] = False
-    started = started.nonzero()[0]
-
-    def fits(k: int) -> bool:
-        return projected_peak_pages(snap, np.concatenate((started, newcomers[:k]))) <= snap.num_device_pages
-
-    low, high = 0, len(newcomers)  # the peak only grows with each newcomer added: the most that fit, by halving
-    if fits(high):
-        return newcomers
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return newcomers[:low]
 
 
 def slot_limit(snap: Snapshot, working_set: float) -> int:

@@ -27,19 +27,6 @@ def weight(buffer_tokens: int, output_len: int) -> float:
     return 0.0 if buffer_tokens >= tau2 else (tau2 - buffer_tokens) / (tau2 - tau1)
 
 
-def peak_pages(reqs, tracker, page_size: int) -> float:
-    """The most device pages `reqs` would hold if all ran from now, one token a step each, until their max_tokens:
-    just before each finish, the ones still running hold their contexts plus the finishing one's remaining tokens
-    (and a partial page each)."""
-    left = sorted((r.sampling.max_tokens - tracker[r.request_id].num_generated,
-                   len(r.prompt_ids) + tracker[r.request_id].num_generated) for r in reqs)  # fmt: skip
-    best = 0.0
-    for j, (remaining, _) in enumerate(left):
-        alive = len(left) - j
-        best = max(best, (sum(context for _, context in left[j:]) + alive * remaining) / page_size + alive)
-    return best
-
-
 def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], list[str]]:
     """(desired running set, most urgent first; running requests to preempt), given the working set W,
     overload flag and spare rate of the policy's decision for this state."""
@@ -72,16 +59,6 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     if fcfs_order := decision.overloaded:  # equal urgency and value go by fcfs's order
         for c in contenders:
             c["key"] = (*c["key"][:2], c["req"].rate is None, c["req"].arrival, c["req"].request_id)
-        # Newcomers take free room only while the started requests' projected peak, with theirs, fits the device
-        # pool, in arrival order.
-        started, admissible = [c["req"] for c in contenders], []
-        waiting_index = {r.request_id: i for i, r in enumerate(state.waiting)}
-        for c in sorted(newcomers, key=lambda c: waiting_index[c["req"].request_id]):
-            if peak_pages([*started, c["req"]], state.tracker, ex.page_size) > ex.num_device_pages:
-                break
-            started.append(c["req"])
-            admissible.append(c)
-        newcomers = admissible
     contenders.sort(key=lambda c: c["key"])
     host_free = ex.free_host_pages()
 

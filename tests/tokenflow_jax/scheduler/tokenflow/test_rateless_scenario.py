@@ -107,9 +107,9 @@ def test_the_hold_bound_lets_an_agent_in_that_the_streams_would_keep_out():
 
 def test_overloaded_newcomers_wait_but_an_agent_held_back_max_hold_s_does_not():
     """Three 15 tok/s streams share two slots until the machine turns 2.2x slower at t=2: 45 tok/s owed against
-    ~36 made, overloaded (not hopeless: a 55 ms step is shorter than a reader's 67 ms period). Newcomers then wait
-    until demand recovers (docs/DESIGN.md 3.13), but an agent that arrives at t=3 and is held back `max_hold_s`
-    must run: it is not a newcomer to hold, overload or not."""
+    ~36 made, overloaded (not hopeless: a 55 ms step is shorter than a reader's 67 ms period). Newcomers then
+    displace nobody and take only free room, of which two busy slots leave none (docs/DESIGN.md 3.13), but an agent
+    that arrives at t=3 and is held back `max_hold_s` must run: it is not a newcomer to hold, overload or not."""
     ex = SimExecutor(TWO_SLOTS_40_TOK_S, max_num_seqs=2, max_batch_tokens=64, slowdown=((2.0, 2.2),))
     policy = TokenFlowPolicy(max_hold_s=2.0)
     core = EngineCore(ex, policy)
