@@ -22,7 +22,7 @@ class TokenFlowConfig:
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
     io_fraction: float = 0.05  # loads of streams not due back a decision plans: this share of an interval
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
-    overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order; newcomers wait
+    overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (for as long again)
     rateless_step_fraction: float = 0.95  # rate-less requests join a step while it takes <= this x a reader's period
 

@@ -9,7 +9,7 @@ import pytest
 
 from tokenflow_jax import workloads
 from tokenflow_jax.bench.faithful import faithful_setups
-from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN
+from tokenflow_jax.bench.paper_setups import MAX_MODEL_LEN, PaperSetup, max_rebuffer_increase
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.registry import make_policy
@@ -20,6 +20,11 @@ from tokenflow_jax.sim.replay import replay
 # Fitted on the engine (`python -m tokenflow_jax.engine_bench --profile-out F`, tiny, 2-core CPU).
 CPU_TINY = SimProfile("cpu-tiny", 3.69e-3, 0.0, 1.25e-8, 0.0, 2.59e-6, 0.0, 1.21e9, 2.6e-4, 1.37e9, 1024,
                       48 * 16 * 1024, 96 * 16 * 1024)  # fmt: skip
+
+
+def long_burst_setup() -> PaperSetup:
+    """The paper's H200 Llama-3-8B 200-long burst at mem-frac 0.3 (`bench.faithful`)."""
+    return next(s for s in faithful_setups() if s.name == "h200 llama3-8b mem-frac 0.3 burst 200 long")
 
 
 def burst(policy: str, host_pages: int, slowdown: tuple[tuple[float, float], ...] = (), **config: float) -> dict:
@@ -98,7 +103,7 @@ def comfortable_burst(policy: str, **config: float) -> dict:
     """30 streams of ~1k tokens on an H200 at the HBM floor (roofline), 1,200 device pages: every stream starts,
     the machine outruns its readers (buffers grow past a minute), and memory holds about a third of them at full
     length, so the policy rotates streams none of which is due (the faithful H200 long burst's pattern)."""
-    setup = next(s for s in faithful_setups() if s.name == "h200 llama3-8b mem-frac 0.3 burst 200 long")
+    setup = long_burst_setup()
     ex = SimExecutor(setup.sim_profile("roofline"), num_device_pages=1200, max_model_len=4096)
     core = EngineCore(ex, make_policy(policy, **config))
     specs = workloads.burst(30, prompt="512:64:576", output="1024:64:1088", rates=20.0)
@@ -131,16 +136,10 @@ def test_the_rotation_budget_leaves_due_back_loads_alone():
 def faithful_long_burst(policy: str, **config: float) -> dict:
     """The paper's H200 Llama-3-8B long burst as it ran it (mem-frac 0.3, naive kernels): 200 streams of ~4k
     tokens owe 4,000 tok/s against the ~1,900 the machine makes; 190 start within seconds and 10 wait for room."""
-    setup = next(s for s in faithful_setups() if s.name == "h200 llama3-8b mem-frac 0.3 burst 200 long")
+    setup = long_burst_setup()
     ex = SimExecutor(setup.sim_profile("naive"), max_model_len=MAX_MODEL_LEN)
     core = EngineCore(ex, make_policy(policy, **config))
     return summarize(replay(core, setup.specs("20"), progress=False))
-
-
-def worst_increase(run: dict, fcfs: dict, playback_s: dict[str, float]) -> float:
-    base = dict(zip(fcfs["request_ids"], fcfs["rebuffer_per_request_s"], strict=True))
-    return max((r - base[rid]) / playback_s[rid]
-               for rid, r in zip(run["request_ids"], run["rebuffer_per_request_s"], strict=True))  # fmt: skip
 
 
 def test_overloaded_with_newcomers_waiting_the_stall_falls_where_fcfs_puts_it():
@@ -149,11 +148,10 @@ def test_overloaded_with_newcomers_waiting_the_stall_falls_where_fcfs_puts_it():
     order applied only once every request had started and here 10 newcomers wait throughout. Overloaded, equal
     urgency and value now go by fcfs's order whether or not newcomers wait (docs/DESIGN.md 3.13)."""
     fcfs, tokenflow = faithful_long_burst("fcfs"), faithful_long_burst("tokenflow")
-    setup = next(s for s in faithful_setups() if s.name == "h200 llama3-8b mem-frac 0.3 burst 200 long")
-    playback_s = {s.request_id: s.output_len / s.rate for s in setup.specs("20")}
+    playback_s = {s.request_id: s.output_len / s.rate for s in long_burst_setup().specs("20")}
     assert tokenflow["completed"] == fcfs["completed"] == 200
-    assert worst_increase(tokenflow, fcfs, playback_s) <= 0.10
+    assert max_rebuffer_increase({**tokenflow, "playback_s": playback_s}, fcfs) <= 0.10
     assert tokenflow["output_throughput"] >= 0.97 * fcfs["output_throughput"]
     assert tokenflow["effective_throughput"] >= 0.97 * fcfs["effective_throughput"]
     unordered = faithful_long_burst("tokenflow", overload_fcfs_order=False)
-    assert worst_increase(unordered, fcfs, playback_s) > 0.10
+    assert max_rebuffer_increase({**unordered, "playback_s": playback_s}, fcfs) > 0.10
