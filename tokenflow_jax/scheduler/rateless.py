@@ -4,7 +4,7 @@ a policy may hold one back (docs/DESIGN.md section 3.16).
 Such a request is served at an adaptive rate: whatever decode capacity the streams leave spare. A policy may
 hold it back (waiting, or paused with its KV on the host tier) while streams need the device, but once it has
 gone `max_hold_s` without a token (since its last token, or its arrival) it is *must-run*: it ranks ahead of
-every stream and is not paused for one (tokenflow keeps it so for `max_hold_s` once it runs again, andes for its
+every stream and is not paused for one (tokenflow keeps it so until its next token, andes for its
 next step), so no wait between its tokens outlasts the bound by more than the room it waits for. Every policy takes
 the option; those that never hold a request back beyond memory (fcfs, sglang) have nothing to bound.
 """

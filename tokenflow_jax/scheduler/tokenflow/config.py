@@ -23,7 +23,7 @@ class TokenFlowConfig:
     io_fraction: float = 0.05  # loads of streams not due back a decision plans: this share of an interval
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
-    max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (for as long again)
+    max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (to its next token)
     rateless_step_fraction: float = 0.95  # rate-less requests join a step while it takes <= this x a reader's period
 
     def __post_init__(self) -> None:

@@ -50,9 +50,9 @@ class TokenFlowPolicy:
         # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
         self._called_back: dict[str, tuple[Request, float]] = {}
         self.resume_delay = DecayingPeak()
-        # Rate-less requests held back `max_hold_s`: they must run, for `max_hold_s` once on the device (since when).
+        # Rate-less requests held back `max_hold_s`: they must run until their next token (tokens when marked).
         self._must_run: dict[str, Request] = {}
-        self._must_run_since: dict[str, float] = {}
+        self._must_run_tokens: dict[str, int] = {}
 
     def plan(self, state: SchedulerState) -> StepPlan:
         est = state.executor.estimates()
@@ -132,16 +132,14 @@ class TokenFlowPolicy:
         return out
 
     def _keep_must_run(self, state: SchedulerState) -> None:
-        """Release the must-run requests that finished or have run `max_hold_s` since they came back: the hold
-        bounds each wait, and one that ran to its end instead kept the streams' room through an overload (a burst of
-        rate-less requests held back together came back together and held the device for their whole answers)."""
-        since, now, hold_s = self._must_run_since, state.now, self.config.max_hold_s
-        for rid, req in self._must_run.items():
-            if req.status is RequestStatus.RUNNING:
-                since.setdefault(rid, now)
+        """Release the must-run requests that finished or made a token since they were marked: the hold bounds the
+        wait between tokens, no more. Kept longer (for `max_hold_s` once in), a crowd of rate-less requests under
+        an overload ran half of every hold and kept the streams' room (docs/DESIGN.md 3.16)."""
+        tracker, marked = state.tracker, self._must_run_tokens
         self._must_run = {rid: r for rid, r in self._must_run.items()
-                          if r.status is not RequestStatus.FINISHED and now - since.get(rid, now) < hold_s}  # fmt: skip
-        self._must_run_since = {rid: t for rid, t in since.items() if rid in self._must_run}
+                          if r.status is not RequestStatus.FINISHED and rid in tracker
+                          and tracker[rid].num_generated <= marked[rid]}  # fmt: skip
+        self._must_run_tokens = {rid: n for rid, n in marked.items() if rid in self._must_run}
 
     def rebalance(self, state: SchedulerState, est: CostEstimates) -> Decision:
         """Take a decision now (timed into `decision_log`) and put it in force."""
@@ -152,12 +150,18 @@ class TokenFlowPolicy:
         snap = Snapshot.take(state, self.slack_s(state), self.config.max_hold_s, self._must_run)
         if snap.must_run is not None:
             for i in snap.must_run.nonzero()[0].tolist():
-                self._must_run[snap.rids[i]] = snap.reqs[i]
+                rid = snap.rids[i]
+                if rid not in self._must_run:
+                    self._must_run[rid] = snap.reqs[i]
+                    self._must_run_tokens[rid] = state.tracker[rid].num_generated
         self.decision = decide(snap, est, self.config, self.decision is not None and self.decision.overloaded)
         self.clock.decided(state.now, self.decision.give_way_at)
         self._wanted = {rid: i for i, rid in enumerate(self.decision.running)}
         self._victims = self.decision.victims
         wanted, tracker = self._wanted, state.tracker
+        if self.decision.as_fcfs:  # fcfs's plan calls no one back: a wait in its queue is no call-back's delay
+            self._called_back.clear()
+            wanted = {}
         for req in (*state.paused, *state.waiting):  # called back: started, off the device, wanted running
             rid = req.request_id
             if rid in wanted and rid not in self._called_back and req.rate is not None and tracker[rid].num_generated:

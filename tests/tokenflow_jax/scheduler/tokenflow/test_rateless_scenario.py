@@ -5,7 +5,7 @@ rate arrive at t=0. The streams start first; once S1 holds more than a second of
 covers the round trip, it is paused and A runs on the capacity the streams leave spare (80 - 50 = 30 tok/s).
 When S1's reader runs low, S1 is due back and A yields; A comes back when a stream's buffer is full again.
 Nobody's reader stalls. With streams that leave almost nothing spare (38 + 38 of 80 tok/s), A would wait for
-them to finish; `max_hold_s` bounds that: held back that long, A must run, for at least `max_hold_s` once in.
+them to finish; `max_hold_s` bounds that: held back that long, A must run, until its next token.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from tokenflow_jax.scheduler.fcfs import FCFSPolicy
 from tokenflow_jax.scheduler.interface import SchedulerState
 from tokenflow_jax.scheduler.tokenflow import TokenFlowPolicy
 from tokenflow_jax.sim.executor import SimExecutor
+
+STEP_S = 1 / 40  # one decode step of the two 40 tok/s slots
 
 
 def request(rid: str, rate: float | None, output: int) -> Request:
@@ -95,14 +97,17 @@ def test_the_hold_bound_lets_an_agent_in_that_the_streams_would_keep_out():
     agent = core.records["A"]
     assert 2.0 <= agent.token_times[0] < streams_done  # must-run: in as soon as a stream covers its pause
     assert len(agent.token_times) == 200
-    # Once in, it runs at least the hold before it may yield again (not to its end: a crowd of held-back
-    # requests would hold the device through an overload), and it never waits longer than the hold again.
+    # The hold bounds the wait between its tokens, not how long it runs: once it has made a token it ranks behind
+    # the streams again and yields to one running low (run on for the hold, a crowd of held-back requests took
+    # half the device through an overload), back within the hold each time, and no reader stalls for it.
     came_in = changes(events, "A", "running")[0][0]
-    pauses = changes(events, "A", "paused")
-    assert pauses  # after the hold it yields to a stream running low again
-    assert all(t - came_in >= 2.0 for t, _ in pauses)
+    pauses = [t for t, _ in changes(events, "A", "paused")]
+    assert pauses and min(pauses) > came_in and min(pauses) - came_in < 2.0  # yields again well before the hold
     gaps = [b - a for a, b in zip(agent.token_times, agent.token_times[1:], strict=False)]
-    assert max(gaps) <= 2.0
+    assert 1.9 <= max(gaps) <= 2.0 + 2 * STEP_S  # held again, to the bound (plus the step it waits for)
+    for rid in ("S1", "S2"):
+        rec = core.records[rid]
+        assert rebuffer_seconds(rec.token_times, rec.rate) < 0.05, rid
 
 
 def test_overloaded_newcomers_wait_but_an_agent_held_back_max_hold_s_does_not():
