@@ -290,15 +290,20 @@ TANGENTS = 6  # points where Ctx(N) is linearised from below, per stream
 
 
 def stream_stall_bound(
-    specs: Sequence[RequestSpec], costs: StepCosts, p99_ttft_s: float, points: int = 48
+    specs: Sequence[RequestSpec], costs: StepCosts, p99_ttft_s: float, points: int = 48, span_s: float | None = None
 ) -> StallBound:
     """A lower bound on the streams' total rebuffer for any schedule of `specs` on `costs` whose streams' P99
-    TTFT is at most `p99_ttft_s`: the linear program of the comment above `StallBound`, on `points` times."""
+    TTFT is at most `p99_ttft_s`: the linear program of the comment above `StallBound`, on `points` times. With
+    `span_s`, only schedules that also make every token of every request, the rate-less ones included, within
+    `span_s` of the first arrival (a token throughput of at least total tokens / `span_s`); infinite where none
+    does."""
     from scipy import optimize, sparse  # (scipy comes with jax; imported here, the rest of the module needs none)
 
     streams = [x for x in specs if x.rate is not None]
     if not streams:
         return StallBound(0.0, 0.0)
+    # With a span, the rate-less requests' work shares the steps (rows n.. of N and Q; no stall of their own).
+    rateless = [x for x in specs if x.rate is None] if span_s is not None else []
     t0 = min(x.arrival for x in specs)
     arrival = np.array([x.arrival for x in streams]) - t0
     p = np.array([x.prompt_len for x in streams], dtype=np.int64)
@@ -307,15 +312,27 @@ def stream_stall_bound(
     playback = float((out / rate).sum())
     n, big_t = len(streams), float(p99_ttft_s)
     k = math.floor(P99 / 100 * (n - 1)) + 1
-    t = np.linspace(0.0, float((arrival + big_t + out / rate).max()), points + 1)[1:]
+    horizon = float((arrival + big_t + out / rate).max()) if span_s is None else float(span_s)
+    t = np.linspace(0.0, horizon, points + 1)[1:]
     K = t.size
     s = costs.speed
-    prompt_more = s * ((costs.per_token_s + costs.per_context_token_s) * p + prompt_extra(p, costs)
-                       - costs.per_token_s - costs.per_context_token_s * p)  # fmt: skip
-    demand = np.minimum(out[:, None], rate[:, None] * (t[None, :] - arrival[:, None] - big_t))  # (n, K)
 
-    # Variables: N (n, K), Q (n, K) >= Ctx(N), S (K), w (n), z (n).
-    nN = n * K
+    def prompt_more_of(prompts: np.ndarray) -> np.ndarray:
+        """What a started request's prompt costs beyond its first token's step share (`first_token_bounds`)."""
+        return s * ((costs.per_token_s + costs.per_context_token_s) * prompts + prompt_extra(prompts, costs)
+                    - costs.per_token_s - costs.per_context_token_s * prompts)  # fmt: skip
+
+    prompt_more = prompt_more_of(p)
+    demand = np.minimum(out[:, None], rate[:, None] * (t[None, :] - arrival[:, None] - big_t))  # (n, K)
+    # Streams, then (with a span) the rate-less requests: their tokens, prompts and arrivals.
+    arrival_all = np.concatenate([arrival, np.array([x.arrival for x in rateless]) - t0])
+    prompts_rateless = np.array([x.prompt_len for x in rateless], dtype=np.int64)
+    p_all = np.concatenate([p, prompts_rateless])
+    out_all = np.concatenate([out, np.array([x.output_len for x in rateless], dtype=np.float64)])
+    na = n + len(rateless)
+
+    # Variables: N (na, K), Q (na, K) >= Ctx(N), S (K), w (n), z (n).
+    nN = na * K
     iN, iQ, iS, iw, iz = 0, nN, 2 * nN, 2 * nN + K, 2 * nN + K + n
     nvar = iz + n
 
@@ -336,29 +353,34 @@ def stream_stall_bound(
         rhs.append(b.ravel().astype(np.float64))
         row += b.size
 
-    ii, kk = np.meshgrid(np.arange(n), np.arange(K), indexing="ij")
+    ii, kk = np.meshgrid(np.arange(na), np.arange(K), indexing="ij")
+    si, sk = ii[:n], kk[:n]  # the streams' rows
     # Stall: w_i d_i(t_k) - N_ik - r_i z_i <= 0 where d > 0.
     live = demand > 0
-    li, lk = ii[live], kk[live]
+    li, lk = si[live], sk[live]
     add([iw + li, iN + ni(li, lk), iz + li], [demand[live], -1.0, -rate[li]], np.zeros(li.size))
     # Monotone and one token a step: N_{i,k-1} - N_ik <= 0; N_ik - N_{i,k-1} - S_k + S_{k-1} <= 0.
     mi, mk = ii[:, 1:].ravel(), kk[:, 1:].ravel()
     add([iN + ni(mi, mk - 1), iN + ni(mi, mk)], [1.0, -1.0], np.zeros(mi.size))
     add([iN + ni(mi, mk), iN + ni(mi, mk - 1), iS + mk, iS + mk - 1], [1.0, -1.0, -1.0, 1.0], np.zeros(mi.size))
     fi, fk = ii[:, 0], kk[:, 0]
-    add([iN + ni(fi, fk), iS + fk], [1.0, -1.0], np.zeros(n))
+    add([iN + ni(fi, fk), iS + fk], [1.0, -1.0], np.zeros(na))
     # Ctx(N) >= tangent at q: Ctx(q) + Ctx'(q) (N - q) <= Q.
     for frac in np.linspace(0.0, 1.0, TANGENTS):
-        q = np.round(frac * out)
-        slope = p + q - 0.5
-        offset = p * q + q * (q - 1) / 2 - slope * q
-        add([iN + ni(ii, kk), iQ + ni(ii, kk)], [slope[:, None] * np.ones((n, K)), -1.0],
-            -np.broadcast_to(offset[:, None], (n, K)))  # fmt: skip
-    # Time: s a S_k + sum_i (s b N_ik + s c Q_ik + w_i more_i [started by t_k]) <= t_k.
+        q = np.round(frac * out_all)
+        slope = p_all + q - 0.5
+        offset = p_all * q + q * (q - 1) / 2 - slope * q
+        add([iN + ni(ii, kk), iQ + ni(ii, kk)], [slope[:, None] * np.ones((na, K)), -1.0],
+            -np.broadcast_to(offset[:, None], (na, K)))  # fmt: skip
+    # Time: s a S_k + sum_i (s b N_ik + s c Q_ik + w_i more_i [started by t_k]) <= t_k; at the span's end every
+    # rate-less request has started too (its prompt paid).
     started = (t[None, :] >= arrival[:, None] + big_t).astype(np.float64)
-    add([iS + kk[0], iN + ni(ii, kk), iQ + ni(ii, kk), iw + ii],
+    budget = t.copy()
+    if rateless:
+        budget[-1] -= float(prompt_more_of(prompts_rateless).sum())
+    add([iS + kk[0], iN + ni(ii, kk), iQ + ni(ii, kk), iw + si],
         [np.full(K, s * costs.base_s), s * costs.per_token_s, s * costs.per_context_token_s,
-         prompt_more[:, None] * started], t, at=[None, kk, kk, kk])  # fmt: skip
+         prompt_more[:, None] * started], budget, at=[None, kk, kk, sk])  # fmt: skip
     # A step's sequences and contexts: sum_i N_ik - N S_k <= 0; sum_i Q_ik - M S_k <= 0.
     add([iN + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.max_num_seqs))], np.zeros(K), at=[kk, None])
     add([iQ + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.device_tokens))], np.zeros(K), at=[kk, None])
@@ -373,10 +395,12 @@ def stream_stall_bound(
 
     a_ub = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(row, nvar))
     upper = np.full(nvar, np.inf)
-    upper[iN:iQ] = np.where(t[None, :] > arrival[:, None], out[:, None], 0.0).ravel()
+    upper[iN:iQ] = np.where(t[None, :] > arrival_all[:, None], out_all[:, None], 0.0).ravel()
     upper[iw:iz] = 1.0
-    # Every stream, alone: its tokens 2 .. L come a step apart, each step at least s (a + b + c context).
     lower = np.zeros(nvar)
+    if span_s is not None:  # every request complete by the span's end
+        lower[iN + K - 1 : iQ : K] = out_all
+    # Every stream, alone: its tokens 2 .. L come a step apart, each step at least s (a + b + c context).
     lone = s * ((out - 1) * (costs.base_s + costs.per_token_s) + costs.per_context_token_s * (
         (out - 1) * p + out * (out - 1) / 2)) - (out - 1) / rate  # fmt: skip
     lower[iz:] = np.maximum(lone, 0.0)
@@ -384,7 +408,7 @@ def stream_stall_bound(
     cost[iz:] = 1.0
     res = optimize.linprog(cost, A_ub=a_ub, b_ub=np.concatenate(rhs), bounds=np.stack([lower, upper], 1),
                            method="highs")  # fmt: skip
-    if res.status == 2:  # no schedule has this TTFT at all: every stall bound holds vacuously
+    if res.status == 2:  # no schedule has this TTFT (within this span) at all: every stall bound holds vacuously
         return StallBound(math.inf, playback)
     if res.status != 0:
         raise RuntimeError(f"the stall bound's linear program did not solve: {res.message}")

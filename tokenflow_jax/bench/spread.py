@@ -23,11 +23,19 @@ SPREAD_FIGURES = [
     ("preemptions_swap", "swaps", "{:.0f}"),
     ("preemptions_recompute", "recomputes", "{:.0f}"),
 ]
+# By class, where some requests state no rate (`--rate-mix ...,none:W`): the streams' and the rate-less targets.
+CLASS_FIGURES = [
+    ("p99_stream_ttft_ms", "stream p99 TTFT ms", "{:.0f}"),
+    ("stream_rebuffer_s", "stream rebuf s", "{:.2f}"),
+    ("p99_rateless_e2el_ms", "rate-less p99 E2E ms", "{:.0f}"),
+]
 
 
 def figures(run: SchedulerRun, bounds: Bounds | None) -> dict[str, float]:
     """The run's spread figures: its summary's and, with bounds, its fractions of them."""
     out = {k: float(run.summary[k]) for k, _, _ in SPREAD_FIGURES if k in run.summary}
+    if run.summary.get("rateless_completed"):
+        out.update({k: float(run.summary[k]) for k, _, _ in CLASS_FIGURES})
     if bounds is not None:
         out.update(of_bound(run.summary, bounds))
     return out
@@ -48,7 +56,7 @@ def spreads(rounds: Sequence[Sequence[SchedulerRun]], bounds: Bounds | None) -> 
 
 def format_spread_table(table: dict[str, dict[str, dict]], bounds: Bounds | None, repeats: int) -> str:
     """One row per policy, each figure as median (min-max) over `repeats` runs; a last row with the bounds."""
-    keys = [(k, h, f) for k, h, f in SPREAD_FIGURES if any(k in t for t in table.values())]
+    keys = [(k, h, f) for k, h, f in SPREAD_FIGURES + CLASS_FIGURES if any(k in t for t in table.values())]
     header = ["scheduler"] + [h for _, h, _ in keys]
 
     def cell(s: dict[str, float], fmt: str) -> str:
@@ -56,7 +64,7 @@ def format_spread_table(table: dict[str, dict[str, dict]], bounds: Bounds | None
             return fmt.format(s["median"])
         return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}-{fmt.format(s['max'])})"
 
-    rows = [[name] + [cell(t[k], f) for k, _, f in keys] for name, t in table.items()]
+    rows = [[name] + [cell(t[k], f) if k in t else "-" for k, _, f in keys] for name, t in table.items()]
     if bounds is not None:
         limit = {
             "effective_throughput": f"<= {bounds.effective_throughput:.1f}",

@@ -57,3 +57,21 @@ def test_paper_setups_replay_a_mix_and_report_it_by_class(tmp_path) -> None:
     mixed = text[text.index("Mixed traffic") :].splitlines()
     row = next(line for line in mixed if line.startswith("| rtx4090 llama3-8b burst 60 short | 20:0.5,none:0.5 |"))
     assert row.count("|") == 8  # setup, rates, stream TTFT, rebuffer share, rate-less E2E, tokens, targets missed
+
+
+def test_repeats_spread_the_class_figures_too(tmp_path) -> None:
+    """With rate-less requests in the mix, `--repeats` reports each class's target as median (min-max) over the
+    rounds, run by run in results.json; a workload of streams alone has none to report."""
+    summaries = bench.main([*SIM_ARGS, "--schedulers", "tokenflow,fcfs", "--repeats", "2", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name, summary in summaries.items():
+        for key in ("p99_stream_ttft_ms", "stream_rebuffer_s", "p99_rateless_e2el_ms"):
+            spread = results[name]["spread"][key]
+            assert len(spread["runs"]) == 2 and spread["runs"][0] == summary[key]
+    table = (tmp_path / "table.txt").read_text()
+    assert "stream p99 TTFT ms" in table and "rate-less p99 E2E ms" in table
+    streams_only = [a for a in SIM_ARGS if a not in ("--rate-mix", "20:0.5,none:0.5")]
+    bench.main([*streams_only, "--schedulers", "fcfs", "--repeats", "2", "--out", str(tmp_path / "streams")])
+    assert (
+        "p99_rateless_e2el_ms" not in json.loads((tmp_path / "streams" / "results.json").read_text())["fcfs"]["spread"]
+    )

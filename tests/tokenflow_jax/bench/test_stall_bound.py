@@ -11,7 +11,7 @@ import pytest
 
 from tokenflow_jax.bench import mixed_stall
 from tokenflow_jax.bench import paper_setups as ps
-from tokenflow_jax.bench.bounds import StepCosts, stream_stall_bound
+from tokenflow_jax.bench.bounds import StepCosts, min_duration, stream_stall_bound
 from tokenflow_jax.engine.core import EngineCore
 from tokenflow_jax.metrics import summarize
 from tokenflow_jax.scheduler.registry import make_policy
@@ -89,5 +89,20 @@ def test_the_mixed_stall_table_puts_the_bound_beside_the_runs(tmp_path) -> None:
     rows = mixed_stall.stall_rows(runs, setups)
     assert len(rows) == 1 and rows[0]["bound_share"] is not None
     assert rows[0]["fcfs_share"] >= rows[0]["bound_share"] >= 0
+    assert rows[0]["bound_tokens_share"] >= rows[0]["bound_share"]  # one more clause: never lower
     text = mixed_stall.main([str(path)], setups)
     assert text.count("\n") == 2 and mixed_stall.verdict(rows[0]) in text
+
+
+@pytest.mark.parametrize(("name", "policy"), CASES, ids=lambda x: x)
+def test_within_its_own_span_no_policy_stalls_less_than_the_bound_either(name: str, policy: str) -> None:
+    """With the span (every token of every request, rate-less ones too, by then) set to the run's own, the run is
+    one of the schedules bounded: its streams stall at least the bound, which is at least the bound without it;
+    a span shorter than any schedule's (a third of the least duration) leaves none."""
+    profile_name, specs, pages = WORKLOADS[name]
+    summary, costs = run(builtin_profile(profile_name), specs, policy, pages)
+    cap_s = summary["p99_stream_ttft_ms"] / 1e3
+    span_s = sum(x.output_len for x in specs) / summary["output_throughput"]
+    bound = stream_stall_bound(specs, costs, cap_s, span_s=span_s * (1 + 1e-9))
+    assert stream_stall_bound(specs, costs, cap_s).stall_s <= bound.stall_s <= summary["stream_rebuffer_s"]
+    assert stream_stall_bound(specs, costs, cap_s, span_s=min_duration(specs, costs) / 3).stall_s == float("inf")
