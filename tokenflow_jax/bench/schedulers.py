@@ -4,7 +4,7 @@
         [--num-requests N] [--burst-size B] [--request-rate R] [--burstiness G]
         [--input-len M:S[:MAX]] [--output-len M:S[:MAX]] [--rate R | --rate-mix SPEC] [--max-hold-s S]
         [--schedulers tokenflow,fcfs,sglang,andes] [--executor engine|sim] [--kv-pages N] [--seed S] [--out DIR]
-        [--repeats N] [--no-enable-prefix-caching | --compare-prefix-caching]
+        [--repeats N] [--num-warmups N] [--no-enable-prefix-caching | --compare-prefix-caching]
     python -m tokenflow_jax.bench --executor sim --paper-setup "h200 llama3-8b burst 400 short"
         [--sim-kernels naive|roofline] [--rate R | --rate-mix SPEC]
 
@@ -285,20 +285,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
     p.add_argument("--repeats", type=type_positive_int, default=1,
                    help="run every scheduler this many times (in rounds); report median (min-max)")  # fmt: skip
+    p.add_argument("--num-warmups", type=type_count, default=None,
+                   help="untimed rounds of every scheduler before the measured ones (default: 1 on the real "
+                        "engine, whose first run in a process pays one-off costs; 0 on the simulator)")  # fmt: skip
     p.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the plots")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
-def type_positive_int(text: str) -> int:
+def type_positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
     return value
+
+
+def type_count(text: str) -> int:
+    return type_positive_int(text, least=0)
 
 
 def parse_slowdown(text: str) -> tuple[tuple[float, float], ...]:
@@ -374,10 +381,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_hold_s is not None:  # every policy takes it
         configs = {n: {"max_hold_s": args.max_hold_s, **configs.get(n, {})} for n in names}
     caching = [True, False] if args.compare_prefix_caching else args.enable_prefix_caching
-    # Each round runs every scheduler once, so a drift of the machine spreads over all of them alike.
+    # Each round runs every scheduler once, so a drift of the machine spreads over all of them alike. The first
+    # run in a process is slower whatever its policy (on the CPU engine the default burst's first P99 TTFT is
+    # ~1.5x the next ones'): untimed rounds take that cost, not the first policy in the list.
+    simulated = hasattr(executor, "profile")  # a SimExecutor (also under --paper-setup): deterministic, no warm-up
+    warmups = args.num_warmups if args.num_warmups is not None else int(not simulated)
     rounds = [compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
                       configs=configs, time_limit=args.time_limit, progress=args.progress,
-                      prefix_caching=caching) for _ in range(args.repeats)]  # fmt: skip
+                      prefix_caching=caching) for _ in range(warmups + args.repeats)][warmups:]  # fmt: skip
     runs = rounds[0]
     bounds = None
     # The bounds hold for runs that complete every request and compute every prompt token at least once

@@ -181,3 +181,18 @@ def test_table_ratios_are_relative_to_fcfs() -> None:
     table = bench.format_table([run("fcfs", 0.1), run("sglang", 0.05)])
     cells = [c.strip() for c in table.splitlines()[-1].strip(" |").split("|")]
     assert cells[0] == "sglang" and cells[-3:] == ["1.09", "1.00", "1.09"]  # 3 tokens in 1.1 s vs 1.2 s
+
+
+def test_warmup_rounds_run_untimed_and_leave_the_figures_alone(tmp_path: Path) -> None:
+    """`--num-warmups N` runs N untimed rounds before the measured ones: on the simulator (deterministic, a fresh
+    core per run) the measured figures are those without them, and only `--repeats` rounds are reported."""
+    args = [*CI_ARGS, "--executor", "sim", "--schedulers", "tokenflow,fcfs", "--no-plots", "--repeats", "2"]
+    cold = bench.main([*args, "--num-warmups", "0", "--out", str(tmp_path / "cold")])
+    warm = bench.main([*args, "--num-warmups", "2", "--out", str(tmp_path / "warm")])
+    for name in ("tokenflow", "fcfs"):
+        for key in ("p99_ttft_ms", "output_throughput", "effective_throughput", "preemptions_swap"):
+            assert warm[name][key] == pytest.approx(cold[name][key], rel=1e-9), (name, key)
+        spread = json.loads((tmp_path / "warm" / "results.json").read_text())[name]["spread"]["p99_ttft_ms"]
+        assert len(spread["runs"]) == 2
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--num-warmups", "-1"])
