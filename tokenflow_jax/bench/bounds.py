@@ -302,34 +302,26 @@ def stream_stall_bound(
     streams = [x for x in specs if x.rate is not None]
     if not streams:
         return StallBound(0.0, 0.0)
-    # With a span, the rate-less requests' work shares the steps (rows n.. of N and Q; no stall of their own).
-    rateless = [x for x in specs if x.rate is None] if span_s is not None else []
+    # Streams first (rows 0..n-1 of N and Q), then, with a span, the rate-less requests: their work shares the
+    # steps, and they have no stall of their own.
+    requests = streams + ([x for x in specs if x.rate is None] if span_s is not None else [])
     t0 = min(x.arrival for x in specs)
-    arrival = np.array([x.arrival for x in streams]) - t0
-    p = np.array([x.prompt_len for x in streams], dtype=np.int64)
-    out = np.array([x.output_len for x in streams], dtype=np.float64)
+    arrival_all = np.array([x.arrival for x in requests]) - t0
+    p_all = np.array([x.prompt_len for x in requests], dtype=np.int64)
+    out_all = np.array([x.output_len for x in requests], dtype=np.float64)
+    n, na, big_t = len(streams), len(requests), float(p99_ttft_s)
+    arrival, p, out = arrival_all[:n], p_all[:n], out_all[:n]
     rate = np.array([x.rate for x in streams], dtype=np.float64)
     playback = float((out / rate).sum())
-    n, big_t = len(streams), float(p99_ttft_s)
     k = math.floor(P99 / 100 * (n - 1)) + 1
     horizon = float((arrival + big_t + out / rate).max()) if span_s is None else float(span_s)
     t = np.linspace(0.0, horizon, points + 1)[1:]
     K = t.size
     s = costs.speed
-
-    def prompt_more_of(prompts: np.ndarray) -> np.ndarray:
-        """What a started request's prompt costs beyond its first token's step share (`first_token_bounds`)."""
-        return s * ((costs.per_token_s + costs.per_context_token_s) * prompts + prompt_extra(prompts, costs)
-                    - costs.per_token_s - costs.per_context_token_s * prompts)  # fmt: skip
-
-    prompt_more = prompt_more_of(p)
+    # What a started request's prompt costs beyond its first token's step share (`first_token_bounds`).
+    prompt_more = s * ((costs.per_token_s + costs.per_context_token_s) * p_all + prompt_extra(p_all, costs)
+                       - costs.per_token_s - costs.per_context_token_s * p_all)  # fmt: skip
     demand = np.minimum(out[:, None], rate[:, None] * (t[None, :] - arrival[:, None] - big_t))  # (n, K)
-    # Streams, then (with a span) the rate-less requests: their tokens, prompts and arrivals.
-    arrival_all = np.concatenate([arrival, np.array([x.arrival for x in rateless]) - t0])
-    prompts_rateless = np.array([x.prompt_len for x in rateless], dtype=np.int64)
-    p_all = np.concatenate([p, prompts_rateless])
-    out_all = np.concatenate([out, np.array([x.output_len for x in rateless], dtype=np.float64)])
-    na = n + len(rateless)
 
     # Variables: N (na, K), Q (na, K) >= Ctx(N), S (K), w (n), z (n).
     nN = na * K
@@ -376,11 +368,10 @@ def stream_stall_bound(
     # rate-less request has started too (its prompt paid).
     started = (t[None, :] >= arrival[:, None] + big_t).astype(np.float64)
     budget = t.copy()
-    if rateless:
-        budget[-1] -= float(prompt_more_of(prompts_rateless).sum())
+    budget[-1] -= float(prompt_more[n:].sum())
     add([iS + kk[0], iN + ni(ii, kk), iQ + ni(ii, kk), iw + si],
         [np.full(K, s * costs.base_s), s * costs.per_token_s, s * costs.per_context_token_s,
-         prompt_more[:, None] * started], budget, at=[None, kk, kk, sk])  # fmt: skip
+         prompt_more[:n, None] * started], budget, at=[None, kk, kk, sk])  # fmt: skip
     # A step's sequences and contexts: sum_i N_ik - N S_k <= 0; sum_i Q_ik - M S_k <= 0.
     add([iN + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.max_num_seqs))], np.zeros(K), at=[kk, None])
     add([iQ + ni(ii, kk), iS + kk[0]], [1.0, np.full(K, -float(costs.device_tokens))], np.zeros(K), at=[kk, None])
