@@ -175,8 +175,20 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    if not request.app[STATE].engine.is_running:
+    """200 while requests are served: "ok", or "degraded" with the replicas whose engine died (the rest serve);
+    503 once none is: "failed" with why, or "stopping" on shutdown."""
+    engine = request.app[STATE].engine
+    failures = engine.failures if isinstance(engine, EngineReplicas) else {}
+    if not engine.is_running:
+        why = [engine.failure] if isinstance(engine, AsyncEngine) else list(failures.values())
+        if any(why):
+            return web.json_response({"status": "failed", "errors": [w for w in why if w]}, status=503)
         return web.json_response({"status": "stopping"}, status=503)
+    if failures:
+        failed = [{"replica": i, "error": why} for i, why in sorted(failures.items())]
+        running = len(engine.replicas) - len(failed)
+        body = {"status": "degraded", "replicas": len(engine.replicas), "replicas_running": running, "failed": failed}
+        return web.json_response(body)
     return web.json_response({"status": "ok"})
 
 

@@ -121,6 +121,7 @@ class ReplicaCollector(Collector):
         def family(kind: type, name: str, doc: str, extra: tuple[str, ...] = ()) -> Metric:
             return kind(f"tokenflow_replica_{name}", doc, labels=["replica", *extra])
 
+        up = family(GaugeMetricFamily, "up", "1 while the replica's engine thread serves, 0 once it died.")
         running = family(GaugeMetricFamily, "requests_running", "Requests decoding on the replica's devices.")
         waiting = family(GaugeMetricFamily, "requests_waiting", "Requests waiting for (re)admission.")
         paused = family(GaugeMetricFamily, "requests_paused", "Requests preempted by swap (KV on host).")
@@ -135,6 +136,7 @@ class ReplicaCollector(Collector):
         routed = family(CounterMetricFamily, "requests_routed", "Requests the router gave the replica.")
         for i, engine in enumerate(self.replicas.replicas):
             s, load, label = engine.stats(), engine.load(), str(i)
+            up.add_metric([label], 0 if engine.failure else 1)
             running.add_metric([label], s.running)
             waiting.add_metric([label], s.waiting)
             paused.add_metric([label], s.paused)
@@ -147,7 +149,7 @@ class ReplicaCollector(Collector):
             preemptions.add_metric([label, "recompute"], s.preemptions_recompute)
             finished.add_metric([label], s.finished_requests)
             routed.add_metric([label], self.replicas.routed[i])
-        yield from (running, waiting, paused, unfinished, pages, capacity, demand, preemptions, finished, routed)
+        yield from (up, running, waiting, paused, unfinished, pages, capacity, demand, preemptions, finished, routed)
 
 
 class ServingMetrics:

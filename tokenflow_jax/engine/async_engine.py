@@ -175,6 +175,7 @@ class AsyncEngine:
         self._wake = threading.Condition()
         self._inbox: list[_Add | _Abort] = []  # guarded by _wake
         self._stopping = False  # guarded by _wake
+        self.failure: str | None = None  # why the engine thread died, if it did (not set by a shutdown)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # loop side: unfinished requests
@@ -300,6 +301,7 @@ class AsyncEngine:
             self._serve_forever()
         except BaseException as e:  # a bug: no stream may be left waiting on a dead thread
             logger.exception("engine thread died")
+            self.failure = f"{type(e).__name__}: {e}"
             with self._wake:
                 self._stopping = True
                 commands, self._inbox = self._inbox, []

@@ -75,7 +75,14 @@ class EngineReplicas:
 
     @property
     def is_running(self) -> bool:
-        return all(engine.is_running for engine in self.replicas)
+        """Whether any replica takes requests: one whose engine thread died fails only its own requests, and new
+        ones go to the rest (`submit`)."""
+        return any(engine.is_running for engine in self.replicas)
+
+    @property
+    def failures(self) -> dict[int, str]:
+        """The replicas whose engine thread died, and why."""
+        return {i: engine.failure for i, engine in enumerate(self.replicas) if engine.failure is not None}
 
     @property
     def num_unfinished(self) -> int:
