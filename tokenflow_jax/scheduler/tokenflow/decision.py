@@ -55,7 +55,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # Room: a newcomer the engine cannot hold beside the started streams would be paused by recompute, again and
     # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
     room_short = beyond_room(snap, peak_pages)
-    newcomers = held_newcomers(snap, overloaded, spare_rate)
+    newcomers = held_newcomers(snap, overloaded, spare_rate, cfg.overload_entry_fraction)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     # Overloaded, someone stalls whatever the order: as under fcfs, the stall falls on the latest admitted (equal
     # urgency and value go by fcfs's order).
@@ -89,7 +89,9 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
             left_out_paused = left_out_paused[left_out_paused < snap.holding_kv]
             used += int(snap.pages.take(left_out_paused).sum())
             count = int(chosen.sum()) + left_out_paused.size
-    if free_room.size:
+    # Overloaded, a newcomer let into room that pauses opened would be paused in turn, and stall, until the
+    # streams before it in fcfs's order are fed (3.13): room of its own is what fcfs gives it.
+    if free_room.size and not (overloaded and started_off_device(snap)):
         running += fill_free_room(snap, free_room, used, count)
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short)
 
@@ -167,17 +169,20 @@ def beyond_room(snap: Snapshot, peak_pages: float) -> bool:
     return peak_pages > max(snap.num_host_pages, snap.num_device_pages)
 
 
-def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.ndarray:
-    """Newcomers (no token yet) that may not displace anyone: all while overloaded; else, in arrival order, those
-    whose rate the spare capacity Gamma - demand no longer covers (snapshot indices). A rate-less request that
-    must run (held back `max_hold_s`) is never held."""
+def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float, entry_fraction: float) -> np.ndarray:
+    """Newcomers (no token yet) that may not displace anyone (snapshot indices): while overloaded, all but those
+    the overload will spare soon enough (`entering_before_overload_ends`); else, in arrival order, those whose rate
+    the spare capacity Gamma - demand no longer covers. A rate-less request that must run (held back
+    `max_hold_s`) is never held."""
     first_waiting = snap.holding_kv
     newcomers = (snap.block[NUM_GENERATED, first_waiting:] == 0).nonzero()[0]
     newcomers += first_waiting
     if snap.must_run is not None:  # held back `max_hold_s` already: it contends (first), overloaded or not
         newcomers = newcomers[~snap.must_run.take(newcomers)]
-    if not newcomers.size or overloaded:
+    if not newcomers.size:
         return newcomers
+    if overloaded:
+        return newcomers[~entering_before_overload_ends(snap, newcomers, spare_rate, entry_fraction)]
     rates = snap.block[RATE].take(newcomers)
     total = float(rates.sum())
     if spare_rate == math.inf or total + 1e-9 * (abs(spare_rate) + total) < spare_rate:  # all covered (with
@@ -198,6 +203,48 @@ def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float) -> np.nd
         else:
             spare_rate -= rate
     return newcomers.take(held)
+
+
+def entering_before_overload_ends(
+    snap: Snapshot, newcomers: np.ndarray, spare_rate: float, fraction: float
+) -> np.ndarray:
+    """Which overloaded stream `newcomers` (snapshot indices, arrival order) contend all the same, as a mask. The
+    started streams, each run at its reader's pace to its end, shed their demand as they finish; a newcomer enters
+    once the demand left, with the newcomers let in before it and its own rate, fits Gamma within `fraction` of its
+    playback from now, so that whatever it waits meanwhile is a small share of its playback (docs/DESIGN.md 3.13).
+    The first that may not holds the rest back (fcfs's order); rate-less newcomers stay held."""
+    block = snap.block
+    started = block[NUM_GENERATED] > 0
+    started[: snap.holding_kv] = True
+    rates = block[RATE][started]
+    streams = rates > 0
+    rates = rates[streams]
+    ends = (block[MAX_TOKENS][started][streams] - block[NUM_GENERATED][started][streams]) / rates
+    order = ends.argsort(kind="stable")
+    ends, rates = ends[order], rates[order]
+    capacity = spare_rate + float(block[RATE][started].sum())  # Gamma
+    enter = np.zeros(newcomers.size, dtype=bool)
+    for k, j in enumerate(newcomers.tolist()):
+        rate = float(block[RATE, j])
+        if rate <= 0:
+            continue
+        playback = float(block[MAX_TOKENS, j]) / rate
+        demand = float(rates.sum()) + rate
+        if demand > capacity:  # it fits once the streams ending first have ended: when the i-th has
+            fits = (demand - rates.cumsum()) <= capacity
+            if not fits.any() or float(ends[int(fits.argmax())]) > fraction * playback:
+                break
+        at = int(np.searchsorted(ends, playback, side="right"))
+        ends, rates = np.insert(ends, at, playback), np.insert(rates, at, rate)
+        enter[k] = True
+    return enter
+
+
+def started_off_device(snap: Snapshot) -> bool:
+    """Whether a started stream (one with a reader) waits off the device: paused, or to recompute."""
+    off = slice(snap.num_running, None)
+    waiting = (snap.block[NUM_GENERATED, off] > 0) & (snap.block[RATE, off] > 0)
+    return bool(waiting.any())
 
 
 def slot_limit(snap: Snapshot, working_set: float) -> int:

@@ -33,6 +33,29 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     cfg, ex, decision = policy.config, state.executor, policy.decision
     running, paused = RequestStatus.RUNNING, RequestStatus.PAUSED
     lead, spare = resume_lead_s(cfg, est), decision.spare_rate
+    # Overloaded, a newcomer enters once the started streams, each at its reader's pace to its end, leave demand
+    # that fits Gamma with its own within overload_entry_fraction of its playback; the first that cannot stops the
+    # rest.
+    started = [r for r in (*state.running, *state.paused, *state.waiting)
+               if r.status is not RequestStatus.WAITING or r.output_ids]  # fmt: skip
+    gamma = spare + sum(r.rate for r in started)
+    ending = sorted(((r.sampling.max_tokens - state.tracker[r.request_id].num_generated) / r.rate, r.rate)
+                    for r in started)  # fmt: skip
+    entry_open = True
+
+    def enters(req) -> bool:
+        nonlocal entry_open
+        playback, demand, clear = req.sampling.max_tokens / req.rate, sum(r for _, r in ending) + req.rate, 0.0
+        for end, rate in ending:
+            if demand <= gamma:
+                break
+            demand, clear = demand - rate, end
+        entry_open = entry_open and demand <= gamma and clear <= cfg.overload_entry_fraction * playback
+        if entry_open:
+            ending.append((playback, req.rate))
+            ending.sort()
+        return entry_open
+
     contenders, newcomers = [], []
     for req in (*state.running, *state.paused, *state.waiting):
         buf = state.tracker[req.request_id]
@@ -48,10 +71,11 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
         else:
             sort_buffer = dry
             if not req.output_ids:
-                if decision.overloaded or req.rate > spare:
+                if decision.overloaded and not enters(req) or not decision.overloaded and req.rate > spare:
                     newcomers.append(c)
                     continue
-                spare -= req.rate
+                if not decision.overloaded:
+                    spare -= req.rate
         phi = cfg.gamma * math.exp(-sort_buffer)
         c["key"] = (-phi, -weight(c["buffer"], req.sampling.max_tokens), -req.rate, req.status is not running,
                     req.arrival)  # fmt: skip
@@ -125,6 +149,9 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     left_out_new = [c for c, keep in zip(contenders, chosen, strict=True)
                     if not keep and c["req"].status is RequestStatus.WAITING and not c["req"].output_ids]  # fmt: skip
     arrival_order = {r.request_id: i for i, r in enumerate(state.waiting)}
+    # Overloaded, none while a started stream waits off the device (the room is its).
+    if decision.overloaded and any(r.status is not RequestStatus.RUNNING and r.output_ids for r in started):
+        newcomers, left_out_new = [], []
     for c in sorted(newcomers + left_out_new, key=lambda c: arrival_order[c["req"].request_id]):
         if count >= ex.max_num_seqs or used + c["pages"] > capacity:
             break
@@ -156,7 +183,7 @@ request_specs = st.lists(
     config=st.fixed_dictionaries({
         "gamma": st.sampled_from([0.0, 1.0]), "stickiness_s": st.sampled_from([0.0, 1.0]),
         "mu": st.sampled_from([1.0, 1.5, 4.0]), "io_fraction": st.sampled_from([0.0, 0.02, 0.5]),
-        "local_search_iters": st.sampled_from([0, 4]),
+        "local_search_iters": st.sampled_from([0, 4]), "overload_entry_fraction": st.sampled_from([0.0, 0.1, 1.0]),
     }),
 )  # fmt: skip
 def test_vectorized_decision_equals_the_plain_reference(specs, max_num_seqs, device_pages, capacity, config):
