@@ -17,9 +17,10 @@ resume deadlines, and (while a newcomer is left out) when a running stream's buf
    b_j >= mu r_j (t_evict + t_load + t_schedule); for a paused stream due back, mu = 1. Those left out are
    the largest buffers, and each is paused only when an entrant needs its slot (beyond W) or its pages;
 4. schedulability: newcomers displace nobody while the working set's rates exceed the decode capacity Gamma
-   (fcfs-like memory-aware admission only, until demand falls below `capacity_hysteresis` Gamma); and when
-   even the batch memory allows cannot outpace its readers (r x step >= 1: compute-bound overload), no order
-   keeps anyone fed, so the plan is exactly fcfs's.
+   (fcfs-like memory-aware admission only, until demand falls below `capacity_hysteresis` Gamma), except
+   those the overload spares within `overload_entry_fraction` of their playback, and take no free room while a
+   started stream waits off the device; and when even the batch memory allows cannot outpace its readers
+   (r x step >= 1: compute-bound overload), no order keeps anyone fed, so the plan is exactly fcfs's.
 
 A paused stream is due back once its reader would run dry within its load time plus a margin; it then sorts
 as urgent as a newcomer. Loads are spread so one step's compute hides them. Each preemption picks swap (host

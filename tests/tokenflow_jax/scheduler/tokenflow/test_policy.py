@@ -93,6 +93,8 @@ def test_config_defaults_and_validation():
         TokenFlowConfig(mu=0.5)
     with pytest.raises(ValueError, match="reschedule_interval"):
         TokenFlowConfig(reschedule_interval=0)
+    with pytest.raises(ValueError, match="overload_entry_fraction"):
+        TokenFlowConfig(overload_entry_fraction=-0.1)
 
 
 def test_token_weights_ramp_between_tau1_and_tau2():
