@@ -178,13 +178,12 @@ async def health(request: web.Request) -> web.Response:
     """200 while requests are served: "ok", or "degraded" with the replicas whose engine died (the rest serve);
     503 once none is: "failed" with why, or "stopping" on shutdown."""
     engine = request.app[STATE].engine
-    failures = engine.failures if isinstance(engine, EngineReplicas) else {}
+    failures = engine.failures if isinstance(engine, EngineReplicas) else {0: engine.failure} if engine.failure else {}
     if not engine.is_running:
-        why = [engine.failure] if isinstance(engine, AsyncEngine) else list(failures.values())
-        if any(why):
-            return web.json_response({"status": "failed", "errors": [w for w in why if w]}, status=503)
+        if failures:
+            return web.json_response({"status": "failed", "errors": list(failures.values())}, status=503)
         return web.json_response({"status": "stopping"}, status=503)
-    if failures:
+    if failures:  # some replicas still serve
         failed = [{"replica": i, "error": why} for i, why in sorted(failures.items())]
         running = len(engine.replicas) - len(failed)
         body = {"status": "degraded", "replicas": len(engine.replicas), "replicas_running": running, "failed": failed}

@@ -384,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Each round runs every scheduler once, so a drift of the machine spreads over all of them alike. The first
     # run in a process is slower whatever its policy (on the CPU engine the default burst's first P99 TTFT is
     # 1.5-2x the next ones'): untimed rounds take that cost, not the first policy in the list.
-    simulated = hasattr(executor, "profile")  # a SimExecutor (also under --paper-setup): deterministic, no warm-up
+    from tokenflow_jax.sim.executor import SimExecutor
+
+    simulated = isinstance(executor, SimExecutor)  # also under --paper-setup: deterministic, no warm-up
     warmups = args.num_warmups if args.num_warmups is not None else int(not simulated)
     rounds = [compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
                       configs=configs, time_limit=args.time_limit, progress=args.progress,

@@ -126,14 +126,7 @@ def schedulability(
 ) -> tuple[bool, bool, float]:
     """(overloaded, hopeless, spare rate): the working set's rates against Gamma at its projected context;
     hopeless when even its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
-    # The started streams: running, paused, and those waiting to recompute (a reader is owed their tokens too).
-    block = snap.block
-    if snap.holding_kv:
-        started = block[NUM_GENERATED, snap.holding_kv :] > 0
-        if started.any():
-            block = np.concatenate((block[:, : snap.holding_kv], block[:, snap.holding_kv :][:, started]), axis=1)
-        else:
-            block = block[:, : snap.holding_kv]
+    block = snap.block[:, started(snap)] if snap.holding_kv else snap.block
     size = block.shape[1]
     hopeless, seqs, step_s = False, 0, 0.0
     sums = block.sum(axis=1)
@@ -214,15 +207,13 @@ def entering_before_overload_ends(
     playback from now, so that whatever it waits meanwhile is a small share of its playback (docs/DESIGN.md 3.13).
     The first that may not holds the rest back (fcfs's order); rate-less newcomers stay held."""
     block = snap.block
-    started = block[NUM_GENERATED] > 0
-    started[: snap.holding_kv] = True
-    rates = block[RATE][started]
-    streams = rates > 0
-    rates = rates[streams]
-    ends = (block[MAX_TOKENS][started][streams] - block[NUM_GENERATED][started][streams]) / rates
+    begun = block[:, started(snap)]
+    capacity = spare_rate + float(begun[RATE].sum())  # Gamma
+    begun = begun[:, begun[RATE] > 0]  # streams (a rate-less request sheds no reader's demand)
+    rates = begun[RATE]
+    ends = (begun[MAX_TOKENS] - begun[NUM_GENERATED]) / rates
     order = ends.argsort(kind="stable")
     ends, rates = ends[order], rates[order]
-    capacity = spare_rate + float(block[RATE][started].sum())  # Gamma
     enter = np.zeros(newcomers.size, dtype=bool)
     for k, j in enumerate(newcomers.tolist()):
         rate = float(block[RATE, j])
@@ -238,6 +229,14 @@ def entering_before_overload_ends(
         ends, rates = np.insert(ends, at, playback), np.insert(rates, at, rate)
         enter[k] = True
     return enter
+
+
+def started(snap: Snapshot) -> np.ndarray:
+    """The started requests, as a mask: running, paused, and those waiting to recompute (a reader is owed their
+    tokens too)."""
+    mask = snap.block[NUM_GENERATED] > 0
+    mask[: snap.holding_kv] = True
+    return mask
 
 
 def started_off_device(snap: Snapshot) -> bool:
