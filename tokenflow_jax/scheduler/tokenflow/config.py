@@ -24,6 +24,8 @@ class TokenFlowConfig:
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
+    wait_beyond_room: bool = True
+    room_wait_fraction: float = 0.1
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (to its next token)
     rateless_step_fraction: float = 0.95  # rate-less requests join a step while it takes <= this x a reader's period
 

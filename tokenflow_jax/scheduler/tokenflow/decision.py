@@ -49,6 +49,13 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     cfg, lead_s = config, resume_lead_s(config, est, snap.slack_s)
     # Working set: how many may run. The live requests' projected peak bounds it and the room (below).
     peak_pages = projected_peak_pages(snap)
+    if cfg.wait_beyond_room and snap.rateless is None and beyond_room(snap, peak_pages):
+        # Newcomers beyond the room wait outside the decision, where room opens too late for fcfs's way (3.15); with
+        # rate-less requests live, fcfs's plan and its rate-less rules stay (3.16).
+        beyond = waiting_beyond_room(snap, est, cfg.room_wait_fraction)
+        if beyond.size:
+            snap = snap.without_waiting(beyond)
+            peak_pages = projected_peak_pages(snap)
     working_set = adapt_working_set(snap, cfg.adaptation_rate, peak_pages)
     # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.
     overloaded, hopeless, spare_rate = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
@@ -109,16 +116,21 @@ def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float)
 
 
 def projected_peak_pages(snap: Snapshot) -> float:
-    """Device pages the live requests would hold at their peak if all ran from now on, one token a step each: the
-    footprint grows until the first of them finishes, drops, grows again; its highest point is just before some
-    finish, where the requests still running hold their contexts plus that one's remaining tokens."""
-    remaining = snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED]
+    """Device pages the live requests would hold at their peak if all ran from now on (`peak_pages`)."""
+    return peak_pages(snap.context, snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED], snap.page_size)
+
+
+def peak_pages(context: np.ndarray, remaining: np.ndarray, page_size: int) -> float:
+    """Device pages requests of `context` tokens with `remaining` tokens to go would hold at their peak if all ran
+    from now on, one token a step each: the footprint grows until the first of them finishes, drops, grows again;
+    its highest point is just before some finish, where the requests still running hold their contexts plus that
+    one's remaining tokens."""
     order = remaining.argsort(kind="stable")
-    remaining, context = remaining.take(order), snap.context.take(order)
+    remaining, context = remaining.take(order), context.take(order)
     alive = np.arange(len(order), 0, -1, dtype=np.float64)  # still running just before the j-th finish
     tokens = context[::-1].cumsum()[::-1]
     tokens += alive * remaining
-    return float((tokens / snap.page_size + alive).max()) if len(order) else 0.0  # + a partial page each
+    return float((tokens / page_size + alive).max()) if len(order) else 0.0  # + a partial page each
 
 
 def schedulability(
@@ -160,6 +172,74 @@ def beyond_room(snap: Snapshot, peak_pages: float) -> bool:
     if not snap.holding_kv and len(snap.reqs) <= 1:
         return False
     return peak_pages > max(snap.num_host_pages, snap.num_device_pages)
+
+
+def waiting_beyond_room(snap: Snapshot, est: CostEstimates, fraction: float) -> np.ndarray:
+    """The newcomers (snapshot indices) that wait outside the decision (`newcomers_beyond_room`), or none where
+    room opens for the first of them within `fraction` of its playback: fcfs's way, starting it into free memory,
+    costs it about that wait, once its recompute for room comes (3.15). Every live request states a rate."""
+    beyond = newcomers_beyond_room(snap)
+    if not beyond.size:
+        return beyond
+    first = int(beyond[0])
+    tolerable_s = fraction * float(snap.block[MAX_TOKENS, first] / snap.block[RATE, first])
+    return beyond if room_opens_in_steps(snap, beyond) * est.decode_step_s > tolerable_s else beyond[:0]
+
+
+def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
+    """The newcomers (snapshot indices) from the first, in arrival order, whose start would take the projected peak
+    of the started requests and the newcomers before it past the room `beyond_room` weighs."""
+    fresh = ~started(snap)
+    fresh_at = fresh.nonzero()[0]
+    if not fresh_at.size:
+        return fresh_at
+    room = max(snap.num_host_pages, snap.num_device_pages)
+    remaining = snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED]
+    base = (~fresh).nonzero()[0]
+
+    def fits(k: int) -> bool:
+        cols = np.concatenate((base, fresh_at[:k]))
+        return peak_pages(snap.context.take(cols), remaining.take(cols), snap.page_size) <= room
+
+    lo, hi = 0, fresh_at.size  # the most that fit, by bisection (the peak only grows with each)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return fresh_at[lo:]
+
+
+def room_opens_in_steps(snap: Snapshot, beyond: np.ndarray) -> float:
+    """Decode steps until the first of the newcomers `beyond` the room fits beside the rest (started requests and
+    the newcomers within the room), if those ran from now one token a step each: until their footprint's peak from
+    then on and its own end fit the room together (a bound: its peak is at most its whole length)."""
+    room = max(snap.num_host_pages, snap.num_device_pages)
+    j = int(beyond[0])
+    own = float((snap.context[j] + snap.block[MAX_TOKENS, j]) / snap.page_size + 1)
+    keep = np.ones(len(snap.reqs), dtype=bool)
+    keep[beyond] = False
+    context = snap.context[keep]
+    remaining = (snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED])[keep]
+    times = np.unique(remaining)
+
+    def peak_after(t: float) -> float:  # the rest's footprint from t steps on (it never rises: finishes only)
+        alive = remaining > t
+        return peak_pages(context[alive] + t, remaining[alive] - t, snap.page_size)
+
+    if peak_after(0.0) + own <= room:
+        return 0.0
+    if own > room:
+        return math.inf
+    lo, hi = 0, times.size - 1  # the first finish after which it fits (at the last every other one has ended)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if peak_after(float(times[mid])) + own <= room:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(times[lo])
 
 
 def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float, entry_fraction: float) -> np.ndarray:

@@ -74,6 +74,17 @@ class Snapshot:
             snap.rateless, snap.must_run = rateless, must
         return snap
 
+    def without_waiting(self, drop: np.ndarray) -> Snapshot:
+        """The same snapshot less the waiting requests at indices `drop` (each >= `holding_kv`)."""
+        keep = np.ones(len(self.reqs), dtype=bool)
+        keep[drop] = False
+        at = keep.nonzero()[0].tolist()
+        return dataclasses.replace(
+            self, reqs=[self.reqs[i] for i in at], rids=[self.rids[i] for i in at], block=self.block[:, keep],
+            dry_in=self.dry_in[keep], context=self.context[keep], pages=self.pages[keep],
+            rateless=None if self.rateless is None else self.rateless[keep],
+            must_run=None if self.must_run is None else self.must_run[keep])  # fmt: skip
+
     @property
     def holding_kv(self) -> int:
         """Running and paused (the working set) come first: how many."""

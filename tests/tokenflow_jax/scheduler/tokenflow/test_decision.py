@@ -42,6 +42,29 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     ending = sorted(((r.sampling.max_tokens - state.tracker[r.request_id].num_generated) / r.rate, r.rate)
                     for r in started)  # fmt: skip
     entry_open = True
+    # Beyond room (the live requests' projected peak past the larger tier), the newcomers from the first whose start
+    # takes the started requests' and earlier newcomers' peak past it wait, out of the decision, unless room opens
+    # for that first one (the rest running a token a step) within room_wait_fraction of its playback.
+    fresh = [r for r in state.waiting if not r.output_ids]
+    beyond: set[str] = set()
+    room = max(ex.num_host_pages, ex.num_device_pages)
+    one_alone = not state.running and not state.paused and len(state.waiting) <= 1
+    every_rate = all(r.rate is not None for r in (*state.running, *state.paused, *state.waiting))
+    if cfg.wait_beyond_room and every_rate and not one_alone and peak_pages(rows(state, [*started, *fresh])) > room:
+        k = 0
+        while k < len(fresh) and peak_pages(rows(state, [*started, *fresh[: k + 1]])) <= room:
+            k += 1
+        if k < len(fresh):
+            first, rest = fresh[k], rows(state, [*started, *fresh[:k]])
+            own = (len(first.prompt_ids) + first.sampling.max_tokens) / ex.page_size + 1
+            opens = math.inf
+            for t in [0, *sorted({remaining for remaining, _ in rest})]:
+                after = [(remaining - t, context + t) for remaining, context in rest if remaining > t]
+                if own <= room and peak_pages(after) + own <= room:
+                    opens = t
+                    break
+            if opens * est.decode_step_s > cfg.room_wait_fraction * first.sampling.max_tokens / first.rate:
+                beyond = {r.request_id for r in fresh[k:]}
 
     def enters(req) -> bool:
         nonlocal entry_open
@@ -70,6 +93,8 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
             sort_buffer = 0.0 if c["due"] else dry
         else:
             sort_buffer = dry
+            if req.request_id in beyond:
+                continue
             if not req.output_ids:
                 if decision.overloaded and not enters(req) or not decision.overloaded and req.rate > spare:
                     newcomers.append(c)
@@ -162,6 +187,25 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     return desired, victims
 
 
+PAGE_SIZE = World().ex.page_size
+
+
+def rows(state, reqs) -> list[tuple[int, int]]:
+    """(tokens to go, context) of each of `reqs`."""
+    tracker = state.tracker
+    return [(r.sampling.max_tokens - tracker[r.request_id].num_generated,
+             len(r.prompt_ids) + tracker[r.request_id].num_generated) for r in reqs]  # fmt: skip
+
+
+def peak_pages(requests: list[tuple[int, int]]) -> float:
+    """Pages (tokens to go, context) `requests` hold at their highest point if each runs to its end from now, one
+    token a step: just before some finish, every one still running holds its context plus that one's tokens to go
+    (+ a partial page each)."""
+    ordered = sorted(requests)
+    return max((sum(context + remaining for _, context in ordered[j:]) / PAGE_SIZE + len(ordered) - j
+                for j, (remaining, _) in enumerate(ordered)), default=0.0)  # fmt: skip
+
+
 request_specs = st.lists(
     st.tuples(
         st.sampled_from([RequestStatus.RUNNING, RequestStatus.PAUSED, RequestStatus.WAITING]),
@@ -179,20 +223,26 @@ request_specs = st.lists(
     specs=request_specs,
     max_num_seqs=st.integers(1, 40),
     device_pages=st.integers(20, 1500),
+    host_pages=st.sampled_from([4000, 900]),
+    max_tokens=st.sampled_from([512, 4096, 8192]),  # with 900 host pages, the peak often outgrows both tiers
     capacity=st.sampled_from([None, 50.0, 400.0, 5000.0]),  # Gamma (None: the profile's)
     config=st.fixed_dictionaries({
         "gamma": st.sampled_from([0.0, 1.0]), "stickiness_s": st.sampled_from([0.0, 1.0]),
         "mu": st.sampled_from([1.0, 1.5, 4.0]), "io_fraction": st.sampled_from([0.0, 0.02, 0.5]),
         "local_search_iters": st.sampled_from([0, 4]), "overload_entry_fraction": st.sampled_from([0.0, 0.1, 1.0]),
+        "wait_beyond_room": st.booleans(), "room_wait_fraction": st.sampled_from([0.0, 0.1, 100.0]),
     }),
 )  # fmt: skip
-def test_vectorized_decision_equals_the_plain_reference(specs, max_num_seqs, device_pages, capacity, config):
-    w = World(max_num_seqs=max_num_seqs, device_pages=device_pages, host_pages=4000)
+def test_vectorized_decision_equals_the_plain_reference(
+    specs, max_num_seqs, device_pages, host_pages, max_tokens, capacity, config
+):
+    w = World(max_num_seqs=max_num_seqs, device_pages=device_pages, host_pages=host_pages)
     for i, (status, rate, buffer_s, prompt, arrival) in enumerate(specs):
         need = -(-(prompt + int(buffer_s * rate) + 2) // w.ex.page_size)
         if status is RequestStatus.RUNNING and need > w.ex.free_device_pages():
             status = RequestStatus.PAUSED  # what does not fit the device waits in the host tier
-        w.add(f"r{i}", status, rate=rate, buffer_s=buffer_s, prompt=prompt, arrival=float(arrival))
+        w.add(f"r{i}", status, rate=rate, buffer_s=buffer_s, prompt=prompt, arrival=float(arrival),
+              max_tokens=max_tokens)  # fmt: skip
     if capacity is not None:
         w.estimates(decode_capacity_tok_s=capacity)
     state, est = w.state(), w.ex.estimates()
