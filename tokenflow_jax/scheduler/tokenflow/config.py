@@ -24,8 +24,8 @@ class TokenFlowConfig:
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
-    wait_beyond_room: bool = True
-    room_wait_fraction: float = 0.1
+    wait_beyond_room: bool = True  # beyond room, newcomers whose room opens late wait outside the decision
+    room_wait_fraction: float = 0.1  # ... unless room opens within this x the first one's playback
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (to its next token)
     rateless_step_fraction: float = 0.95  # rate-less requests join a step while it takes <= this x a reader's period
 
@@ -42,7 +42,7 @@ class TokenFlowConfig:
         if not 0 < self.rateless_step_fraction < math.inf:
             raise ValueError(f"rateless_step_fraction must be a finite number > 0, got {self.rateless_step_fraction!r}")
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
-                       "io_fraction", "overload_entry_fraction")  # fmt: skip
+                       "io_fraction", "overload_entry_fraction", "room_wait_fraction")  # fmt: skip
         for name in nonnegative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

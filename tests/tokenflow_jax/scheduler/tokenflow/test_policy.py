@@ -95,6 +95,8 @@ def test_config_defaults_and_validation():
         TokenFlowConfig(reschedule_interval=0)
     with pytest.raises(ValueError, match="overload_entry_fraction"):
         TokenFlowConfig(overload_entry_fraction=-0.1)
+    with pytest.raises(ValueError, match="room_wait_fraction"):
+        TokenFlowConfig(room_wait_fraction=float("nan"))
 
 
 def test_token_weights_ramp_between_tau1_and_tau2():
