@@ -22,6 +22,7 @@ class TokenFlowConfig:
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
     io_fraction: float = 0.05  # loads of streams not due back a decision plans: this share of an interval
     capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
+    overload_clear_s: float = 1.0  # ... Gamma the lowest of the decisions of this many seconds back
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
     wait_beyond_room: bool = True  # beyond room, newcomers whose room opens late wait outside the decision
@@ -42,7 +43,7 @@ class TokenFlowConfig:
         if not 0 < self.rateless_step_fraction < math.inf:
             raise ValueError(f"rateless_step_fraction must be a finite number > 0, got {self.rateless_step_fraction!r}")
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
-                       "io_fraction", "overload_entry_fraction", "room_wait_fraction")  # fmt: skip
+                       "io_fraction", "overload_entry_fraction", "room_wait_fraction", "overload_clear_s")  # fmt: skip
         for name in nonnegative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

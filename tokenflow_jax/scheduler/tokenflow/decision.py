@@ -33,6 +33,7 @@ class Decision:
     hopeless: bool  # not even the batch memory allows outpaces its readers: plan exactly as fcfs
     spare_rate: float  # Gamma minus the working set's demand, tok/s
     beyond_room: bool = False  # the live requests' projected peak exceeds what the tiers hold: plan as fcfs
+    capacity: float = math.inf  # Gamma, tok/s (inf: nothing runs)
 
     @property
     def as_fcfs(self) -> bool:
@@ -58,7 +59,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
             peak_pages = projected_peak_pages(snap)
     working_set = adapt_working_set(snap, cfg.adaptation_rate, peak_pages)
     # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.
-    overloaded, hopeless, spare_rate = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
+    overloaded, hopeless, spare_rate, capacity = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
     # Room: a newcomer the engine cannot hold beside the started streams would be paused by recompute, again and
     # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
     room_short = beyond_room(snap, peak_pages)
@@ -100,7 +101,8 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # streams before it in fcfs's order are fed (3.13): room of its own is what fcfs gives it.
     if free_room.size and not (overloaded and started_off_device(snap)):
         running += fill_free_room(snap, free_room, used, count)
-    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short)
+    return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
+                    capacity)  # fmt: skip
 
 
 def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float) -> float:
@@ -135,8 +137,8 @@ def peak_pages(context: np.ndarray, remaining: np.ndarray, page_size: int) -> fl
 
 def schedulability(
     snap: Snapshot, est: CostEstimates, hysteresis: float, was_overloaded: bool
-) -> tuple[bool, bool, float]:
-    """(overloaded, hopeless, spare rate): the working set's rates against Gamma at its projected context;
+) -> tuple[bool, bool, float, float]:
+    """(overloaded, hopeless, spare rate, Gamma): the working set's rates against Gamma at its projected context;
     hopeless when even its slowest reader outpaces one step of that batch (before any admission: the queue's)."""
     block = snap.block[:, started(snap)] if snap.holding_kv else snap.block
     size = block.shape[1]
@@ -148,10 +150,13 @@ def schedulability(
         rates = block[RATE] if snap.rateless is None else block[RATE][block[RATE] > 0]  # rate-less: no reader
         hopeless = bool(rates.size) and float(rates.min()) * step_s >= 1.0
     if not snap.num_running:
-        return False, hopeless, math.inf
+        return False, hopeless, math.inf, math.inf
     demand, capacity = float(sums[RATE]), seqs / max(step_s, 1e-9)  # the working set's demand, Gamma
-    overloaded = True if demand > capacity else False if demand < hysteresis * capacity else was_overloaded
-    return overloaded, hopeless, capacity - demand
+    # An overload clears only below the lowest Gamma of the recent decisions: on a noisy host one fast estimate
+    # cleared it for a decision, which started every newcomer the spare rate then covered (3.15).
+    cleared = demand < hysteresis * min(capacity, snap.capacity_floor)
+    overloaded = True if demand > capacity else False if cleared else was_overloaded
+    return overloaded, hopeless, capacity - demand, capacity
 
 
 def projected_step(snap: Snapshot, est: CostEstimates, num_requests: int, mean_context: float) -> tuple[int, float]:

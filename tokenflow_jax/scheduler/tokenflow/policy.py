@@ -50,6 +50,8 @@ class TokenFlowPolicy:
         # takes to run (`resume_delay`, a recent peak) widens the resume lead, since due streams queue for loads.
         self._called_back: dict[str, tuple[Request, float]] = {}
         self.resume_delay = DecayingPeak()
+        # (time, Gamma) of the decisions of the last `overload_clear_s`: an overload clears below their lowest.
+        self._capacities: collections.deque[tuple[float, float]] = collections.deque()
         # Rate-less requests held back `max_hold_s`: they must run until their next token (tokens when marked).
         self._must_run: dict[str, Request] = {}
         self._must_run_tokens: dict[str, int] = {}
@@ -154,7 +156,10 @@ class TokenFlowPolicy:
                 if rid not in self._must_run:
                     self._must_run[rid] = snap.reqs[i]
                     self._must_run_tokens[rid] = state.tracker[rid].num_generated
+        snap.capacity_floor = self._capacity_floor(state.now)
         self.decision = decide(snap, est, self.config, self.decision is not None and self.decision.overloaded)
+        if math.isfinite(self.decision.capacity):
+            self._capacities.append((state.now, self.decision.capacity))
         self.clock.decided(state.now, self.decision.give_way_at)
         self._wanted = {rid: i for i, rid in enumerate(self.decision.running)}
         self._victims = self.decision.victims
@@ -232,6 +237,15 @@ class TokenFlowPolicy:
             self._wanted.pop(rid, None)
         plan.sync_order = write_through_order(state, plan)
         return plan
+
+    def _capacity_floor(self, now: float) -> float:
+        """The lowest Gamma of the decisions of the last `overload_clear_s` (inf: none, or a window of 0)."""
+        window, capacities = self.config.overload_clear_s, self._capacities
+        if window <= 0:
+            return math.inf
+        while capacities and capacities[0][0] < now - window:
+            capacities.popleft()
+        return min((gamma for _, gamma in capacities), default=math.inf)
 
     def slack_s(self, state: SchedulerState) -> float:
         """What the resume lead adds to the margin: the clients' delivery lag and how long call-backs take. While
