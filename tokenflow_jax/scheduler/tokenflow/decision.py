@@ -53,10 +53,9 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     if cfg.wait_beyond_room and snap.rateless is None and beyond_room(snap, peak_pages):
         # Newcomers beyond the room wait outside the decision, where room opens too late for fcfs's way (3.15); with
         # rate-less requests live, fcfs's plan and its rate-less rules stay (3.16).
-        beyond = waiting_beyond_room(snap, est, cfg.room_wait_fraction)
-        if beyond.size:
-            snap = snap.without_waiting(beyond)
-            peak_pages = projected_peak_pages(snap)
+        weighed = without_newcomers_beyond_room(snap, est, cfg.room_wait_fraction)
+        if weighed is not snap:
+            snap, peak_pages = weighed, projected_peak_pages(weighed)
     working_set = adapt_working_set(snap, cfg.adaptation_rate, peak_pages)
     # Schedulability: the working set's demand against Gamma; newcomers it cannot cover displace nobody.
     overloaded, hopeless, spare_rate, capacity = schedulability(snap, est, cfg.capacity_hysteresis, was_overloaded)
@@ -119,7 +118,7 @@ def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float)
 
 def projected_peak_pages(snap: Snapshot) -> float:
     """Device pages the live requests would hold at their peak if all ran from now on (`peak_pages`)."""
-    return peak_pages(snap.context, snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED], snap.page_size)
+    return peak_pages(snap.context, snap.tokens_to_go(), snap.page_size)
 
 
 def peak_pages(context: np.ndarray, remaining: np.ndarray, page_size: int) -> float:
@@ -176,19 +175,22 @@ def beyond_room(snap: Snapshot, peak_pages: float) -> bool:
     room could only be paused by recompute, over and over (docs/DESIGN.md section 3.15)."""
     if not snap.holding_kv and len(snap.reqs) <= 1:
         return False
-    return peak_pages > max(snap.num_host_pages, snap.num_device_pages)
+    return peak_pages > snap.room_pages
 
 
-def waiting_beyond_room(snap: Snapshot, est: CostEstimates, fraction: float) -> np.ndarray:
-    """The newcomers (snapshot indices) that wait outside the decision (`newcomers_beyond_room`), or none where
-    room opens for the first of them within `fraction` of its playback: fcfs's way, starting it into free memory,
-    costs it about that wait, once its recompute for room comes (3.15). Every live request states a rate."""
+def without_newcomers_beyond_room(snap: Snapshot, est: CostEstimates, fraction: float) -> Snapshot:
+    """The snapshot the decision weighs: without the newcomers beyond the room (`newcomers_beyond_room`), or
+    `snap` itself where room opens for the first of them within `fraction` of its playback: fcfs's way, starting it
+    into free memory, costs it about that wait, once its recompute for room comes (3.15). Every live request states
+    a rate."""
     beyond = newcomers_beyond_room(snap)
     if not beyond.size:
-        return beyond
+        return snap
     first = int(beyond[0])
+    rest = snap.without_waiting(beyond)
+    own = float((snap.context[first] + snap.block[MAX_TOKENS, first]) / snap.page_size + 1)  # its whole length
     tolerable_s = fraction * float(snap.block[MAX_TOKENS, first] / snap.block[RATE, first])
-    return beyond if room_opens_in_steps(snap, beyond) * est.decode_step_s > tolerable_s else beyond[:0]
+    return rest if room_opens_in_steps(rest, own) * est.decode_step_s > tolerable_s else snap
 
 
 def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
@@ -198,9 +200,7 @@ def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
     fresh_at = fresh.nonzero()[0]
     if not fresh_at.size:
         return fresh_at
-    room = max(snap.num_host_pages, snap.num_device_pages)
-    remaining = snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED]
-    base = (~fresh).nonzero()[0]
+    room, remaining, base = snap.room_pages, snap.tokens_to_go(), (~fresh).nonzero()[0]
 
     def fits(k: int) -> bool:
         cols = np.concatenate((base, fresh_at[:k]))
@@ -216,31 +216,25 @@ def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
     return fresh_at[lo:]
 
 
-def room_opens_in_steps(snap: Snapshot, beyond: np.ndarray) -> float:
-    """Decode steps until the first of the newcomers `beyond` the room fits beside the rest (started requests and
-    the newcomers within the room), if those ran from now one token a step each: until their footprint's peak from
-    then on and its own end fit the room together (a bound: its peak is at most its whole length)."""
-    room = max(snap.num_host_pages, snap.num_device_pages)
-    j = int(beyond[0])
-    own = float((snap.context[j] + snap.block[MAX_TOKENS, j]) / snap.page_size + 1)
-    keep = np.ones(len(snap.reqs), dtype=bool)
-    keep[beyond] = False
-    context = snap.context[keep]
-    remaining = (snap.block[MAX_TOKENS] - snap.block[NUM_GENERATED])[keep]
-    times = np.unique(remaining)
+def room_opens_in_steps(rest: Snapshot, own_pages: float) -> float:
+    """Decode steps until a newcomer of `own_pages` at its end fits the room beside the `rest` (the started requests
+    and the newcomers within the room), if those ran from now one token a step each: until their footprint's peak
+    from then on and its whole length fit together (a bound: its peak is at most its whole length)."""
+    room, context, remaining = rest.room_pages, rest.context, rest.tokens_to_go()
 
     def peak_after(t: float) -> float:  # the rest's footprint from t steps on (it never rises: finishes only)
         alive = remaining > t
-        return peak_pages(context[alive] + t, remaining[alive] - t, snap.page_size)
+        return peak_pages(context[alive] + t, remaining[alive] - t, rest.page_size)
 
-    if peak_after(0.0) + own <= room:
+    if peak_after(0.0) + own_pages <= room:
         return 0.0
-    if own > room:
+    if own_pages > room:
         return math.inf
+    times = np.unique(remaining)
     lo, hi = 0, times.size - 1  # the first finish after which it fits (at the last every other one has ended)
     while lo < hi:
         mid = (lo + hi) // 2
-        if peak_after(float(times[mid])) + own <= room:
+        if peak_after(float(times[mid])) + own_pages <= room:
             hi = mid
         else:
             lo = mid + 1

@@ -11,7 +11,7 @@ import numpy as np
 
 from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.interface import CostEstimates, SchedulerState
-from tokenflow_jax.tracker import ARRIVAL, LAST_READ, NUM_GENERATED, PROMPT_LEN, RATE
+from tokenflow_jax.tracker import ARRIVAL, LAST_READ, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
 
 
 @dataclasses.dataclass(slots=True)
@@ -85,6 +85,16 @@ class Snapshot:
             dry_in=self.dry_in[keep], context=self.context[keep], pages=self.pages[keep],
             rateless=None if self.rateless is None else self.rateless[keep],
             must_run=None if self.must_run is None else self.must_run[keep])  # fmt: skip
+
+    @property
+    def room_pages(self) -> int:
+        """Pages a started request is held in to its end: the host tier (write-through keeps a copy of the running
+        ones too) or, where larger, the device."""
+        return max(self.num_host_pages, self.num_device_pages)
+
+    def tokens_to_go(self) -> np.ndarray:
+        """max_tokens less the tokens generated, per request."""
+        return self.block[MAX_TOKENS] - self.block[NUM_GENERATED]
 
     @property
     def holding_kv(self) -> int:

@@ -50,9 +50,14 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     room = max(ex.num_host_pages, ex.num_device_pages)
     one_alone = not state.running and not state.paused and len(state.waiting) <= 1
     every_rate = all(r.rate is not None for r in (*state.running, *state.paused, *state.waiting))
-    if cfg.wait_beyond_room and every_rate and not one_alone and peak_pages(rows(state, [*started, *fresh])) > room:
+    if (
+        cfg.wait_beyond_room
+        and every_rate
+        and not one_alone
+        and peak_pages(rows(state, [*started, *fresh]), ex.page_size) > room
+    ):
         k = 0
-        while k < len(fresh) and peak_pages(rows(state, [*started, *fresh[: k + 1]])) <= room:
+        while k < len(fresh) and peak_pages(rows(state, [*started, *fresh[: k + 1]]), ex.page_size) <= room:
             k += 1
         if k < len(fresh):
             first, rest = fresh[k], rows(state, [*started, *fresh[:k]])
@@ -60,7 +65,7 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
             opens = math.inf
             for t in [0, *sorted({remaining for remaining, _ in rest})]:
                 after = [(remaining - t, context + t) for remaining, context in rest if remaining > t]
-                if own <= room and peak_pages(after) + own <= room:
+                if own <= room and peak_pages(after, ex.page_size) + own <= room:
                     opens = t
                     break
             if opens * est.decode_step_s > cfg.room_wait_fraction * first.sampling.max_tokens / first.rate:
@@ -187,9 +192,6 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     return desired, victims
 
 
-PAGE_SIZE = World().ex.page_size
-
-
 def rows(state, reqs) -> list[tuple[int, int]]:
     """(tokens to go, context) of each of `reqs`."""
     tracker = state.tracker
@@ -197,12 +199,12 @@ def rows(state, reqs) -> list[tuple[int, int]]:
              len(r.prompt_ids) + tracker[r.request_id].num_generated) for r in reqs]  # fmt: skip
 
 
-def peak_pages(requests: list[tuple[int, int]]) -> float:
+def peak_pages(requests: list[tuple[int, int]], page_size: int) -> float:
     """Pages (tokens to go, context) `requests` hold at their highest point if each runs to its end from now, one
     token a step: just before some finish, every one still running holds its context plus that one's tokens to go
     (+ a partial page each)."""
     ordered = sorted(requests)
-    return max((sum(context + remaining for _, context in ordered[j:]) / PAGE_SIZE + len(ordered) - j
+    return max((sum(context + remaining for _, context in ordered[j:]) / page_size + len(ordered) - j
                 for j, (remaining, _) in enumerate(ordered)), default=0.0)  # fmt: skip
 
 
