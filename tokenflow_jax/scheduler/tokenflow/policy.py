@@ -192,11 +192,8 @@ class TokenFlowPolicy:
                 continue
             while pages > budget.pages:  # out of pages mid-decode: the decision's victims go first
                 staying = [r for r in running if r.request_id not in gone]
-                # Unschedulable: nobody can be kept fed, so do as fcfs does (the latest admitted yields) rather
-                # than rotate the largest buffer out and back in, which only adds transfers.
-                victim = (
-                    pending[-1] if pending else (staying[-1] if overloaded else self._largest_buffer(state, staying))
-                )
+                # Overloaded, nobody can be kept fed: a buffer too small to pay for its round trip does not yield.
+                victim = pending[-1] if pending else self._short_of_pages(state, staying, overloaded)
                 fill.preempt(victim)
                 if victim is req:
                     break
@@ -267,16 +264,28 @@ class TokenFlowPolicy:
             elif req.status is RequestStatus.FINISHED or rid not in state.tracker:
                 del self._called_back[rid]
 
+    def _short_of_pages(self, state: SchedulerState, running: list[Request], overloaded: bool) -> Request:
+        """The running request a page shortage pauses where the decision left none out: the largest buffer. While
+        overloaded, only a buffer past `stickiness_s` (it sorts after every dry stream in the decision too); else the
+        latest arrival, the stream the decision's fcfs order ranks last. The latest admitted, as fcfs yields, was
+        on a contended CPU the stream just loaded back: dry, it was wanted straight back, a rotation every few
+        steps (docs/DESIGN.md 3.13)."""
+        largest = self._largest_buffer(state, running)
+        if not overloaded or self._spare_s(state, largest) > self.config.stickiness_s:
+            return largest
+        return max(running, key=lambda r: (r.arrival, r.request_id))
+
     def _largest_buffer(self, state: SchedulerState, running: list[Request]) -> Request:
         """The running request a page shortage pauses: the largest buffer in seconds; a rate-less request, which
         no reader waits on, before any stream unless it must run."""
 
-        def spare_s(r: Request) -> float:
-            if r.rate is None:
-                return 0.0 if r.request_id in self._must_run else math.inf
-            return state.tracker[r.request_id].buffer_tokens(state.now) / r.rate
+        return max(running, key=lambda r: (self._spare_s(state, r), r.admitted_order))
 
-        return max(running, key=lambda r: (spare_s(r), r.admitted_order))
+    def _spare_s(self, state: SchedulerState, r: Request) -> float:
+        """Seconds of buffer `r`'s reader holds (a rate-less request: none if it must run, else unbounded)."""
+        if r.rate is None:
+            return 0.0 if r.request_id in self._must_run else math.inf
+        return state.tracker[r.request_id].buffer_tokens(state.now) / r.rate
 
 
 class StreamsFirstFCFS(FCFSPolicy):

@@ -322,6 +322,35 @@ def test_out_of_pages_mid_decode_preempts_the_largest_buffer():
     assert preempted(plan) == {"b"} and plan.schedule == {"a": 1}
 
 
+@pytest.mark.parametrize("late_buffer_s, victim", [
+    (3.0, "late"),  # past stickiness_s: the largest buffer yields, as it would without the overload
+    (0.4, "latest"),  # none past it: the latest arrival, not the latest admitted ("back"), nor the largest buffer
+])  # fmt: skip
+def test_out_of_pages_while_overloaded_a_small_buffer_yields_by_arrival(late_buffer_s, victim):
+    # Demand 70 tok/s against Gamma 33 (2 sequences at the projected context, a 60 ms step): overloaded, not hopeless
+    # (10 tok/s x 60 ms < 1). 32 + 47 tokens, 78 computed = 5 pages each: all three fit, so the decision leaves none
+    # out. Two steps on, with no decision due, the first one's next token needs a sixth page and none is free.
+    w = World(max_num_seqs=4, device_pages=15)
+    running = {"latest": (30.0, 0.3, 3.0), "late": (10.0, late_buffer_s, 2.0), "back": (30.0, 0.2, 1.0)}
+    reqs = [w.add(rid, RequestStatus.RUNNING, max_tokens=64, rate=rate, buffer_s=buf, generated=47, arrival=arrival)
+            for rid, (rate, buf, arrival) in running.items()]  # fmt: skip
+    assert w.ex.free_device_pages() == 0
+    w.estimates(decode_step_s=0.06, decode_step_model=(0.06, 0.0, 0.0))
+    policy = TokenFlowPolicy()
+    assert set(policy.plan(w.state()).schedule) == {"latest", "late", "back"}
+    assert policy.decision.overloaded and not policy.decision.as_fcfs and not policy.decision.victims
+    for req in reqs:  # two decode steps, still within the last 5 pages
+        for _ in range(2):
+            req.output_ids.append(1)
+            req.num_computed += 1
+            w.tracker.on_token(req.request_id, NOW)
+    decisions = policy.decisions
+    plan = policy.plan(w.state())
+    assert policy.decisions == decisions  # no decision: the shortage is met while carrying the last one out
+    assert preempted(plan) == {victim}
+    assert set(plan.schedule) == {"latest", "late", "back"} - {victim}
+
+
 def test_a_victim_is_paused_only_when_an_entrant_takes_its_room():
     # Both paused streams are due and both running ones may pause, but a load outlasts a step, so only one
     # stream loads now: only one running request yields (pausing both would leave a batch of one).
