@@ -136,6 +136,10 @@ class PagedExecutor:
         self._h2d_per_page = MovingAverage(1e-5)
         self.decode_model = DecodeStepModel()
         self._step_peak = DecayingPeak()  # of every step's duration, prefill chunks included
+        # Seconds a page a swap moves adds to the decode step it falls in: ~0 where copies overlap compute (a GPU's
+        # copy engines), not where they share its cores (the CPU backend; docs/DESIGN.md 3.15). Rises at once.
+        self._swap_stretch = MovingAverage(0.0, 0.2, 0.05)
+        self._swapped_pages = 0  # pages swaps moved since the last step was read
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
         self._host_ticket: dict[int, Any] = {}  # host page -> ticket of the latest copy into it
@@ -202,6 +206,7 @@ class PagedExecutor:
             decode_capacity_tok_s=self.max_num_seqs / max(step, 1e-6),
             decode_step_model=self.decode_model.coefficients,
             step_peak_s=self._step_peak.value,
+            swap_step_per_page_s=self._swap_stretch.value,
         )
 
     def _pending_transfer_s(self) -> float:
@@ -249,7 +254,13 @@ class PagedExecutor:
         elapsed = end - max(step.dispatched_at, self._last_resolved_at)
         self._last_resolved_at = end
         self._step_peak.add(elapsed)
+        swapped, self._swapped_pages = self._swapped_pages, 0
         if step.decode:
+            if swapped and (model := self.decode_model.coefficients) is not None:
+                # What the step took beyond its compute as predicted now, per page the swaps in it moved.
+                base, per_seq, per_context = model
+                compute_s = base + per_seq * step.num_tokens + per_context * step.context_tokens
+                self._swap_stretch.update(max(elapsed - compute_s, 0.0) / swapped)
             self._decode_step.update(elapsed)
             self.decode_model.add(step.num_tokens, step.context_tokens, elapsed)
         else:
@@ -333,12 +344,15 @@ class PagedExecutor:
         if copy is None:
             self.drop(req)
             return False
+        self._swapped_pages += len(copy.src)
         self._transfer_to_host(copy)
         self.blocks.free_device(req)
         return True
 
     def swap_in(self, req: Request) -> None:
-        self._load(self.blocks.swap_in(req))
+        copy = self.blocks.swap_in(req)
+        self._swapped_pages += len(copy.src)
+        self._load(copy)
 
     def _load(self, copy: PageCopy) -> None:
         """Load host pages to the device once their copies have landed."""

@@ -73,6 +73,9 @@ class CostEstimates:
     # A recent peak of step durations (prefill chunks, stalls of the host included): how long a resumed stream
     # may wait for its next token when steps swing.
     step_peak_s: float = 0.0
+    # Seconds each page a swap moves adds to the step it shares: ~0 where copies overlap compute (a GPU's copy
+    # engines); on the CPU backend the copies take the cores the step needs.
+    swap_step_per_page_s: float = 0.0
 
     def decode_step_at(self, num_seqs: int, context_tokens: int) -> float:
         """Predicted decode step time for `num_seqs` sequences holding `context_tokens` tokens in all."""

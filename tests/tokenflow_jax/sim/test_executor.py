@@ -108,6 +108,30 @@ def test_write_through_overlaps_compute_and_a_swap_in_waits_for_its_host_copy():
     assert ex.now() >= ex.load_free_at  # the step that runs a loaded request waits for its pages
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_estimates_measure_what_a_swap_adds_to_the_step_it_shares(overlap):
+    """Serialised with compute (the CPU backend's copies share its cores), a load lengthens the step that runs it
+    by its whole transfer: the executor reads it off the step, per page swapped (a moving average, weight 0.2 from
+    0). Beside compute, on a load engine that finishes within the step before, it adds nothing."""
+    ex = SimExecutor("h100-llama3-8b", num_device_pages=64, num_host_pages=64, overlap_transfers=overlap)
+    reqs = {"a": _request("a", prompt=320, output=64), "b": _request("b", prompt=320, output=64)}
+    _sample(ex.execute(StepPlan(schedule={"a": 320, "b": 320}), reqs), reqs)  # 20 full pages each, written through
+    for _ in range(8):
+        _sample(ex.execute(StepPlan(schedule={"a": 1}), reqs), reqs)
+    ex.execute(StepPlan(swap_out=["b"]), reqs)  # nothing left to copy: write-through synced its 20 pages
+    assert ex.estimates().swap_step_per_page_s == 0.0
+    held = ex.held_s
+    result = ex.execute(StepPlan(swap_in=["b"], schedule={"a": 1, "b": 1}), reqs)
+    load_s = ex.profile.h2d_latency_s + 20 * ex.page_bytes / ex.profile.h2d_bytes_per_s
+    compute_s = ex.profile.step_time(2, len(reqs["a"].prompt_ids) + len(reqs["a"].output_ids) + 321)
+    if overlap:
+        assert ex.estimates().swap_step_per_page_s == pytest.approx(0.0, abs=1e-12)  # (rounding of the compute)
+        assert result.step_time_s == pytest.approx(compute_s)
+    else:
+        assert ex.held_s - held == pytest.approx(load_s) and result.step_time_s == pytest.approx(compute_s + load_s)
+        assert ex.estimates().swap_step_per_page_s == pytest.approx(0.2 * load_s / 20)
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "tokenflow"])
 def test_replay_under_memory_pressure_leaks_no_pages_and_keeps_time_monotonic(policy):
     # 24 requests of ~ 200 tokens into 96 device pages (~ 8 requests' worth): preemptions are forced.

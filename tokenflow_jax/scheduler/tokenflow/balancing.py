@@ -11,7 +11,7 @@ import numpy as np
 from tokenflow_jax.reader import negative_token_weights
 from tokenflow_jax.scheduler.interface import CostEstimates
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
-from tokenflow_jax.scheduler.tokenflow.costs import preemption_costs_of
+from tokenflow_jax.scheduler.tokenflow.costs import preemption_costs_of, swapped_pages_of
 from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
 from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, RATE
 
@@ -73,11 +73,14 @@ def rank(
 class Gate:
     """The admission gate: a running request may pause for a newcomer only with b >= mu r (t_evict + t_load +
     t_schedule) tokens, the round trip being the preemption that would happen (swap or recompute, `costs`) and
-    t_schedule the copy backlog plus the resume lead."""
+    t_schedule the copy backlog plus the resume lead. Where swaps stretch the steps (`churn_per_page_s` > 0: the
+    copies share the compute's cores), a swap's round trip also counts its pages x `churn_per_page_s`, the step
+    time it takes from every started stream over the share of the machine rotations may take (`churn_per_page`)."""
 
     est: CostEstimates
     mu: float
     lead_s: float
+    churn_per_page_s: float = 0.0
 
     def locked(self, snap: Snapshot, ranking: Ranking, positions: np.ndarray, mu: float | None = None) -> np.ndarray:
         """Which of `positions` are running with a buffer that cannot cover a pause (b < mu r t_gate), as a mask
@@ -103,8 +106,10 @@ class Gate:
         gate_s = ranking.gate_s.take(positions)
         todo = np.isnan(gate_s)
         if todo.any():
-            round_trip_s, _ = preemption_costs_of(list(map(snap.reqs.__getitem__, rows[todo].tolist())), self.est,
-                                                  snap.page_size, snap.host_free)  # fmt: skip
+            reqs = list(map(snap.reqs.__getitem__, rows[todo].tolist()))
+            round_trip_s, swap = preemption_costs_of(reqs, self.est, snap.page_size, snap.host_free)
+            if self.churn_per_page_s:
+                round_trip_s += np.where(swap, swapped_pages_of(reqs, snap.page_size) * self.churn_per_page_s, 0.0)
             gate_s[todo] = round_trip_s + (self.est.pending_transfer_s + self.lead_s)
             ranking.gate_s[positions] = gate_s
         locked[positions] = buffer_tokens < threshold * gate_s
@@ -123,7 +128,7 @@ def greedy_fill(
         total = int((snap.pages.take(ranking.order) if some_held else snap.pages).sum())
         if total <= capacity:
             return None, total
-    ranking.by_position(snap, gate.est, gate.lead_s)
+    ranking.by_position(snap, gate.est, gate.lead_s, gate.churn_per_page_s)
     pages, load_s = ranking.pages, ranking.load_s
     # The longest prefix that fits at once (slots, pages, I/O budget) is taken as a whole.
     cum_pages, cum_load = pages.cumsum(), load_s.cumsum()  # methods: numpy's wrappers cost ~2 us a call

@@ -29,6 +29,7 @@ class TokenFlowConfig:
     room_wait_fraction: float = 0.1  # ... unless room opens within this x the first one's playback
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (to its next token)
     rateless_step_fraction: float = 0.95  # rate-less requests join a step while it takes <= this x a reader's period
+    rotation_share: float = 0.25  # where swaps stretch the steps (CPU), a pause buys its copies' time / this share
 
     def __post_init__(self) -> None:
         if not self.reschedule_interval > 0:
@@ -40,6 +41,8 @@ class TokenFlowConfig:
         if not 0.0 < self.capacity_hysteresis <= 1.0:
             raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
         check_max_hold(self.max_hold_s)
+        if not 0 < self.rotation_share < math.inf:
+            raise ValueError(f"rotation_share must be a finite number > 0, got {self.rotation_share!r}")
         if not 0 < self.rateless_step_fraction < math.inf:
             raise ValueError(f"rateless_step_fraction must be a finite number > 0, got {self.rateless_step_fraction!r}")
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",

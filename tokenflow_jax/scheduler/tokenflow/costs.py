@@ -37,3 +37,12 @@ def preemption_costs_of(
     synced = np.array([r.num_host_synced for r in reqs], dtype=np.int64)
     on_host = np.array([len(r.host_pages) for r in reqs], dtype=np.int64)
     return preemption_costs(computed, synced, on_host, est, page_size, host_free)
+
+
+def swapped_pages_of(reqs: Sequence[Request], page_size: int) -> np.ndarray:
+    """Pages a pause by swap and its load back move per request: the tail write-through has not synced, then every
+    page."""
+    computed = np.array([r.num_computed for r in reqs], dtype=np.int64)
+    synced = np.array([r.num_host_synced for r in reqs], dtype=np.int64)
+    total = pages_for(computed, page_size)
+    return 2 * total - synced // page_size

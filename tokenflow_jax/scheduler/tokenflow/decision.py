@@ -62,12 +62,19 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # Room: a newcomer the engine cannot hold beside the started streams would be paused by recompute, again and
     # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
     room_short = beyond_room(snap, peak_pages)
-    newcomers = held_newcomers(snap, overloaded, spare_rate, cfg.overload_entry_fraction)
+    # Overloaded, newcomers enter by the lowest Gamma of the last `overload_clear_s`, as the overload clears: on a
+    # noisy host, one fast estimate let in cohorts the machine then could not feed (3.15). With rate-less requests
+    # live, by the Gamma of now (3.16).
+    entry_spare = spare_rate
+    if overloaded and snap.rateless is None:
+        entry_spare -= max(capacity - snap.capacity_floor, 0.0)
+    newcomers = held_newcomers(snap, overloaded, entry_spare, cfg.overload_entry_fraction)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     # Overloaded, someone stalls whatever the order: as under fcfs, the stall falls on the latest admitted (equal
     # urgency and value go by fcfs's order).
     fcfs_order = overloaded and cfg.overload_fcfs_order
-    ranking, gate = rank(snap, est, cfg, lead_s, newcomers, fcfs_order), Gate(est, cfg.mu, lead_s)
+    ranking = rank(snap, est, cfg, lead_s, newcomers, fcfs_order)
+    gate = Gate(est, cfg.mu, lead_s, churn_per_page(snap, est, cfg.rotation_share))
     order, rids = ranking.order, snap.rids
     chosen, used = greedy_fill(snap, ranking, slot_limit(snap, working_set), newcomers.size > 0,
                                cfg.io_fraction * cfg.reschedule_interval, gate)  # fmt: skip
@@ -102,6 +109,16 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
         running += fill_free_room(snap, free_room, used, count)
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
                     capacity)  # fmt: skip
+
+
+def churn_per_page(snap: Snapshot, est: CostEstimates, share: float) -> float:
+    """Seconds of a swap's round trip per page it moves, beyond the transfer: where swaps stretch the steps (the
+    copies share the compute's cores), each page takes `swap_step_per_page_s` from every started stream's step, and
+    rotations may take `share` of the machine; so a pause must buy that time over the share (docs/DESIGN.md 3.15)."""
+    if est.swap_step_per_page_s <= 0:
+        return 0.0
+    streams = int((started(snap) & (snap.block[RATE] > 0)).sum())
+    return streams * est.swap_step_per_page_s / share
 
 
 def adapt_working_set(snap: Snapshot, adaptation_rate: float, peak_pages: float) -> float:

@@ -127,7 +127,7 @@ class Ranking:
     gate_bound_s: np.ndarray | None = None  # an upper bound on it from the snapshot alone
     fcfs_rank: np.ndarray | None = None  # per snapshot index: fcfs's order (arrival, id), when it decides ties
 
-    def by_position(self, snap: Snapshot, est: CostEstimates, lead_s: float) -> None:
+    def by_position(self, snap: Snapshot, est: CostEstimates, lead_s: float, churn_per_page_s: float = 0.0) -> None:
         order, n, paused = self.order, len(snap.reqs), slice(snap.num_running, snap.holding_kv)
         load_s, due = np.zeros(n), np.zeros(n, dtype=bool)
         if self.paused_load_s is not None:
@@ -137,7 +137,7 @@ class Ranking:
         self.gate_s.fill(np.nan)  # (np.full is a Python wrapper: several times slower)
         # The gate's round trip at most: every page out and back in (pages <= tokens / page size + 1), or
         # recomputing every token, of a context that may hold a token the host has not read yet (in flight).
-        per_page = est.swap_out_per_page_s + est.swap_in_per_page_s
+        per_page = est.swap_out_per_page_s + est.swap_in_per_page_s + 2 * churn_per_page_s
         per_token = max(per_page / snap.page_size, est.prefill_per_token_s) * (1 + 1e-9)  # room for rounding
         fixed = (2 * per_token + per_page + 2 * est.pending_transfer_s + lead_s) * (1 + 1e-9)
         bound = snap.context.take(order)

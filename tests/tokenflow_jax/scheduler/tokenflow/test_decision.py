@@ -8,6 +8,7 @@ and the same requests to preempt.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from hypothesis import given, settings
@@ -27,9 +28,10 @@ def weight(buffer_tokens: int, output_len: int) -> float:
     return 0.0 if buffer_tokens >= tau2 else (tau2 - buffer_tokens) / (tau2 - tau1)
 
 
-def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], list[str]]:
+def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.inf) -> tuple[list[str], list[str]]:
     """(desired running set, most urgent first; running requests to preempt), given the working set W,
-    overload flag and spare rate of the policy's decision for this state."""
+    overload flag and spare rate of the policy's decision for this state; `floor`: the lowest Gamma of the
+    earlier decisions within overload_clear_s."""
     cfg, ex, decision = policy.config, state.executor, policy.decision
     running, paused = RequestStatus.RUNNING, RequestStatus.PAUSED
     lead, spare = resume_lead_s(cfg, est), decision.spare_rate
@@ -38,7 +40,11 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
     # rest.
     started = [r for r in (*state.running, *state.paused, *state.waiting)
                if r.status is not RequestStatus.WAITING or r.output_ids]  # fmt: skip
+    # ... by the lowest Gamma of the decisions of the last overload_clear_s (this one's included: `floor` the others'),
+    # while every live request states a rate.
     gamma = spare + sum(r.rate for r in started)
+    if all(r.rate is not None for r in (*state.running, *state.paused, *state.waiting)):
+        gamma = min(gamma, floor)
     ending = sorted(((r.sampling.max_tokens - state.tracker[r.request_id].num_generated) / r.rate, r.rate)
                     for r in started)  # fmt: skip
     entry_open = True
@@ -115,6 +121,8 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
             c["key"] = (*c["key"][:2], c["req"].rate is None, c["req"].arrival, c["req"].request_id)
     contenders.sort(key=lambda c: c["key"])
     host_free = ex.free_host_pages()
+    streams = sum(1 for r in started if r.rate)
+    churn = streams * est.swap_step_per_page_s / cfg.rotation_share
 
     def locked(c, mu=None):  # b_j < mu r_j (t_evict + t_load + t_schedule), the cheaper of swap and recompute
         req = c["req"]
@@ -123,7 +131,10 @@ def reference_decision(policy: TokenFlowPolicy, state, est) -> tuple[list[str], 
                 + total * est.swap_in_per_page_s)  # fmt: skip
         recompute = req.num_computed * est.prefill_per_token_s
         can_swap = req.num_computed > 0 and total - len(req.host_pages) <= host_free and swap <= recompute
-        round_trip = swap if can_swap else recompute
+        # Where swaps stretch the steps, a swap also takes its pages' stretch from every started stream, over the
+        # share of the machine rotations may take.
+        moved = 2 * total - req.num_host_synced // ex.page_size
+        round_trip = swap + moved * churn if can_swap else recompute
         t_schedule = est.pending_transfer_s + lead
         mu = cfg.mu if mu is None else mu
         return req.status is running and c["buffer"] < mu * req.rate * (round_trip + t_schedule)
@@ -228,6 +239,8 @@ request_specs = st.lists(
     host_pages=st.sampled_from([4000, 900]),
     max_tokens=st.sampled_from([512, 4096, 8192]),  # with 900 host pages, the peak often outgrows both tiers
     capacity=st.sampled_from([None, 50.0, 400.0, 5000.0]),  # Gamma (None: the profile's)
+    earlier=st.sampled_from([None, 30.0, 300.0]),  # Gamma of a decision 0.5 s before (None: none)
+    stretch=st.sampled_from([0.0, 1e-3, 2e-2]),  # step seconds a swapped page adds (0: copies overlap compute)
     config=st.fixed_dictionaries({
         "gamma": st.sampled_from([0.0, 1.0]), "stickiness_s": st.sampled_from([0.0, 1.0]),
         "mu": st.sampled_from([1.0, 1.5, 4.0]), "io_fraction": st.sampled_from([0.0, 0.02, 0.5]),
@@ -236,7 +249,7 @@ request_specs = st.lists(
     }),
 )  # fmt: skip
 def test_vectorized_decision_equals_the_plain_reference(
-    specs, max_num_seqs, device_pages, host_pages, max_tokens, capacity, config
+    specs, max_num_seqs, device_pages, host_pages, max_tokens, capacity, earlier, stretch, config
 ):
     w = World(max_num_seqs=max_num_seqs, device_pages=device_pages, host_pages=host_pages)
     for i, (status, rate, buffer_s, prompt, arrival) in enumerate(specs):
@@ -247,7 +260,11 @@ def test_vectorized_decision_equals_the_plain_reference(
               max_tokens=max_tokens)  # fmt: skip
     if capacity is not None:
         w.estimates(decode_capacity_tok_s=capacity)
-    state, est = w.state(), w.ex.estimates()
+    state, est = w.state(), dataclasses.replace(w.ex.estimates(), swap_step_per_page_s=stretch)
     policy = TokenFlowPolicy(**config)
+    floor = math.inf
+    if earlier is not None:  # a slower machine half a second ago: its Gamma is the floor an overload enters by
+        slower = dataclasses.replace(est, decode_step_model=(max_num_seqs / earlier, 0.0, 0.0))
+        floor = policy.rebalance(dataclasses.replace(state, now=state.now - 0.5), slower).capacity
     decision = policy.rebalance(state, est)
-    assert (list(decision.running), list(decision.victims)) == reference_decision(policy, state, est)
+    assert (list(decision.running), list(decision.victims)) == reference_decision(policy, state, est, floor)
