@@ -72,6 +72,11 @@ class DecodeStepModel:
         base, per_seq, per_context = self.fitted
         return base + per_seq * num_seqs + per_context * context_tokens
 
+    def predict_now(self, num_seqs: int, context_tokens: int) -> float | None:
+        """`predict` at the machine's current speed (the step a policy expects)."""
+        predicted = self.predict(num_seqs, context_tokens)
+        return None if predicted is None else predicted * self.speed.value
+
     def add(self, num_seqs: int, context_tokens: int, seconds: float) -> None:
         self.samples.append((num_seqs, context_tokens, seconds))
         predicted = self.predict(num_seqs, context_tokens)
@@ -256,10 +261,9 @@ class PagedExecutor:
         self._step_peak.add(elapsed)
         swapped, self._swapped_pages = self._swapped_pages, 0
         if step.decode:
-            if swapped and (model := self.decode_model.coefficients) is not None:
-                # What the step took beyond its compute as predicted now, per page the swaps in it moved.
-                base, per_seq, per_context = model
-                compute_s = base + per_seq * step.num_tokens + per_context * step.context_tokens
+            # What a step with swaps took beyond its compute as predicted now, per page the swaps moved.
+            compute_s = self.decode_model.predict_now(step.num_tokens, step.context_tokens) if swapped else None
+            if compute_s is not None:
                 self._swap_stretch.update(max(elapsed - compute_s, 0.0) / swapped)
             self._decode_step.update(elapsed)
             self.decode_model.add(step.num_tokens, step.context_tokens, elapsed)

@@ -11,7 +11,7 @@ import numpy as np
 from tokenflow_jax.reader import negative_token_weights
 from tokenflow_jax.scheduler.interface import CostEstimates
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
-from tokenflow_jax.scheduler.tokenflow.costs import preemption_costs_of, swapped_pages_of
+from tokenflow_jax.scheduler.tokenflow.costs import kv_state, preemption_costs, swapped_pages
 from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
 from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, RATE
 
@@ -106,10 +106,11 @@ class Gate:
         gate_s = ranking.gate_s.take(positions)
         todo = np.isnan(gate_s)
         if todo.any():
-            reqs = list(map(snap.reqs.__getitem__, rows[todo].tolist()))
-            round_trip_s, swap = preemption_costs_of(reqs, self.est, snap.page_size, snap.host_free)
+            computed, synced, on_host = kv_state(list(map(snap.reqs.__getitem__, rows[todo].tolist())))
+            round_trip_s, swap = preemption_costs(computed, synced, on_host, self.est, snap.page_size, snap.host_free)
             if self.churn_per_page_s:
-                round_trip_s += np.where(swap, swapped_pages_of(reqs, snap.page_size) * self.churn_per_page_s, 0.0)
+                moved = swapped_pages(computed, synced, snap.page_size)
+                round_trip_s += np.where(swap, moved * self.churn_per_page_s, 0.0)
             gate_s[todo] = round_trip_s + (self.est.pending_transfer_s + self.lead_s)
             ranking.gate_s[positions] = gate_s
         locked[positions] = buffer_tokens < threshold * gate_s

@@ -29,20 +29,23 @@ def preemption_costs(
     return np.where(swap, swap_s, recompute_s), swap
 
 
+def kv_state(reqs: Sequence[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(computed tokens, tokens synced to the host, host pages held) per request: what `preemption_costs` and
+    `swapped_pages` weigh."""
+    computed = np.array([r.num_computed for r in reqs], dtype=np.int64)
+    synced = np.array([r.num_host_synced for r in reqs], dtype=np.int64)
+    on_host = np.array([len(r.host_pages) for r in reqs], dtype=np.int64)
+    return computed, synced, on_host
+
+
 def preemption_costs_of(
     reqs: Sequence[Request], est: CostEstimates, page_size: int, host_free: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """`preemption_costs` read off the requests' KV state."""
-    computed = np.array([r.num_computed for r in reqs], dtype=np.int64)
-    synced = np.array([r.num_host_synced for r in reqs], dtype=np.int64)
-    on_host = np.array([len(r.host_pages) for r in reqs], dtype=np.int64)
-    return preemption_costs(computed, synced, on_host, est, page_size, host_free)
+    return preemption_costs(*kv_state(reqs), est, page_size, host_free)
 
 
-def swapped_pages_of(reqs: Sequence[Request], page_size: int) -> np.ndarray:
+def swapped_pages(computed: np.ndarray, synced: np.ndarray, page_size: int) -> np.ndarray:
     """Pages a pause by swap and its load back move per request: the tail write-through has not synced, then every
     page."""
-    computed = np.array([r.num_computed for r in reqs], dtype=np.int64)
-    synced = np.array([r.num_host_synced for r in reqs], dtype=np.int64)
-    total = pages_for(computed, page_size)
-    return 2 * total - synced // page_size
+    return 2 * pages_for(computed, page_size) - synced // page_size
