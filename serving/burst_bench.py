@@ -1,12 +1,16 @@
 """The streaming burst over HTTP, policy by policy, on an idle machine and with competing processes.
 
     python -m serving.burst_bench [--schedulers tokenflow,fcfs,sglang,andes] [--contention 0,2] [--pace]
-        [--num-requests 96] [--max-tokens 96] [--server-args "--kv-pages 48"] [--json FILE]
+        [--num-requests 96] [--max-tokens 96] [--server-args "--kv-pages 48"] [--repeats N] [--json FILE]
 
 For each policy it starts the real server (`python -m serving`, the tiny model) in a subprocess, runs
 `serving.loadtest`'s open-loop burst against it at each contention level (0: idle; N: N CPU-bound processes
 competing for the cores), and stops it. Every figure is measured at the client. Prints one table per
 contention level with ratios to fcfs; `--json` writes every summary.
+
+With `--repeats N` the policies take turns N times (round by round, so that a machine's slow spell falls on
+all of them), and each table gives the median (min-max) over the rounds, the ratios to fcfs taken round by
+round; `--json` then holds a list of summaries per policy, one per round.
 """
 
 from __future__ import annotations
@@ -101,6 +105,33 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
     return results
 
 
+def rounds_table(level: str, rounds: Sequence[dict[str, dict[str, Any]]]) -> str:
+    """`table` over several rounds of one contention level: each column's median (min-max), and the ratios to
+    fcfs taken within each round before their median (min-max)."""
+    head = f"contention {level}" + (" (idle)" if level == "0" else f" ({level} CPU-bound processes)")
+    head += f", median (min-max) of {len(rounds)} rounds"
+    lines = [head, "| policy | " + " | ".join(name for name, _ in COLUMNS) + " | P99 TTFT x fcfs | rebuffer - fcfs |",
+             "|---" * (len(COLUMNS) + 3) + "|"]  # fmt: skip
+    for policy in rounds[0]:
+        cells = [spread([r[policy][key] for r in rounds], 2 if "rebuffer" in key else 1) for _, key in COLUMNS]
+        ratio = extra = "-"
+        if all("fcfs" in r for r in rounds):
+            if all(r["fcfs"]["p99_ttft_ms"] for r in rounds):
+                ratio = spread([r[policy]["p99_ttft_ms"] / r["fcfs"]["p99_ttft_ms"] for r in rounds], 2)
+            extra = spread([r[policy]["rebuffer_s"] - r["fcfs"]["rebuffer_s"] for r in rounds], 2, signed=True)
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {ratio} | {extra} |")
+    return "\n".join(lines)
+
+
+def spread(values: Sequence[float], digits: int, signed: bool = False) -> str:
+    """'median (min-max)' of `values` at `digits` decimals (the median of an even count: the mean of the middle
+    two)."""
+    ordered, sign = sorted(values), "+" if signed else ""
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return f"{median:{sign}.{digits}f} ({ordered[0]:{sign}.{digits}f}-{ordered[-1]:{sign}.{digits}f})"
+
+
 def table(level: str, by_policy: dict[str, dict[str, Any]]) -> str:
     head = f"contention {level}" + (" (idle)" if level == "0" else f" ({level} CPU-bound processes)")
     lines = [head, "| policy | " + " | ".join(name for name, _ in COLUMNS) + " | P99 TTFT x fcfs | rebuffer - fcfs |",
@@ -128,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="--kv-pages 48", help="more flags for the server "
                    "(default: %(default)s)")  # fmt: skip
     p.add_argument("--log-dir", default=".", help="where the server logs go (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every policy, taken in turn; tables of "
+                   "medians (default: %(default)s)")  # fmt: skip
     p.add_argument("--json", help="write every summary here")
     return p
 
@@ -137,17 +170,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.schedulers = [s for s in args.schedulers.split(",") if s]
     try:
         args.contention = [int(c) for c in args.contention.split(",") if c]
-        if not args.schedulers or not args.contention or min(args.contention) < 0:
+        if not args.schedulers or not args.contention or min(args.contention) < 0 or args.repeats < 1:
             raise ValueError
     except ValueError:
-        print("error: --schedulers and --contention need one or more items; contention counts >= 0",
-              file=sys.stderr)  # fmt: skip
+        print("error: --schedulers and --contention need one or more items; contention counts >= 0; "
+              "--repeats >= 1", file=sys.stderr)  # fmt: skip
         return 2
-    results = run(args)
-    for level, by_policy in results.items():
-        print(table(level, by_policy) + "\n")
+    if args.repeats == 1:
+        results = run(args)
+        for level, by_policy in results.items():
+            print(table(level, by_policy) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
+    rounds = [run(args) for _ in range(args.repeats)]
+    for level in rounds[0]:
+        print(rounds_table(level, [r[level] for r in rounds]) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        merged = {level: {policy: [r[level][policy] for r in rounds] for policy in by_policy}
+                  for level, by_policy in rounds[0].items()}  # fmt: skip
+        Path(args.json).write_text(json.dumps(merged, indent=2))
     return 0
 
 
