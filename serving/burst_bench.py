@@ -21,6 +21,7 @@ import json
 import select
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -108,10 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
 def rounds_table(level: str, rounds: Sequence[dict[str, dict[str, Any]]]) -> str:
     """`table` over several rounds of one contention level: each column's median (min-max), and the ratios to
     fcfs taken within each round before their median (min-max)."""
-    head = f"contention {level}" + (" (idle)" if level == "0" else f" ({level} CPU-bound processes)")
-    head += f", median (min-max) of {len(rounds)} rounds"
-    lines = [head, "| policy | " + " | ".join(name for name, _ in COLUMNS) + " | P99 TTFT x fcfs | rebuffer - fcfs |",
-             "|---" * (len(COLUMNS) + 3) + "|"]  # fmt: skip
+    lines = header(level, f", median (min-max) of {len(rounds)} rounds")
     for policy in rounds[0]:
         cells = [spread([r[policy][key] for r in rounds], 2 if "rebuffer" in key else 1) for _, key in COLUMNS]
         ratio = extra = "-"
@@ -124,18 +122,20 @@ def rounds_table(level: str, rounds: Sequence[dict[str, dict[str, Any]]]) -> str
 
 
 def spread(values: Sequence[float], digits: int, signed: bool = False) -> str:
-    """'median (min-max)' of `values` at `digits` decimals (the median of an even count: the mean of the middle
-    two)."""
-    ordered, sign = sorted(values), "+" if signed else ""
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return f"{median:{sign}.{digits}f} ({ordered[0]:{sign}.{digits}f}-{ordered[-1]:{sign}.{digits}f})"
+    """'median (min-max)' of `values` at `digits` decimals."""
+    form = f"{'+' if signed else ''}.{digits}f"
+    return f"{statistics.median(values):{form}} ({min(values):{form}}-{max(values):{form}})"
+
+
+def header(level: str, suffix: str = "") -> list[str]:
+    """A table's title and column rows for one contention level."""
+    head = f"contention {level}" + (" (idle)" if level == "0" else f" ({level} CPU-bound processes)") + suffix
+    return [head, "| policy | " + " | ".join(name for name, _ in COLUMNS) + " | P99 TTFT x fcfs | rebuffer - fcfs |",
+            "|---" * (len(COLUMNS) + 3) + "|"]  # fmt: skip
 
 
 def table(level: str, by_policy: dict[str, dict[str, Any]]) -> str:
-    head = f"contention {level}" + (" (idle)" if level == "0" else f" ({level} CPU-bound processes)")
-    lines = [head, "| policy | " + " | ".join(name for name, _ in COLUMNS) + " | P99 TTFT x fcfs | rebuffer - fcfs |",
-             "|---" * (len(COLUMNS) + 3) + "|"]  # fmt: skip
+    lines = header(level)
     base = by_policy.get("fcfs")
     for policy, s in by_policy.items():
         cells = [f"{s[key]:.2f}" if "rebuffer" in key else f"{s[key]:.1f}" for _, key in COLUMNS]
@@ -176,19 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --schedulers and --contention need one or more items; contention counts >= 0; "
               "--repeats >= 1", file=sys.stderr)  # fmt: skip
         return 2
-    if args.repeats == 1:
-        results = run(args)
-        for level, by_policy in results.items():
-            print(table(level, by_policy) + "\n")
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
-        return 0
-    rounds = [run(args) for _ in range(args.repeats)]
-    for level in rounds[0]:
-        print(rounds_table(level, [r[level] for r in rounds]) + "\n")
+    rounds, one = [run(args) for _ in range(args.repeats)], args.repeats == 1
+    for level, by_policy in rounds[0].items():
+        print((table(level, by_policy) if one else rounds_table(level, [r[level] for r in rounds])) + "\n")
     if args.json:
-        merged = {level: {policy: [r[level][policy] for r in rounds] for policy in by_policy}
-                  for level, by_policy in rounds[0].items()}  # fmt: skip
+        merged = rounds[0] if one else {
+            level: {policy: [r[level][policy] for r in rounds] for policy in by_policy}
+            for level, by_policy in rounds[0].items()}  # fmt: skip
         Path(args.json).write_text(json.dumps(merged, indent=2))
     return 0
 

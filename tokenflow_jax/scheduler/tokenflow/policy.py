@@ -278,7 +278,6 @@ class TokenFlowPolicy:
     def _largest_buffer(self, state: SchedulerState, running: list[Request]) -> Request:
         """The running request a page shortage pauses: the largest buffer in seconds; a rate-less request, which
         no reader waits on, before any stream unless it must run."""
-
         return max(running, key=lambda r: (self._spare_s(state, r), r.admitted_order))
 
     def _spare_s(self, state: SchedulerState, r: Request) -> float:
