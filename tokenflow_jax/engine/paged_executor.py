@@ -89,8 +89,19 @@ class DecodeStepModel:
             self._since_fit = 0
             fitted = self.fit(list(self.samples))
             if fitted is not None:
-                # Keep the speed as it is: the new fit averages older speeds in, and the speed moves on from here.
-                self.fitted = fitted
+                # A refit keeps the speed: the new fit averages older speeds in, and the speed moves on from here.
+                first, self.fitted = self.fitted is None, fitted
+                if first:
+                    self._replay_speed()
+
+    def _replay_speed(self) -> None:
+        """The speed as if the first fit had been there from the first step. Until then it measured nothing (it
+        stayed 1.0), and that fit averages in a burst's first, slower steps: taken at 1.0 it predicted 2-3x the
+        steps of the moment, and the policy saw an overload the machine did not have (docs/DESIGN.md 3.15)."""
+        for seqs, context, seconds in self.samples:
+            predicted = self.predict(seqs, context)
+            if predicted is not None and predicted > 0:
+                self.speed.update(seconds / predicted)
 
     @staticmethod
     def fit(samples: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:

@@ -236,6 +236,33 @@ def test_decode_step_model_recovers_a_linear_cost_and_refuses_to_extrapolate_fro
     assert DecodeStepModel.fit([(8, 1000, 0.01)] * 40) is None
 
 
+def test_the_first_fit_predicts_the_steps_of_the_moment_not_their_average_since_start() -> None:
+    """A burst's first decode steps are slower (~3x here); the first fit averages them in. Its speed is then what
+    it would be had the fit been known from the first step (a model given those coefficients beforehand, fed the
+    same steps), not 1.0: taken at 1.0, the fit predicted ~2x the steps of the moment and the policy saw an
+    overload the machine did not have (docs/DESIGN.md 3.15)."""
+    from tokenflow_jax.engine.paged_executor import DecodeStepModel
+
+    def cost(seqs: int, context: int) -> float:
+        return 0.001 + 1e-4 * seqs + 2e-6 * context
+
+    rng = np.random.default_rng(1)
+    shapes = [(int(rng.integers(2, 16)), int(rng.integers(100, 2_000))) for _ in range(64)]
+    steps = [(b, c, (3.0 if i < 32 else 1.0) * cost(b, c)) for i, (b, c) in enumerate(shapes)]
+    learned = DecodeStepModel(window=512, refit_every=32)
+    for step in steps:
+        learned.add(*step)
+    assert learned.fitted is not None  # fitted once, at the 64th step
+    known = DecodeStepModel(refit_every=None, fitted=learned.fitted)
+    for step in steps:
+        known.add(*step)
+    assert learned.speed.value == pytest.approx(known.speed.value, rel=1e-12)
+    # The fit alone averages the slow start in; at its speed the prediction is nearer the steps of the moment.
+    now = cost(8, 1_000)
+    assert learned.predict(8, 1_000) > 1.6 * now
+    assert learned.predict_now(8, 1_000) < 1.5 * now
+
+
 def test_token_slice_is_the_slice_of_prompt_then_output() -> None:
     req = Request("r", [11, 12, 13], SamplingParams(max_tokens=8), rate=10.0, arrival=0.0, output_ids=[21, 22, 23, 24])
     tokens = req.prompt_ids + req.output_ids
