@@ -11,7 +11,8 @@ array is swapped under a lock, and a gather is dispatched under the same lock, s
 
 `host_memory` chooses one at start-up (docs/DESIGN.md section 4): pinned where a tiny round trip through it
 matches numpy, numpy on the CPU backend (its pinned memory is plain host memory, allocated whole), across
-processes and where the round trip fails. `TOKENFLOW_HOST_KV_MEMORY=numpy|pinned_host` forces either.
+processes and where the round trip fails (`kv.host_tier` falls back to numpy too where the whole pinned pool
+cannot be allocated). `TOKENFLOW_HOST_KV_MEMORY=numpy|pinned_host` forces either.
 """
 
 from __future__ import annotations
@@ -201,9 +202,13 @@ def pinned_unavailable(mesh: Mesh) -> str | None:
         if not np.array_equal(back, block[::-1]) or pool.host_pages([0]).any():
             return "a round trip through pinned_host memory came back changed"
     except Exception as e:  # noqa: BLE001 - any failure means: not on this backend
-        first_line = (str(e).splitlines() or [""])[0]
-        return f"a round trip through pinned_host memory failed ({type(e).__name__}: {first_line})"
+        return f"a round trip through pinned_host memory failed ({failure(e)})"
     return None
+
+
+def failure(e: BaseException) -> str:
+    """An exception in one line, for a log: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
 
 def host_memory(mesh: Mesh, requested: str | None = None) -> tuple[str, str]:

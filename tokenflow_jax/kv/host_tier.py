@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tokenflow_jax.config import ModelConfig
-from tokenflow_jax.kv.host_pool import ASKED, POOLS
+from tokenflow_jax.kv.host_pool import ASKED, POOLS, failure
 from tokenflow_jax.kv.host_pool import host_memory as host_memory_for
 from tokenflow_jax.kv.pages import transfer_slices
 from tokenflow_jax.parallel import block_sharding, make_mesh
@@ -73,10 +73,20 @@ class HostKVTier:
         self.shape = (num_pages, cfg.num_layers, 2, cfg.num_kv_heads, page_size, cfg.head_dim)
         self.dtype = np.dtype(jax.numpy.dtype(dtype))
         self.memory_kind, why = host_memory_for(mesh, host_memory)
-        self._pool = POOLS[self.memory_kind](self.shape, dtype, mesh)
         self.page_bytes = int(np.prod(self.shape[1:]) * self.dtype.itemsize)
+        refused = False
+        try:
+            self._pool = POOLS[self.memory_kind](self.shape, dtype, mesh)
+        except Exception as e:
+            if self.memory_kind == "numpy" or why == ASKED:
+                raise
+            # Chosen, not asked for: the probe's round trip is small, and a whole pool of pinned memory can still
+            # be refused (a container's locked-memory limit). Plain host memory serves, slower to copy.
+            refused, why = True, f"the whole pool in pinned_host memory failed ({failure(e)})"
+            self.memory_kind = "numpy"
+            self._pool = POOLS["numpy"](self.shape, dtype, mesh)
         # Only a fallback on an accelerator, where pinned memory is what makes copies fast, is worth a warning.
-        fallback = self.memory_kind == "numpy" and why != ASKED and jax.default_backend() != "cpu"
+        fallback = self.memory_kind == "numpy" and why != ASKED and (refused or jax.default_backend() != "cpu")
         logger.log(
             logging.WARNING if fallback else logging.INFO,
             "host KV tier: %d pages (%.1f MiB) in %s memory (%s)",

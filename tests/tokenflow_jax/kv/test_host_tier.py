@@ -238,6 +238,36 @@ def test_the_host_memory_is_chosen_at_start_up_and_logged(monkeypatch, caplog):
         HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
 
 
+def test_a_pinned_pool_the_host_refuses_is_kept_in_numpy_memory_unless_pinned_was_asked_for(monkeypatch, caplog):
+    """Chosen by default (a tiny round trip through pinned memory passed, as on an accelerator), the whole pool
+    can still be refused, as a container's locked-memory limit does. The tier then keeps its pages in numpy
+    memory, says so in a warning, and serves; asked for by name, the refusal is the error. (A refusal cannot be
+    produced on this CPU, where pinned memory is plain memory: the pinned pool's constructor stands in for it.)"""
+    import tokenflow_jax.kv.host_tier as host_tier
+    from tokenflow_jax.kv import host_pool
+
+    def refuse(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: failed to allocate 4.00GiB of pinned host memory\nmore detail")
+
+    monkeypatch.setitem(host_pool.POOLS, "pinned_host", refuse)
+    monkeypatch.setattr(host_tier, "host_memory_for", lambda mesh, requested: ("pinned_host", "the probe matched"))
+    caplog.set_level(logging.INFO, logger="tokenflow_jax.kv.host_tier")
+    tier = HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
+    try:
+        assert tier.memory_kind == "numpy"
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "numpy memory" in warned[0] and "RESOURCE_EXHAUSTED" in warned[0]
+        assert "more detail" not in warned[0]  # one line
+        block = block_for(tier, 2, 5.0)
+        tier.wait(tier.write_async(jnp.asarray(block), [2, 5]))
+        np.testing.assert_array_equal(tier.host_pages([2, 5]), block)
+    finally:
+        tier.close()
+    monkeypatch.setattr(host_tier, "host_memory_for", lambda mesh, requested: ("pinned_host", host_pool.ASKED))
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        HostKVTier(PRESETS["tiny-random"], 8, PAGE_SIZE, jnp.float32)
+
+
 def test_a_process_that_exits_with_copies_in_flight_exits_cleanly():
     """Python stops its daemon threads at exit; a copy thread still inside XLA then (a pinned pool's scatter)
     aborted the process ("FATAL: exception not rethrown"), so the tier lets queued copies land first."""
