@@ -63,11 +63,15 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # again; until it can, plan as fcfs does (which starts it only into free memory and runs it to its end).
     room_short = beyond_room(snap, peak_pages)
     # Overloaded, newcomers enter by the lowest Gamma of the last `overload_clear_s`, as the overload clears: on a
-    # noisy host, one fast estimate let in cohorts the machine then could not feed (3.15). With rate-less requests
-    # live, by the Gamma of now (3.16).
+    # noisy host, one fast estimate let in cohorts the machine then could not feed (3.15). Not overloaded, by that
+    # lowest Gamma too, but never below hysteresis x Gamma: a margin as wide as the estimate's recent dips, at most
+    # the hysteresis band (admitted up to a noisy Gamma, the next dip found every stream started; 3.15). With
+    # rate-less requests live, by the Gamma of now (3.16).
     entry_spare = spare_rate
     if overloaded and snap.rateless is None:
         entry_spare -= max(capacity - snap.capacity_floor, 0.0)
+    elif snap.rateless is None and math.isfinite(capacity):
+        entry_spare -= capacity - min(capacity, max(snap.capacity_floor, cfg.capacity_hysteresis * capacity))
     newcomers = held_newcomers(snap, overloaded, entry_spare, cfg.overload_entry_fraction)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     # Overloaded, someone stalls whatever the order: as under fcfs, the stall falls on the latest admitted (equal

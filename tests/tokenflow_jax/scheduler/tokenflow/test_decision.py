@@ -44,6 +44,10 @@ def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.
     # while every live request states a rate.
     gamma = spare + sum(r.rate for r in started)
     if all(r.rate is not None for r in (*state.running, *state.paused, *state.waiting)):
+        # Not overloaded, newcomers take the spare rate under that lowest Gamma, but under no less than the
+        # hysteresis times Gamma.
+        if not decision.overloaded and math.isfinite(gamma):
+            spare -= gamma - min(gamma, max(floor, cfg.capacity_hysteresis * gamma))
         gamma = min(gamma, floor)
     ending = sorted(((r.sampling.max_tokens - state.tracker[r.request_id].num_generated) / r.rate, r.rate)
                     for r in started)  # fmt: skip
