@@ -21,7 +21,7 @@ class TokenFlowConfig:
     local_search_iters: int = 4  # adjacent swaps tried after the greedy fill
     stickiness_s: float = 1.0  # running requests sort as if their buffer were this much smaller (less churn)
     io_fraction: float = 0.05  # loads of streams not due back a decision plans: this share of an interval
-    capacity_hysteresis: float = 0.9  # after overload, newcomers may displace others once demand < this * Gamma
+    capacity_hysteresis: float = 0.9  # an overload clears below this x Gamma; below it newcomers may enter after a dip
     overload_clear_s: float = 1.0  # ... Gamma the lowest of the decisions of this many seconds back
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
