@@ -68,10 +68,10 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # the hysteresis band (admitted up to a noisy Gamma, the next dip found every stream started; 3.15). With
     # rate-less requests live, by the Gamma of now (3.16).
     entry_spare = spare_rate
-    if overloaded and snap.rateless is None:
-        entry_spare -= max(capacity - snap.capacity_floor, 0.0)
-    elif snap.rateless is None and math.isfinite(capacity):
-        entry_spare -= capacity - min(capacity, max(snap.capacity_floor, cfg.capacity_hysteresis * capacity))
+    if snap.rateless is None and math.isfinite(capacity):
+        floor = snap.capacity_floor
+        entry_level = floor if overloaded else max(floor, cfg.capacity_hysteresis * capacity)
+        entry_spare -= capacity - min(capacity, entry_level)
     newcomers = held_newcomers(snap, overloaded, entry_spare, cfg.overload_entry_fraction)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     # Overloaded, someone stalls whatever the order: as under fcfs, the stall falls on the latest admitted (equal
