@@ -259,6 +259,27 @@ def test_an_overload_clears_only_below_the_lowest_capacity_of_the_last_second():
     assert not without.decision.overloaded
 
 
+@pytest.mark.parametrize("earlier, admitted", [(40.0, False), (55.0, True)])
+def test_overloaded_newcomers_enter_by_the_lowest_gamma_of_the_last_second(earlier, admitted):
+    """Overloaded, a newcomer enters once the started streams that end within a tenth of its playback leave room
+    for it under Gamma; that Gamma is the lowest of the last `overload_clear_s`, not the estimate of the moment,
+    whose fast readings let in cohorts a noisy host then could not feed (docs/DESIGN.md 3.15)."""
+    w = World(max_num_seqs=2)
+    w.add("a", RequestStatus.RUNNING, buffer_s=5.0, max_tokens=122)  # 20 tokens left: it ends in 1 s
+    w.add("b", RequestStatus.RUNNING, buffer_s=9.0)
+    w.add("p", RequestStatus.PAUSED, buffer_s=12.0)  # 60 tok/s of readers started
+    w.add("new", RequestStatus.WAITING, rate=10.0, arrival=5.0)  # a tenth of its playback: 5.1 s
+    policy = TokenFlowPolicy()
+    w.estimates(decode_capacity_tok_s=earlier)
+    policy.plan(dataclasses.replace(w.state(), now=NOW - 0.5))
+    # Now 55 tok/s: once "a" ends, 70 - 20 fits; by the earlier 40 it does not, and "b" and "p" end late.
+    w.estimates(decode_capacity_tok_s=55.0)
+    policy.clock.last_decision = -1e9
+    plan = policy.plan(w.state())
+    assert policy.decision.overloaded
+    assert ("new" in plan.schedule) is admitted
+
+
 @pytest.mark.parametrize(
     "earlier, now, admitted",
     [
