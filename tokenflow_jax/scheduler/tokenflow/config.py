@@ -25,6 +25,8 @@ class TokenFlowConfig:
     overload_clear_s: float = 1.0  # ... Gamma the lowest of the decisions of this many seconds back
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
+    deep_buffer_fraction: float = 0.05  # overloaded: room the started streams will need back is lent to newcomers
+    # only while the started streams' median buffer is at least this x their median playback
     wait_beyond_room: bool = True  # beyond room, newcomers whose room opens late wait outside the decision
     room_wait_fraction: float = 0.1  # ... unless room opens within this x the first one's playback
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (to its next token)
@@ -46,7 +48,8 @@ class TokenFlowConfig:
         if not 0 < self.rateless_step_fraction < math.inf:
             raise ValueError(f"rateless_step_fraction must be a finite number > 0, got {self.rateless_step_fraction!r}")
         nonnegative = ("gamma", "critical_buffer_s", "resume_margin_s", "local_search_iters", "stickiness_s",
-                       "io_fraction", "overload_entry_fraction", "room_wait_fraction", "overload_clear_s")  # fmt: skip
+                       "io_fraction", "overload_entry_fraction", "deep_buffer_fraction", "room_wait_fraction",
+                       "overload_clear_s")  # fmt: skip
         for name in nonnegative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

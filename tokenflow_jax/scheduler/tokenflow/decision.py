@@ -110,7 +110,13 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # Overloaded, a newcomer let into room that pauses opened would be paused in turn, and stall, until the
     # streams before it in fcfs's order are fed (3.13): room of its own is what fcfs gives it.
     if free_room.size and not (overloaded and started_off_device(snap)):
-        running += fill_free_room(snap, free_room, used, count)
+        entering = fill_free_room(snap, free_room, used, count)
+        # Overloaded, room the started streams will grow back into is lent only against deep buffers: a newcomer
+        # started there is the latest admitted when they do, the first paused, and with the thin buffers of an
+        # overload its pause is a stall its reader would not have had under fcfs (3.15).
+        if overloaded and entering and not deep_buffers(snap, cfg.deep_buffer_fraction):
+            entering = entering[: held_to_their_end(snap, free_room[: len(entering)])]
+        running += entering
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
                     capacity)  # fmt: skip
 
@@ -344,6 +350,32 @@ def started_off_device(snap: Snapshot) -> bool:
     off = slice(snap.num_running, None)
     waiting = (snap.block[NUM_GENERATED, off] > 0) & (snap.block[RATE, off] > 0)
     return bool(waiting.any())
+
+
+def deep_buffers(snap: Snapshot, fraction: float) -> bool:
+    """Whether the started streams' median buffer is at least `fraction` x their median playback (False with
+    none started)."""
+    streams = started(snap) & (snap.block[RATE] > 0)
+    if not streams.any():
+        return False
+    playback = snap.block[MAX_TOKENS, streams] / snap.block[RATE, streams]
+    return float(np.median(snap.dry_in[streams])) >= fraction * float(np.median(playback))
+
+
+def held_to_their_end(snap: Snapshot, newcomers: np.ndarray) -> int:
+    """How many of `newcomers` (snapshot indices, arrival order) the device holds beside the started requests to
+    their ends: the longest run whose projected peak with theirs (`peak_pages`) fits the device pool."""
+    base, to_go = started(snap).nonzero()[0], snap.tokens_to_go()
+
+    def fits(k: int) -> bool:
+        rows = np.concatenate((base, newcomers[:k]))
+        return peak_pages(snap.context.take(rows), to_go.take(rows), snap.page_size) <= snap.num_device_pages
+
+    low, high = 0, len(newcomers)  # a peak only grows with each request added: bisect for the longest run
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def slot_limit(snap: Snapshot, working_set: float) -> int:

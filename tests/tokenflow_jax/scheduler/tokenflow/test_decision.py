@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -197,11 +198,28 @@ def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.
     # Overloaded, none while a started stream waits off the device (the room is its).
     if decision.overloaded and any(r.status is not RequestStatus.RUNNING and r.output_ids for r in started):
         newcomers, left_out_new = [], []
+    taking = []
     for c in sorted(newcomers + left_out_new, key=lambda c: arrival_order[c["req"].request_id]):
         if count >= ex.max_num_seqs or used + c["pages"] > capacity:
             break
         used, count = used + c["pages"], count + 1
-        desired.append(c["req"].request_id)
+        taking.append(c["req"])
+    # Overloaded, unless the started streams' median buffer is at least deep_buffer_fraction x their median
+    # playback, only the newcomers up to the first whose start takes the started requests' and earlier newcomers'
+    # projected peak past the device.
+    streams = [r for r in started if r.rate]
+    dry = [max((state.tracker[r.request_id].last_read_time or -math.inf) - state.now, 0.0) for r in streams]
+    deep = bool(streams) and statistics.median(dry) >= cfg.deep_buffer_fraction * statistics.median(
+        r.sampling.max_tokens / r.rate for r in streams
+    )
+    if decision.overloaded and taking and not deep:
+        k = 0
+        while k < len(taking) and peak_pages(rows(state, [*started, *taking[: k + 1]]), ex.page_size) <= (
+            ex.num_device_pages
+        ):
+            k += 1
+        taking = taking[:k]
+    desired += [r.request_id for r in taking]
     victims = [c["req"].request_id for c, keep in zip(contenders, chosen, strict=True)
                if not keep and c["req"].status is running]  # fmt: skip
     return desired, victims
@@ -250,6 +268,7 @@ request_specs = st.lists(
         "mu": st.sampled_from([1.0, 1.5, 4.0]), "io_fraction": st.sampled_from([0.0, 0.02, 0.5]),
         "local_search_iters": st.sampled_from([0, 4]), "overload_entry_fraction": st.sampled_from([0.0, 0.1, 1.0]),
         "wait_beyond_room": st.booleans(), "room_wait_fraction": st.sampled_from([0.0, 0.1, 100.0]),
+        "deep_buffer_fraction": st.sampled_from([0.0, 0.05, 1.0]),
     }),
 )  # fmt: skip
 def test_vectorized_decision_equals_the_plain_reference(

@@ -280,6 +280,26 @@ def test_overloaded_newcomers_enter_by_the_lowest_gamma_of_the_last_second(earli
     assert ("new" in plan.schedule) is admitted
 
 
+@pytest.mark.parametrize("buffer_s, admitted", [(0.5, False), (5.0, True)])
+def test_overloaded_free_room_the_started_streams_will_need_goes_to_newcomers_only_against_deep_buffers(
+    buffer_s, admitted
+):
+    """Overloaded, a newcomer takes free room only where the device holds it beside the started streams to their
+    ends, unless their buffers are deep. Started in room their growth claims back, it is the latest admitted when
+    they need it, paused first; with an overload's thin buffers that pause stalled its reader for seconds that fcfs
+    never did (the H200 Poisson replays at 30 tok/s: +49% to +101% of a playback; docs/DESIGN.md 3.15)."""
+    w = World(max_num_seqs=4, device_pages=30)  # two streams of 32 + 512 tokens peak at 68 pages
+    w.add("a", RequestStatus.RUNNING, buffer_s=buffer_s)
+    w.add("b", RequestStatus.RUNNING, buffer_s=buffer_s)
+    w.add("new", RequestStatus.WAITING, arrival=5.0)  # its 2 pages are free now
+    w.estimates(decode_step_model=(0.04, 0.0, 0.0))  # one sequence fits at the projected context: Gamma 25 < 40
+    policy = TokenFlowPolicy()
+    plan = policy.plan(w.state())
+    assert policy.decision.overloaded and not policy.decision.hopeless
+    assert ("new" in plan.schedule) is admitted
+    assert not preempted(plan)
+
+
 @pytest.mark.parametrize(
     "earlier, now, admitted",
     [
