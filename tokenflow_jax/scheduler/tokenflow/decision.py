@@ -18,7 +18,7 @@ from tokenflow_jax.scheduler.tokenflow.balancing import Gate, greedy_fill, local
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
 from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
 from tokenflow_jax.scheduler.tokenflow.timing import resume_lead_s
-from tokenflow_jax.tracker import MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
+from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +111,8 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     # streams before it in fcfs's order are fed (3.13): room of its own is what fcfs gives it.
     if free_room.size and not (overloaded and started_off_device(snap)):
         entering = fill_free_room(snap, free_room, used, count)
-        # Overloaded, room the started streams will grow back into is lent only against deep buffers: a newcomer
-        # started there is the latest admitted when they do, the first paused, and with the thin buffers of an
-        # overload its pause is a stall its reader would not have had under fcfs (3.15).
-        if overloaded and entering and not deep_buffers(snap, cfg.deep_buffer_fraction):
-            entering = entering[: held_to_their_end(snap, free_room[: len(entering)])]
+        if overloaded and entering:
+            entering = entering[: lent_room(snap, est, cfg, free_room, len(entering))]
         running += entering
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
                     capacity)  # fmt: skip
@@ -217,7 +214,8 @@ def without_newcomers_beyond_room(snap: Snapshot, est: CostEstimates, fraction: 
     rest = snap.without_waiting(beyond)
     own = float((snap.context[first] + snap.block[MAX_TOKENS, first]) / snap.page_size + 1)  # its whole length
     tolerable_s = fraction * float(snap.block[MAX_TOKENS, first] / snap.block[RATE, first])
-    return rest if room_opens_in_steps(rest, own) * est.decode_step_s > tolerable_s else snap
+    opens = room_opens_in_steps(rest.context, rest.tokens_to_go(), rest.page_size, rest.room_pages, own)
+    return rest if opens * est.decode_step_s > tolerable_s else snap
 
 
 def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
@@ -243,15 +241,17 @@ def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
     return fresh_at[lo:]
 
 
-def room_opens_in_steps(rest: Snapshot, own_pages: float) -> float:
-    """Decode steps until a newcomer of `own_pages` at its end fits the room beside the `rest` (the started requests
-    and the newcomers within the room), if those ran from now one token a step each: until their footprint's peak
-    from then on and its whole length fit together (a bound: its peak is at most its whole length)."""
-    room, context, remaining = rest.room_pages, rest.context, rest.tokens_to_go()
+def room_opens_in_steps(
+    context: np.ndarray, remaining: np.ndarray, page_size: int, room: float, own_pages: float
+) -> float:
+    """Decode steps until a newcomer of `own_pages` at its end fits `room` pages beside the rest (requests of
+    `context` tokens with `remaining` to go: the started ones and the newcomers before it), if those ran from now
+    one token a step each: until their footprint's peak from then on and its whole length fit together (a bound:
+    its peak is at most its whole length)."""
 
     def peak_after(t: float) -> float:  # the rest's footprint from t steps on (it never rises: finishes only)
         alive = remaining > t
-        return peak_pages(context[alive] + t, remaining[alive] - t, rest.page_size)
+        return peak_pages(context[alive] + t, remaining[alive] - t, page_size)
 
     if peak_after(0.0) + own_pages <= room:
         return 0.0
@@ -352,6 +352,22 @@ def started_off_device(snap: Snapshot) -> bool:
     return bool(waiting.any())
 
 
+def lent_room(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_room: np.ndarray, fitting: int) -> int:
+    """Overloaded, how many of the first `fitting` of `free_room` (newcomers in arrival order that free memory takes
+    now) may take it. Room the started streams will grow back into is lent only against deep buffers, or where
+    holding the newcomers would make them the queue's last for longer than they have waited: a newcomer started
+    there is the latest admitted when they need it, the first paused, and with the thin buffers of an overload its
+    pause is a stall its reader would not have had under fcfs (docs/DESIGN.md 3.15)."""
+    if deep_buffers(snap, cfg.deep_buffer_fraction):
+        return fitting
+    held = held_to_their_end(snap, free_room[:fitting])
+    if held < fitting and (
+        free_room.size - fitting >= fitting - held or device_room_opens_within_wait(snap, est, free_room[: held + 1])
+    ):
+        return held
+    return fitting
+
+
 def deep_buffers(snap: Snapshot, fraction: float) -> bool:
     """Whether the started streams' median buffer is at least `fraction` x their median playback (False with
     none started)."""
@@ -376,6 +392,17 @@ def held_to_their_end(snap: Snapshot, newcomers: np.ndarray) -> int:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def device_room_opens_within_wait(snap: Snapshot, est: CostEstimates, newcomers: np.ndarray) -> bool:
+    """Whether room on the device opens for the last of `newcomers` to its end, beside the started requests and
+    the others, within the time it has waited since its arrival."""
+    last = int(newcomers[-1])
+    rows = np.concatenate((started(snap).nonzero()[0], newcomers[:-1]))
+    own = float((snap.context[last] + snap.block[MAX_TOKENS, last]) / snap.page_size + 1)  # its whole length
+    opens = room_opens_in_steps(snap.context.take(rows), snap.tokens_to_go().take(rows), snap.page_size,
+                                snap.num_device_pages, own)  # fmt: skip
+    return opens * est.decode_step_s <= snap.now - float(snap.block[ARRIVAL, last])
 
 
 def slot_limit(snap: Snapshot, working_set: float) -> int:

@@ -198,15 +198,16 @@ def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.
     # Overloaded, none while a started stream waits off the device (the room is its).
     if decision.overloaded and any(r.status is not RequestStatus.RUNNING and r.output_ids for r in started):
         newcomers, left_out_new = [], []
-    taking = []
-    for c in sorted(newcomers + left_out_new, key=lambda c: arrival_order[c["req"].request_id]):
+    taking, candidates = [], newcomers + left_out_new
+    for c in sorted(candidates, key=lambda c: arrival_order[c["req"].request_id]):
         if count >= ex.max_num_seqs or used + c["pages"] > capacity:
             break
         used, count = used + c["pages"], count + 1
         taking.append(c["req"])
     # Overloaded, unless the started streams' median buffer is at least deep_buffer_fraction x their median
     # playback, only the newcomers up to the first whose start takes the started requests' and earlier newcomers'
-    # projected peak past the device.
+    # projected peak past the device, where as many newcomers wait beyond the free room as are held, or where room
+    # for the first held (to its end) opens on the device within the time it has waited.
     streams = [r for r in started if r.rate]
     dry = [max((state.tracker[r.request_id].last_read_time or -math.inf) - state.now, 0.0) for r in streams]
     deep = bool(streams) and statistics.median(dry) >= cfg.deep_buffer_fraction * statistics.median(
@@ -218,11 +219,29 @@ def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.
             ex.num_device_pages
         ):
             k += 1
-        taking = taking[:k]
+        if k < len(taking) and (
+            len(candidates) - len(taking) >= len(taking) - k
+            or room_opens_s(state, est, [*started, *taking[:k]], taking[k]) <= state.now - taking[k].arrival
+        ):
+            taking = taking[:k]
     desired += [r.request_id for r in taking]
     victims = [c["req"].request_id for c, keep in zip(contenders, chosen, strict=True)
                if not keep and c["req"].status is running]  # fmt: skip
     return desired, victims
+
+
+def room_opens_s(state, est, rest, newcomer) -> float:
+    """Seconds (decode steps of `est`) until `newcomer` at its whole length fits the device beside `rest`, each of
+    those running one token a step from now: the first finish after which their peak from then on leaves room."""
+    ex = state.executor
+    own = (len(newcomer.prompt_ids) + newcomer.sampling.max_tokens) / ex.page_size + 1
+    if own > ex.num_device_pages:
+        return math.inf
+    for t in [0, *sorted({remaining for remaining, _ in rows(state, rest)})]:
+        alive = [(remaining - t, context + t) for remaining, context in rows(state, rest) if remaining > t]
+        if peak_pages(alive, ex.page_size) + own <= ex.num_device_pages:
+            return t * est.decode_step_s
+    return math.inf
 
 
 def rows(state, reqs) -> list[tuple[int, int]]:

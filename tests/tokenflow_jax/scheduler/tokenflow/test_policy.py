@@ -280,19 +280,31 @@ def test_overloaded_newcomers_enter_by_the_lowest_gamma_of_the_last_second(earli
     assert ("new" in plan.schedule) is admitted
 
 
-@pytest.mark.parametrize("buffer_s, admitted", [(0.5, False), (5.0, True)])
-def test_overloaded_free_room_the_started_streams_will_need_goes_to_newcomers_only_against_deep_buffers(
-    buffer_s, admitted
+@pytest.mark.parametrize(
+    "buffer_s, arrival, queued, admitted",
+    [
+        (0.1, 2.0, 0, False),  # thin buffers; room for it opens in 4.7 s, within the 8 s it has waited: held
+        (1.0, 2.0, 0, True),  # deep buffers: a pause is covered, it takes the free room
+        (0.1, 9.9, 0, True),  # the hold would outlast its 0.1 s wait and leave it the queue's last: fcfs's way
+        (0.1, 9.9, 2, False),  # ... unless as many newcomers wait behind it, beyond the free room
+    ],
+)
+def test_overloaded_free_room_the_started_streams_will_need_goes_to_newcomers_only_where_a_hold_costs_little(
+    buffer_s, arrival, queued, admitted
 ):
     """Overloaded, a newcomer takes free room only where the device holds it beside the started streams to their
-    ends, unless their buffers are deep. Started in room their growth claims back, it is the latest admitted when
-    they need it, paused first; with an overload's thin buffers that pause stalled its reader for seconds that fcfs
-    never did (the H200 Poisson replays at 30 tok/s: +49% to +101% of a playback; docs/DESIGN.md 3.15)."""
-    w = World(max_num_seqs=4, device_pages=30)  # two streams of 32 + 512 tokens peak at 68 pages
-    w.add("a", RequestStatus.RUNNING, buffer_s=buffer_s)
-    w.add("b", RequestStatus.RUNNING, buffer_s=buffer_s)
-    w.add("new", RequestStatus.WAITING, arrival=5.0)  # its 2 pages are free now
-    w.estimates(decode_step_model=(0.04, 0.0, 0.0))  # one sequence fits at the projected context: Gamma 25 < 40
+    ends: started in room their growth claims back, it is the latest admitted when they need it, paused first, and
+    with an overload's thin buffers its pause stalled its reader for seconds fcfs never did (H200 Poisson replays at
+    30 tok/s: +49% to +101% of a playback). Unless their buffers are deep, or the hold would outlast the newcomer's
+    wait so far with no queue behind it: held there, the end of a burst waited for whole finishes (the Qwen2.5-32B
+    long burst at 0.9 of memory: 30x fcfs's P99 TTFT). docs/DESIGN.md 3.15."""
+    w = World(max_num_seqs=8, device_pages=11)  # one stream fits at the projected context: Gamma 25 < 40 tok/s
+    w.add("a", RequestStatus.RUNNING, buffer_s=buffer_s, max_tokens=122)  # both end within 118 steps
+    w.add("b", RequestStatus.RUNNING, buffer_s=buffer_s, max_tokens=122)
+    w.add("new", RequestStatus.WAITING, arrival=arrival, max_tokens=64)  # its 2 pages are free now
+    for i in range(queued):  # prompts too long for the free room
+        w.add(f"later{i}", RequestStatus.WAITING, arrival=arrival + 0.01, prompt=200, max_tokens=64)
+    w.estimates(decode_step_model=(0.04, 0.0, 0.0))
     policy = TokenFlowPolicy()
     plan = policy.plan(w.state())
     assert policy.decision.overloaded and not policy.decision.hopeless
