@@ -26,7 +26,7 @@ class TokenFlowConfig:
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
     deep_buffer_fraction: float = 0.05  # overloaded: room the started streams will need back is lent to newcomers
-    # only while the started streams' median buffer is at least this x their median playback
+    # while the started streams' median buffer is at least this x their median playback (or a hold costs more)
     wait_beyond_room: bool = True  # beyond room, newcomers whose room opens late wait outside the decision
     room_wait_fraction: float = 0.1  # ... unless room opens within this x the first one's playback
     max_hold_s: float = DEFAULT_MAX_HOLD_S  # a rate-less request this long without a token runs (to its next token)
