@@ -212,7 +212,7 @@ def without_newcomers_beyond_room(snap: Snapshot, est: CostEstimates, fraction: 
         return snap
     first = int(beyond[0])
     rest = snap.without_waiting(beyond)
-    own = float((snap.context[first] + snap.block[MAX_TOKENS, first]) / snap.page_size + 1)  # its whole length
+    own = whole_pages(snap, first)
     tolerable_s = fraction * float(snap.block[MAX_TOKENS, first] / snap.block[RATE, first])
     opens = room_opens_in_steps(rest.context, rest.tokens_to_go(), rest.page_size, rest.room_pages, own)
     return rest if opens * est.decode_step_s > tolerable_s else snap
@@ -221,24 +221,29 @@ def without_newcomers_beyond_room(snap: Snapshot, est: CostEstimates, fraction: 
 def newcomers_beyond_room(snap: Snapshot) -> np.ndarray:
     """The newcomers (snapshot indices) from the first, in arrival order, whose start would take the projected peak
     of the started requests and the newcomers before it past the room `beyond_room` weighs."""
-    fresh = ~started(snap)
-    fresh_at = fresh.nonzero()[0]
-    if not fresh_at.size:
-        return fresh_at
-    room, remaining, base = snap.room_pages, snap.tokens_to_go(), (~fresh).nonzero()[0]
+    fresh_at = (~started(snap)).nonzero()[0]
+    return fresh_at[held_to_their_end(snap, fresh_at, snap.room_pages) :]
+
+
+def held_to_their_end(snap: Snapshot, newcomers: np.ndarray, room: float) -> int:
+    """How many of `newcomers` (snapshot indices, arrival order) `room` pages hold beside the started requests to
+    their ends: the longest run whose projected peak with theirs (`peak_pages`) fits."""
+    base, to_go = started(snap).nonzero()[0], snap.tokens_to_go()
 
     def fits(k: int) -> bool:
-        cols = np.concatenate((base, fresh_at[:k]))
-        return peak_pages(snap.context.take(cols), remaining.take(cols), snap.page_size) <= room
+        rows = np.concatenate((base, newcomers[:k]))
+        return peak_pages(snap.context.take(rows), to_go.take(rows), snap.page_size) <= room
 
-    lo, hi = 0, fresh_at.size  # the most that fit, by bisection (the peak only grows with each)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid - 1
-    return fresh_at[lo:]
+    low, high = 0, len(newcomers)  # a peak only grows with each request added: bisect for the longest run
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def whole_pages(snap: Snapshot, i: int) -> float:
+    """Pages request `i` holds at its end (its whole length, with a partial page)."""
+    return float((snap.context[i] + snap.block[MAX_TOKENS, i]) / snap.page_size + 1)
 
 
 def room_opens_in_steps(
@@ -360,7 +365,7 @@ def lent_room(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_roo
     pause is a stall its reader would not have had under fcfs (docs/DESIGN.md 3.15)."""
     if deep_buffers(snap, cfg.deep_buffer_fraction):
         return fitting
-    held = held_to_their_end(snap, free_room[:fitting])
+    held = held_to_their_end(snap, free_room[:fitting], snap.num_device_pages)
     if held < fitting and (
         free_room.size - fitting >= fitting - held or device_room_opens_within_wait(snap, est, free_room[: held + 1])
     ):
@@ -378,30 +383,13 @@ def deep_buffers(snap: Snapshot, fraction: float) -> bool:
     return float(np.median(snap.dry_in[streams])) >= fraction * float(np.median(playback))
 
 
-def held_to_their_end(snap: Snapshot, newcomers: np.ndarray) -> int:
-    """How many of `newcomers` (snapshot indices, arrival order) the device holds beside the started requests to
-    their ends: the longest run whose projected peak with theirs (`peak_pages`) fits the device pool."""
-    base, to_go = started(snap).nonzero()[0], snap.tokens_to_go()
-
-    def fits(k: int) -> bool:
-        rows = np.concatenate((base, newcomers[:k]))
-        return peak_pages(snap.context.take(rows), to_go.take(rows), snap.page_size) <= snap.num_device_pages
-
-    low, high = 0, len(newcomers)  # a peak only grows with each request added: bisect for the longest run
-    while low < high:
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid - 1)
-    return low
-
-
 def device_room_opens_within_wait(snap: Snapshot, est: CostEstimates, newcomers: np.ndarray) -> bool:
     """Whether room on the device opens for the last of `newcomers` to its end, beside the started requests and
     the others, within the time it has waited since its arrival."""
     last = int(newcomers[-1])
     rows = np.concatenate((started(snap).nonzero()[0], newcomers[:-1]))
-    own = float((snap.context[last] + snap.block[MAX_TOKENS, last]) / snap.page_size + 1)  # its whole length
     opens = room_opens_in_steps(snap.context.take(rows), snap.tokens_to_go().take(rows), snap.page_size,
-                                snap.num_device_pages, own)  # fmt: skip
+                                snap.num_device_pages, whole_pages(snap, last))  # fmt: skip
     return opens * est.decode_step_s <= snap.now - float(snap.block[ARRIVAL, last])
 
 
