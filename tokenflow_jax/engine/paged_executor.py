@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokenflow_jax.batching import SequenceChunk
-from tokenflow_jax.estimators import DecayingPeak, MovingAverage
+from tokenflow_jax.estimators import DecayingPeak, MovingAverage, PerPageCost
 from tokenflow_jax.kv.block_manager import KVBlockManager, PageCopy
 from tokenflow_jax.request import Request
 from tokenflow_jax.scheduler.interface import CostEstimates, StepPlan, StepResult
@@ -153,8 +153,9 @@ class PagedExecutor:
         self.decode_model = DecodeStepModel()
         self._step_peak = DecayingPeak()  # of every step's duration, prefill chunks included
         # Seconds a page a swap moves adds to the decode step it falls in: ~0 where copies overlap compute (a GPU's
-        # copy engines), not where they share its cores (the CPU backend; docs/DESIGN.md 3.15). Rises at once.
-        self._swap_stretch = MovingAverage(0.0, 0.2, 0.05)
+        # copy engines), not where they share its cores (the CPU backend; docs/DESIGN.md 3.15). A slope over the
+        # recent steps, so that a slowdown every step shares is not read as the swaps' cost.
+        self._swap_stretch = PerPageCost()
         self._swapped_pages = 0  # pages swaps moved since the last step was read
         self._in_flight: InFlightStep | None = None
         self._last_resolved_at = -float("inf")
@@ -272,10 +273,10 @@ class PagedExecutor:
         self._step_peak.add(elapsed)
         swapped, self._swapped_pages = self._swapped_pages, 0
         if step.decode:
-            # What a step with swaps took beyond its compute as predicted now, per page the swaps moved.
-            compute_s = self.decode_model.predict_now(step.num_tokens, step.context_tokens) if swapped else None
+            # What a step took beyond its compute as predicted now, against the pages its swaps moved.
+            compute_s = self.decode_model.predict_now(step.num_tokens, step.context_tokens)
             if compute_s is not None:
-                self._swap_stretch.update(max(elapsed - compute_s, 0.0) / swapped)
+                self._swap_stretch.add(swapped, elapsed - compute_s)
             self._decode_step.update(elapsed)
             self.decode_model.add(step.num_tokens, step.context_tokens, elapsed)
         else:
