@@ -23,9 +23,9 @@ def test_gpu_check_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert not (tmp_path / "failed.txt").exists()
 
-    # 2 dtypes x 3 head shapes (groups 4, 7, 5) x (3 decode tilings + prefill), each against the reference.
+    # 2 dtypes x the dry run's one head shape (group 7) x (3 decode tilings + prefill), each against the reference.
     check = (tmp_path / "kernel_check.txt").read_text().splitlines()
-    assert len([line for line in check if line.endswith(" OK")]) == 24, check
+    assert len([line for line in check if line.endswith(" OK")]) == 8, check
     assert not any("FAIL" in line for line in check), check
 
     kernels = json.loads((tmp_path / "kernels.json").read_text())
