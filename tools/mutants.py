@@ -123,6 +123,12 @@ MUTANTS = [
     Mutant("rate-less requests share every step with the streams", "tokenflow_jax/scheduler/tokenflow/rateless_step.py",
            "if step_s > cap_s:  # the streams alone", "if True:  # the streams alone",
            ("tests/tokenflow_jax/scheduler/tokenflow/test_rateless_step.py",)),
+    Mutant("newcomers beyond the room start as fcfs starts them", "tokenflow_jax/scheduler/tokenflow/config.py",
+           "wait_beyond_room: bool = True", "wait_beyond_room: bool = False",
+           ("tests/tokenflow_jax/scheduler/tokenflow/test_no_harm.py", "-k", "too_late_for_fcfs_way")),
+    Mutant("overloaded, equal urgency no longer goes by fcfs's order", "tokenflow_jax/scheduler/tokenflow/config.py",
+           "overload_fcfs_order: bool = True", "overload_fcfs_order: bool = False",
+           ("tests/tokenflow_jax/scheduler/tokenflow/test_no_harm.py", "-k", "stall_falls_where_fcfs_puts_it")),
 ]  # fmt: skip
 
 

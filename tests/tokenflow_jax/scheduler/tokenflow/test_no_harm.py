@@ -193,8 +193,7 @@ def test_overloaded_with_newcomers_waiting_the_stall_falls_where_fcfs_puts_it():
     assert max_rebuffer_increase(tokenflow, fcfs) <= 0.10
     assert tokenflow["output_throughput"] >= 0.97 * fcfs["output_throughput"]
     assert tokenflow["effective_throughput"] >= 0.97 * fcfs["effective_throughput"]
-    unordered = faithful_long_burst("tokenflow", overload_fcfs_order=False)
-    assert max_rebuffer_increase(unordered, fcfs) > 0.10
+    # Ranked by buffer alone (`overload_fcfs_order` False), the clause fails: a mutant in tools/mutants.py.
 
 
 def test_overloaded_newcomers_enter_as_the_overload_ends_within_a_share_of_their_playback():
@@ -232,8 +231,7 @@ def test_newcomers_beyond_the_room_wait_where_room_opens_too_late_for_fcfs_way()
     assert tokenflow["effective_throughput"] >= 0.97 * fcfs["effective_throughput"]
     assert tokenflow["p99_ttft_ms"] <= 1.05 * fcfs["p99_ttft_ms"]
     assert tokenflow["preemptions_recompute"] < 0.1 * fcfs["preemptions_recompute"]
-    planned_as_fcfs = faithful_run(POISSON_10, "tokenflow", wait_beyond_room=False)
-    assert max_rebuffer_increase(planned_as_fcfs, fcfs) > 0.10
+    # Planned as fcfs there (`wait_beyond_room` False), the clause fails: a mutant in tools/mutants.py.
 
 
 def test_beyond_the_room_newcomers_start_as_fcfs_starts_them_where_room_opens_soon():
