@@ -129,6 +129,10 @@ MUTANTS = [
     Mutant("overloaded, equal urgency no longer goes by fcfs's order", "tokenflow_jax/scheduler/tokenflow/config.py",
            "overload_fcfs_order: bool = True", "overload_fcfs_order: bool = False",
            ("tests/tokenflow_jax/scheduler/tokenflow/test_no_harm.py", "-k", "stall_falls_where_fcfs_puts_it")),
+    Mutant("where copies stretch the steps, every stream still writes through",
+           "tokenflow_jax/scheduler/tokenflow/policy.py",
+           "if est.swap_step_per_page_s <= 0:\n            return None", "if True:\n            return None",
+           ("tests/tokenflow_jax/scheduler/test_budget.py", "-k", "stretch")),
 ]  # fmt: skip
 
 

@@ -424,7 +424,7 @@ class PagedExecutor:
             if self.prefix_caching and req.num_computed // self.page_size > first_full:
                 self.blocks.index_device(req, first_full)
         if self.write_through_enabled:
-            order = [requests[rid] for rid in (plan.sync_order or plan.schedule)]
+            order = [requests[rid] for rid in (plan.schedule if plan.sync_order is None else plan.sync_order)]
             self._write_through([r for r in order if r.device_pages])
         num_tokens = sum(plan.schedule.values())
         context = sum(c.start + len(c.token_ids) for c in chunks)

@@ -53,9 +53,13 @@ def admit_in_order(state: SchedulerState, plan: StepPlan, budget: TokenBudget, c
         budget.take(plan, req, n, pages)
 
 
-def write_through_order(state: SchedulerState, plan: StepPlan) -> list[str]:
+def write_through_order(state: SchedulerState, plan: StepPlan, min_unread: dict[str, float] | None = None) -> list[str]:
     """The scheduled requests largest unread buffer first (the likeliest to be paused next), ties in schedule
-    order: the order a plan asks the executor to copy new KV to the host in."""
+    order: the order a plan asks the executor to copy new KV to the host in. With `min_unread`, only those
+    holding at least that many unread tokens (a request it does not name: any)."""
     scheduled = list(plan.schedule)
     unread = state.tracker.buffer_tokens_of(scheduled, state.now)
-    return list(map(scheduled.__getitem__, sorted(range(len(scheduled)), key=unread.__getitem__, reverse=True)))
+    order = sorted(range(len(scheduled)), key=unread.__getitem__, reverse=True)
+    if min_unread is not None:
+        order = [i for i in order if unread[i] >= min_unread.get(scheduled[i], 0.0)]
+    return list(map(scheduled.__getitem__, order))

@@ -30,9 +30,10 @@ class StepPlan:
     swap_out: list[str] = dataclasses.field(default_factory=list)
     recompute_out: list[str] = dataclasses.field(default_factory=list)
     swap_in: list[str] = dataclasses.field(default_factory=list)
-    # The order in which the executor copies new KV to the host (write-through); the policy decides it
-    # (`budget.write_through_order`: largest unread buffer first, the likeliest to be paused). Empty: schedule order.
-    sync_order: list[str] = dataclasses.field(default_factory=list)
+    # The requests whose new KV the executor copies to the host (write-through), in that order; the policy decides
+    # it (`budget.write_through_order`: largest unread buffer first, the likeliest to be paused). None: every
+    # scheduled request, in schedule order.
+    sync_order: list[str] | None = None
 
     @property
     def is_empty(self) -> bool:

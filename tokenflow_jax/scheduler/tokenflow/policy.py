@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from tokenflow_jax.estimators import DecayingPeak
 from tokenflow_jax.kv.pages import pages_for
+from tokenflow_jax.reader import TAU1_FRACTION
 from tokenflow_jax.request import Request, RequestStatus
 from tokenflow_jax.scheduler.budget import admission_queue, admit_in_order, budget_for, write_through_order
 from tokenflow_jax.scheduler.fcfs import FCFSPolicy
@@ -232,8 +233,25 @@ class TokenFlowPolicy:
             admit_in_order(state, plan, budget, list(state.waiting))
         for rid in (*plan.swap_out, *plan.recompute_out):  # paused: no longer wanted running until a decision
             self._wanted.pop(rid, None)
-        plan.sync_order = write_through_order(state, plan)
+        plan.sync_order = write_through_order(state, plan, self._write_through_floor(state, est, plan))
         return plan
+
+    def _write_through_floor(
+        self, state: SchedulerState, est: CostEstimates, plan: StepPlan
+    ) -> dict[str, float] | None:
+        """Where copies stretch the steps (they share the compute's cores: `swap_step_per_page_s` > 0), only the
+        streams that could give way to a newcomer now write through: those past where they sort after one (tau1
+        of buffer, or `stickiness_s`: the lower). A stream below it is paused only on a page shortage, and copies
+        its pages then. Written through all along, the copies of a burst's newcomers slowed the very steps the
+        policy read its capacity from (docs/DESIGN.md 4). Where copies overlap compute, every stream (None)."""
+        if est.swap_step_per_page_s <= 0:
+            return None
+        floors: dict[str, float] = {}
+        stickiness_s, scheduled = self.config.stickiness_s, plan.schedule
+        for req in (*state.running, *state.paused, *state.waiting):
+            if req.rate is not None and req.request_id in scheduled:
+                floors[req.request_id] = min(TAU1_FRACTION * req.sampling.max_tokens, stickiness_s * req.rate)
+        return floors
 
     def _capacity_floor(self, now: float) -> float:
         """The lowest Gamma of the decisions of the last `overload_clear_s` (inf: none, or a window of 0)."""
