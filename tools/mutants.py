@@ -133,6 +133,9 @@ MUTANTS = [
            "tokenflow_jax/scheduler/tokenflow/policy.py",
            "if est.swap_step_per_page_s <= 0:\n            return None", "if True:\n            return None",
            ("tests/tokenflow_jax/scheduler/test_budget.py", "-k", "stretch")),
+    Mutant("every started stream paused at once reads as no overload", "tokenflow_jax/scheduler/tokenflow/decision.py",
+           "if not snap.holding_kv:  # nothing started yet", "if not snap.num_running:  # nothing started yet",
+           ("tests/tokenflow_jax/scheduler/tokenflow/test_policy.py", "-k", "paused_at_once")),
 ]  # fmt: skip
 
 

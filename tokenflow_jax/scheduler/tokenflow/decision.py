@@ -172,8 +172,10 @@ def schedulability(
         seqs, step_s = projected_step(snap, est, size, mean_context)
         rates = block[RATE] if snap.rateless is None else block[RATE][block[RATE] > 0]  # rate-less: no reader
         hopeless = bool(rates.size) and float(rates.min()) * step_s >= 1.0
-    if not snap.num_running:
+    if not snap.holding_kv:  # nothing started yet (or only recomputes wait): no demand to weigh
         return False, hopeless, math.inf, math.inf
+    # Every started stream paused at once is still owed its tokens: judged as when some run (read as "nothing
+    # runs, so no overload", such a moment cleared it and let in every newcomer; docs/DESIGN.md 3.15).
     demand, capacity = float(sums[RATE]), seqs / max(step_s, 1e-9)  # the working set's demand, Gamma
     # An overload clears only below the lowest Gamma of the recent decisions: on a noisy host one fast estimate
     # cleared it for a decision, which started every newcomer the spare rate then covered (3.15).

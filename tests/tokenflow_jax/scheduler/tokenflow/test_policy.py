@@ -259,6 +259,24 @@ def test_an_overload_clears_only_below_the_lowest_capacity_of_the_last_second():
     assert not without.decision.overloaded
 
 
+@pytest.mark.parametrize("gamma, overloaded", [(30.0, True), (100.0, False)])
+def test_every_started_stream_paused_at_once_still_counts_against_gamma(gamma, overloaded):
+    """A decision that finds every started stream off the device (a rotation's swap-outs landed together) weighs
+    their demand as when some run. Read as "nothing runs, so no overload", such moments cleared the overload in 4
+    of 8 traced contended HTTP bursts and let in every newcomer the infinite spare rate covered (docs/DESIGN.md
+    3.15). Held, the newcomer waits: an overloaded newcomer takes no room a started stream waits for."""
+    w = World(max_num_seqs=2)
+    w.add("p1", RequestStatus.PAUSED, buffer_s=5.0)
+    w.add("p2", RequestStatus.PAUSED, buffer_s=6.0)  # 40 tok/s of readers started, none on the device
+    w.add("new", RequestStatus.WAITING, arrival=5.0)
+    w.estimates(decode_capacity_tok_s=gamma)
+    policy = TokenFlowPolicy()
+    plan = policy.plan(w.state())
+    assert policy.decision.overloaded is overloaded
+    assert math.isfinite(policy.decision.capacity)
+    assert ("new" in plan.schedule) is not overloaded
+
+
 @pytest.mark.parametrize("earlier, admitted", [(40.0, False), (55.0, True)])
 def test_overloaded_newcomers_enter_by_the_lowest_gamma_of_the_last_second(earlier, admitted):
     """Overloaded, a newcomer enters once the started streams that end within a tenth of its playback leave room
