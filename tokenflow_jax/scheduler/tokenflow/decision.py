@@ -112,7 +112,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     if free_room.size and not (overloaded and started_off_device(snap)):
         entering = fill_free_room(snap, free_room, used, count)
         if overloaded and entering:
-            entering = entering[: lent_room(snap, est, cfg, free_room, len(entering))]
+            entering = entering[: lent_room(snap, est, cfg, free_room, len(entering), spare_rate)]
         running += entering
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
                     capacity)  # fmt: skip
@@ -359,7 +359,9 @@ def started_off_device(snap: Snapshot) -> bool:
     return bool(waiting.any())
 
 
-def lent_room(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_room: np.ndarray, fitting: int) -> int:
+def lent_room(
+    snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_room: np.ndarray, fitting: int, spare_rate: float
+) -> int:
     """Overloaded, how many of the first `fitting` of `free_room` (newcomers in arrival order that free memory takes
     now) may take it. Room the started streams will grow back into is lent only against deep buffers, or where
     holding the newcomers would make them the queue's last for longer than they have waited: a newcomer started
@@ -368,11 +370,40 @@ def lent_room(snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_roo
     if deep_buffers(snap, cfg.deep_buffer_fraction):
         return fitting
     held = held_to_their_end(snap, free_room[:fitting], snap.num_device_pages)
+    if held < fitting and snap.rateless is None:
+        lag = lag_behind_s(snap, free_room[:fitting], spare_rate)
+        playback = snap.block[MAX_TOKENS].take(free_room[:fitting]) / snap.block[RATE].take(free_room[:fitting])
+        joined = snap.block[ARRIVAL].take(free_room[:fitting]) >= snap.overload_since
+        starved = ((lag > cfg.overload_entry_fraction * playback) & joined)[held:]
+        if starved.any():
+            return held + int(starved.argmax())
     if held < fitting and (
         free_room.size - fitting >= fitting - held or device_room_opens_within_wait(snap, est, free_room[: held + 1])
     ):
         return held
     return fitting
+
+
+def lag_behind_s(snap: Snapshot, newcomers: np.ndarray, spare_rate: float) -> np.ndarray:
+    """For each of `newcomers` (snapshot indices, arrival order, all streams), how far behind its reader it would
+    fall at worst (seconds) if all started now, fed last in fcfs's order: each started stream needs its reader's
+    pace from when its buffer runs out to its end, the newcomers before it theirs from now, and Gamma feeds them
+    first; the newcomer gets what is left."""
+    block = snap.block
+    ahead = started(snap) & (block[RATE] > 0)
+    capacity = spare_rate + float(block[RATE, started(snap)].sum())  # Gamma
+    rates = np.concatenate((block[RATE, ahead], block[RATE].take(newcomers)))
+    begins = np.concatenate((snap.dry_in[ahead], np.zeros(newcomers.size)))
+    ends = begins + np.concatenate((snap.tokens_to_go()[ahead], block[MAX_TOKENS].take(newcomers))) / rates
+    at = np.unique(np.concatenate(([0.0], begins, ends)))  # the total need is piecewise linear: its kinks
+    need = np.clip(at[:, None] - begins, 0.0, ends - begins) * rates  # tokens each must have made by then
+    first = int(ahead.sum())
+    before = need[:, :first].sum(axis=1) - capacity * at  # the started streams' need beyond what Gamma made
+    lag = np.empty(newcomers.size)
+    for k in range(newcomers.size):
+        before += need[:, first + k]
+        lag[k] = float(np.minimum(need[:, first + k], np.maximum(before, 0.0)).max()) / float(rates[first + k])
+    return lag
 
 
 def deep_buffers(snap: Snapshot, fraction: float) -> bool:

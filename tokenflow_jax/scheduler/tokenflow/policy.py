@@ -53,6 +53,7 @@ class TokenFlowPolicy:
         self.resume_delay = DecayingPeak()
         # (time, Gamma) of the decisions of the last `overload_clear_s`: an overload clears below their lowest.
         self._capacities: collections.deque[tuple[float, float]] = collections.deque()
+        self._overload_since = math.inf  # when the overload in force began
         # Rate-less requests held back `max_hold_s`: they must run until their next token (tokens when marked).
         self._must_run: dict[str, Request] = {}
         self._must_run_tokens: dict[str, int] = {}
@@ -158,7 +159,10 @@ class TokenFlowPolicy:
                     self._must_run[rid] = snap.reqs[i]
                     self._must_run_tokens[rid] = state.tracker[rid].num_generated
         snap.capacity_floor = self._capacity_floor(state.now)
-        self.decision = decide(snap, est, self.config, self.decision is not None and self.decision.overloaded)
+        was_overloaded = self.decision is not None and self.decision.overloaded
+        snap.overload_since = self._overload_since if was_overloaded else state.now
+        self.decision = decide(snap, est, self.config, was_overloaded)
+        self._overload_since = snap.overload_since if self.decision.overloaded else math.inf
         if math.isfinite(self.decision.capacity):
             self._capacities.append((state.now, self.decision.capacity))
         self.clock.decided(state.now, self.decision.give_way_at)

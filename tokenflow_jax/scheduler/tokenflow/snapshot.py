@@ -39,6 +39,7 @@ class Snapshot:
     num_host_pages: int = 0  # 0: no host tier
     slack_s: float = 0.0  # added to the resume lead (`timing.resume_lead_s`)
     capacity_floor: float = math.inf  # the lowest Gamma of the recent decisions: an overload clears below it only
+    overload_since: float = math.inf  # when the overload in force began (now where one would begin now)
     # Rate-less requests (no reader rate, RATE 0), and those of them that must run (`scheduler.rateless`): held
     # back `max_hold_s` without a token, or so before. None when every request states a rate.
     rateless: np.ndarray | None = None

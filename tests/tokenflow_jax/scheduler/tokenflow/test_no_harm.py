@@ -234,6 +234,19 @@ def test_newcomers_beyond_the_room_wait_where_room_opens_too_late_for_fcfs_way()
     # Planned as fcfs there (`wait_beyond_room` False), the clause fails: a mutant in tools/mutants.py.
 
 
+def test_a_newcomer_joining_an_overload_is_not_started_where_it_would_be_starved():
+    """The faithful Poisson 10/s run at 30 tok/s: from ~14 s the started streams owe more than Gamma, and newcomers
+    took free room as fcfs would. The last one to fit (fcfs had no room for it) was paused once the others grew
+    into its room and stalled 35 s, +40% of its playback beyond fcfs. A newcomer that arrives after an overload
+    began is now held out of room it would be starved in (docs/DESIGN.md 3.15)."""
+    fcfs, tokenflow = faithful_run(POISSON_10, "fcfs", "30"), faithful_run(POISSON_10, "tokenflow", "30")
+    assert tokenflow["completed"] == fcfs["completed"] == 1024
+    assert max_rebuffer_increase(tokenflow, fcfs) <= 0.10
+    assert tokenflow["output_throughput"] >= 0.97 * fcfs["output_throughput"]
+    assert tokenflow["effective_throughput"] >= 0.97 * fcfs["effective_throughput"]
+    assert tokenflow["p99_ttft_ms"] <= 1.05 * fcfs["p99_ttft_ms"]
+
+
 def test_beyond_the_room_newcomers_start_as_fcfs_starts_them_where_room_opens_soon():
     """The CPU-shaped burst with no host tier: a stream at its end is a fifth of the device, and the first ones
     finish within a fraction of a second of decode, so room opens for a newcomer well within a tenth of its

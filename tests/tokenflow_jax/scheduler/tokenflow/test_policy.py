@@ -331,6 +331,35 @@ def test_overloaded_free_room_the_started_streams_will_need_goes_to_newcomers_on
 
 
 @pytest.mark.parametrize(
+    "arrival, admitted",
+    [
+        (NOW - 0.5, False),  # joined the overload: fed last, it would get nothing for its whole playback
+        (NOW - 1.5, True),  # came before it began (a burst's tail): the hold rules above, which lend here
+    ],
+)
+def test_a_newcomer_that_joins_an_overload_takes_no_room_it_would_be_starved_in(arrival, admitted):
+    """Overloaded, a newcomer that arrived after the overload began is held out of free room the started streams
+    will need back where, fed last in fcfs's order (each started stream at its reader's pace once its buffer runs
+    out, from Gamma), it would fall behind its reader by more than `overload_entry_fraction` of its playback. On
+    the H200 Poisson 10/s and gamma 10/s replays at 30 tok/s one such newcomer, the last to fit, took the room,
+    was paused when the others grew into it, and stalled 35-38 s where fcfs, with no room for it, started it later:
+    +40% and +91% of its playback (docs/DESIGN.md 3.15)."""
+    w = World(max_num_seqs=8, device_pages=11)  # one stream fits at the projected context: Gamma 25 < 40 tok/s
+    w.add("a", RequestStatus.RUNNING, buffer_s=0.1, max_tokens=122)
+    w.add("b", RequestStatus.RUNNING, buffer_s=0.1, max_tokens=122)
+    w.estimates(decode_step_model=(0.04, 0.0, 0.0))
+    policy = TokenFlowPolicy()
+    policy.plan(dataclasses.replace(w.state(), now=NOW - 1.0))  # the overload begins
+    assert policy.decision.overloaded
+    w.add("new", RequestStatus.WAITING, arrival=arrival, max_tokens=64)  # its 2 pages are free now
+    policy.clock.last_decision = -1e9
+    plan = policy.plan(w.state())
+    assert policy.decision.overloaded and not policy.decision.hopeless
+    assert ("new" in plan.schedule) is admitted
+    assert not preempted(plan)
+
+
+@pytest.mark.parametrize(
     "earlier, now, admitted",
     [
         (85.0, 85.0, True),  # a steady Gamma: the newcomer's 20 tok/s fits the 25 spare, no margin
