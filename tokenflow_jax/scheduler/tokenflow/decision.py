@@ -16,6 +16,7 @@ from tokenflow_jax.reader import TAU1_FRACTION
 from tokenflow_jax.scheduler.interface import CostEstimates
 from tokenflow_jax.scheduler.tokenflow.balancing import Gate, greedy_fill, local_search, rank
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
+from tokenflow_jax.scheduler.tokenflow.feeding import entering_before_overload_ends, lag_behind_s, started
 from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
 from tokenflow_jax.scheduler.tokenflow.timing import resume_lead_s
 from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
@@ -311,47 +312,6 @@ def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float, entry_fr
     return newcomers.take(held)
 
 
-def entering_before_overload_ends(
-    snap: Snapshot, newcomers: np.ndarray, spare_rate: float, fraction: float
-) -> np.ndarray:
-    """Which overloaded stream `newcomers` (snapshot indices, arrival order) contend all the same, as a mask. The
-    started streams, each run at its reader's pace to its end, shed their demand as they finish; a newcomer enters
-    once the demand left, with the newcomers let in before it and its own rate, fits Gamma within `fraction` of its
-    playback from now, so that whatever it waits meanwhile is a small share of its playback (docs/DESIGN.md 3.13).
-    The first that may not holds the rest back (fcfs's order); rate-less newcomers stay held."""
-    block = snap.block
-    begun = block[:, started(snap)]
-    capacity = spare_rate + float(begun[RATE].sum())  # Gamma
-    begun = begun[:, begun[RATE] > 0]  # streams (a rate-less request sheds no reader's demand)
-    rates = begun[RATE]
-    ends = (begun[MAX_TOKENS] - begun[NUM_GENERATED]) / rates
-    order = ends.argsort(kind="stable")
-    ends, rates = ends[order], rates[order]
-    enter = np.zeros(newcomers.size, dtype=bool)
-    for k, j in enumerate(newcomers.tolist()):
-        rate = float(block[RATE, j])
-        if rate <= 0:
-            continue
-        playback = float(block[MAX_TOKENS, j]) / rate
-        demand = float(rates.sum()) + rate
-        if demand > capacity:  # it fits once the streams ending first have ended: when the i-th has
-            fits = (demand - rates.cumsum()) <= capacity
-            if not fits.any() or float(ends[int(fits.argmax())]) > fraction * playback:
-                break
-        at = int(np.searchsorted(ends, playback, side="right"))
-        ends, rates = np.insert(ends, at, playback), np.insert(rates, at, rate)
-        enter[k] = True
-    return enter
-
-
-def started(snap: Snapshot) -> np.ndarray:
-    """The started requests, as a mask: running, paused, and those waiting to recompute (a reader is owed their
-    tokens too)."""
-    mask = snap.block[NUM_GENERATED] > 0
-    mask[: snap.holding_kv] = True
-    return mask
-
-
 def started_off_device(snap: Snapshot) -> bool:
     """Whether a started stream (one with a reader) waits off the device: paused, or to recompute."""
     off = slice(snap.num_running, None)
@@ -382,28 +342,6 @@ def lent_room(
     ):
         return held
     return fitting
-
-
-def lag_behind_s(snap: Snapshot, newcomers: np.ndarray, spare_rate: float) -> np.ndarray:
-    """For each of `newcomers` (snapshot indices, arrival order, all streams), how far behind its reader it would
-    fall at worst (seconds) if all started now, fed last in fcfs's order: each started stream needs its reader's
-    pace from when its buffer runs out to its end, the newcomers before it theirs from now, and Gamma feeds them
-    first; the newcomer gets what is left."""
-    block = snap.block
-    ahead = started(snap) & (block[RATE] > 0)
-    capacity = spare_rate + float(block[RATE, started(snap)].sum())  # Gamma
-    rates = np.concatenate((block[RATE, ahead], block[RATE].take(newcomers)))
-    begins = np.concatenate((snap.dry_in[ahead], np.zeros(newcomers.size)))
-    ends = begins + np.concatenate((snap.tokens_to_go()[ahead], block[MAX_TOKENS].take(newcomers))) / rates
-    at = np.unique(np.concatenate(([0.0], begins, ends)))  # the total need is piecewise linear: its kinks
-    need = np.clip(at[:, None] - begins, 0.0, ends - begins) * rates  # tokens each must have made by then
-    first = int(ahead.sum())
-    before = need[:, :first].sum(axis=1) - capacity * at  # the started streams' need beyond what Gamma made
-    lag = np.empty(newcomers.size)
-    for k in range(newcomers.size):
-        before += need[:, first + k]
-        lag[k] = float(np.minimum(need[:, first + k], np.maximum(before, 0.0)).max()) / float(rates[first + k])
-    return lag
 
 
 def deep_buffers(snap: Snapshot, fraction: float) -> bool:
