@@ -64,9 +64,7 @@ def lag_behind_s(snap: Snapshot, newcomers: np.ndarray, spare_rate: float) -> np
     at = np.unique(np.concatenate(([0.0], begins, ends)))  # the total need is piecewise linear: its kinks
     need = np.clip(at[:, None] - begins, 0.0, ends - begins) * rates  # tokens each must have made by then
     first = int(ahead.sum())
-    before = need[:, :first].sum(axis=1) - capacity * at  # the started streams' need beyond what Gamma made
-    lag = np.empty(newcomers.size)
-    for k in range(newcomers.size):
-        before += need[:, first + k]
-        lag[k] = float(np.minimum(need[:, first + k], np.maximum(before, 0.0)).max()) / float(rates[first + k])
-    return lag
+    # The need beyond what Gamma made, of the started streams and each newcomer with those before it; a newcomer
+    # falls behind by that much, at most by its own need.
+    behind = need[:, :first].sum(axis=1, keepdims=True) - capacity * at[:, None] + need[:, first:].cumsum(axis=1)
+    return np.minimum(need[:, first:], np.maximum(behind, 0.0)).max(axis=0) / rates[first:]
