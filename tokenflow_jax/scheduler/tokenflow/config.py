@@ -25,6 +25,7 @@ class TokenFlowConfig:
     overload_clear_s: float = 1.0  # ... Gamma the lowest of the decisions of this many seconds back
     overload_fcfs_order: bool = True  # overloaded: equal urgency and value go by fcfs's order (arrival, then id)
     overload_entry_fraction: float = 0.1  # overloaded: newcomers enter this x playback before the overload ends
+    overload_entry_share: float = 0.8  # ... or while buffers and this x Gamma feed them within that (0: never)
     deep_buffer_fraction: float = 0.05  # overloaded: room the started streams will need back is lent to newcomers
     # while the started streams' median buffer is at least this x their median playback (or a hold costs more)
     wait_beyond_room: bool = True  # beyond room, newcomers whose room opens late wait outside the decision
@@ -40,6 +41,8 @@ class TokenFlowConfig:
             raise ValueError(f"mu (buffer conservativeness) must be >= 1, got {self.mu!r}")
         if not 0.0 <= self.adaptation_rate <= 1.0:
             raise ValueError(f"adaptation_rate (lambda) must be in [0, 1], got {self.adaptation_rate!r}")
+        if not 0.0 <= self.overload_entry_share <= 1.0:
+            raise ValueError(f"overload_entry_share must be in [0, 1], got {self.overload_entry_share!r}")
         if not 0.0 < self.capacity_hysteresis <= 1.0:
             raise ValueError(f"capacity_hysteresis must be in (0, 1], got {self.capacity_hysteresis!r}")
         check_max_hold(self.max_hold_s)

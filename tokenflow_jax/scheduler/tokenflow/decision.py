@@ -16,7 +16,7 @@ from tokenflow_jax.reader import TAU1_FRACTION
 from tokenflow_jax.scheduler.interface import CostEstimates
 from tokenflow_jax.scheduler.tokenflow.balancing import Gate, greedy_fill, local_search, rank
 from tokenflow_jax.scheduler.tokenflow.config import TokenFlowConfig
-from tokenflow_jax.scheduler.tokenflow.feeding import entering_before_overload_ends, lag_behind_s, started
+from tokenflow_jax.scheduler.tokenflow.feeding import entering_before_overload_ends, lag_behind_s, overload_fed, started
 from tokenflow_jax.scheduler.tokenflow.snapshot import Ranking, Snapshot
 from tokenflow_jax.scheduler.tokenflow.timing import resume_lead_s
 from tokenflow_jax.tracker import ARRIVAL, MAX_TOKENS, NUM_GENERATED, PROMPT_LEN, RATE
@@ -73,7 +73,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
         floor = snap.capacity_floor
         entry_level = floor if overloaded else max(floor, cfg.capacity_hysteresis * capacity)
         entry_spare -= capacity - min(capacity, entry_level)
-    newcomers = held_newcomers(snap, overloaded, entry_spare, cfg.overload_entry_fraction)
+    newcomers = held_newcomers(snap, overloaded, entry_spare, cfg.overload_entry_fraction, cfg.overload_entry_share)
     # Buffer balancing: rank, fill greedily (the admission gate keeps who cannot cover a pause), local search.
     # Overloaded, someone stalls whatever the order: as under fcfs, the stall falls on the latest admitted (equal
     # urgency and value go by fcfs's order).
@@ -276,11 +276,14 @@ def room_opens_in_steps(
     return float(times[lo])
 
 
-def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float, entry_fraction: float) -> np.ndarray:
+def held_newcomers(
+    snap: Snapshot, overloaded: bool, spare_rate: float, entry_fraction: float, entry_share: float = 0.0
+) -> np.ndarray:
     """Newcomers (no token yet) that may not displace anyone (snapshot indices): while overloaded, all but those
-    the overload will spare soon enough (`entering_before_overload_ends`); else, in arrival order, those whose rate
-    the spare capacity Gamma - demand no longer covers. A rate-less request that must run (held back
-    `max_hold_s`) is never held."""
+    the overload will spare soon enough (`entering_before_overload_ends`) and, where every newcomer states a rate,
+    the leading run the started streams' buffers and `entry_share` of Gamma would feed within `entry_fraction` of
+    their playback (`overload_fed`); else, in arrival order, those whose rate the spare capacity Gamma - demand no
+    longer covers. A rate-less request that must run (held back `max_hold_s`) is never held."""
     first_waiting = snap.holding_kv
     newcomers = (snap.block[NUM_GENERATED, first_waiting:] == 0).nonzero()[0]
     newcomers += first_waiting
@@ -289,7 +292,8 @@ def held_newcomers(snap: Snapshot, overloaded: bool, spare_rate: float, entry_fr
     if not newcomers.size:
         return newcomers
     if overloaded:
-        return newcomers[~entering_before_overload_ends(snap, newcomers, spare_rate, entry_fraction)]
+        enter = entering_before_overload_ends(snap, newcomers, spare_rate, entry_fraction)
+        return newcomers[~(enter | overload_fed(snap, newcomers, spare_rate, entry_fraction, entry_share))]
     rates = snap.block[RATE].take(newcomers)
     total = float(rates.sum())
     if spare_rate == math.inf or total + 1e-9 * (abs(spare_rate) + total) < spare_rate:  # all covered (with

@@ -68,3 +68,21 @@ def lag_behind_s(snap: Snapshot, newcomers: np.ndarray, spare_rate: float) -> np
     # falls behind by that much, at most by its own need.
     behind = need[:, :first].sum(axis=1, keepdims=True) - capacity * at[:, None] + need[:, first:].cumsum(axis=1)
     return np.minimum(need[:, first:], np.maximum(behind, 0.0)).max(axis=0) / rates[first:]
+
+
+def overload_fed(snap: Snapshot, newcomers: np.ndarray, spare_rate: float, fraction: float, share: float) -> np.ndarray:
+    """Which overloaded `newcomers` (snapshot indices, arrival order) the started streams' buffers and `share` of
+    Gamma would feed, as a mask: the leading run whose `lag_behind_s` stays within `fraction` of its playback (all
+    False where a newcomer states no rate, or `share` is 0). The rule that waits for the overload's end counts no
+    buffer: with the started streams' buffers seconds deep it held newcomers while the batch made tokens past
+    tau2, worth nothing (docs/DESIGN.md 3.15). Less than Gamma: Gamma counts no prefill, and a cohort let in on
+    Gamma itself drained the buffers it was let in on."""
+    fed = np.zeros(newcomers.size, dtype=bool)
+    rates = snap.block[RATE].take(newcomers)
+    if share <= 0 or not newcomers.size or not (rates > 0).all():
+        return fed
+    demand = float(snap.block[RATE, started(snap)].sum())
+    lag = lag_behind_s(snap, newcomers, share * (spare_rate + demand) - demand)
+    within = lag <= fraction * snap.block[MAX_TOKENS].take(newcomers) / rates
+    fed[: int(within.argmin()) if not within.all() else within.size] = True
+    return fed

@@ -95,6 +95,34 @@ def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.
             ending.sort()
         return entry_open
 
+    # ... or, overloaded with every newcomer stating a rate, the leading run of newcomers (beyond the room aside) that
+    # the started streams' buffers and overload_entry_share of that Gamma would feed within overload_entry_fraction
+    # of its playback: each started stream needs its reader's pace from when its buffer runs out to its end, each
+    # newcomer from now to its end, first come first fed; a newcomer's lag is the largest shortfall of what was made
+    # against the need of those before it and its own (at most its own), taken at every start and end of a need.
+    fed: set[str] = set()
+    entering = [r for r in fresh if r.request_id not in beyond]
+    if decision.overloaded and cfg.overload_entry_share > 0 and entering and all(r.rate for r in entering):
+        needs = []  # (from, to, rate)
+        for r in started:
+            buf = state.tracker[r.request_id]
+            dry = max(buf.last_read_time - state.now, 0.0) if buf.last_read_time is not None else 0.0
+            needs.append((dry, dry + (r.sampling.max_tokens - buf.num_generated) / r.rate, r.rate))
+        fresh_needs = [(0.0, r.sampling.max_tokens / r.rate, r.rate) for r in entering]
+        kinks = sorted({0.0, *(t for a, b, _ in needs + fresh_needs for t in (a, b))})
+
+        def need(n, t):
+            return n[2] * min(max(t - n[0], 0.0), n[1] - n[0])
+
+        made = cfg.overload_entry_share * gamma
+        for k, req in enumerate(entering):
+            lag = max(min(need(fresh_needs[k], t), max(sum(need(n, t) for n in needs) - made * t
+                                                       + sum(need(n, t) for n in fresh_needs[: k + 1]), 0.0))
+                      for t in kinks) / req.rate  # fmt: skip
+            if lag > cfg.overload_entry_fraction * req.sampling.max_tokens / req.rate:
+                break
+            fed.add(req.request_id)
+
     contenders, newcomers = [], []
     for req in (*state.running, *state.paused, *state.waiting):
         buf = state.tracker[req.request_id]
@@ -112,7 +140,8 @@ def reference_decision(policy: TokenFlowPolicy, state, est, floor: float = math.
             if req.request_id in beyond:
                 continue
             if not req.output_ids:
-                if decision.overloaded and not enters(req) or not decision.overloaded and req.rate > spare:
+                entered = decision.overloaded and (enters(req) | (req.request_id in fed))
+                if decision.overloaded and not entered or not decision.overloaded and req.rate > spare:
                     newcomers.append(c)
                     continue
                 if not decision.overloaded:
@@ -288,6 +317,7 @@ request_specs = st.lists(
         "local_search_iters": st.sampled_from([0, 4]), "overload_entry_fraction": st.sampled_from([0.0, 0.1, 1.0]),
         "wait_beyond_room": st.booleans(), "room_wait_fraction": st.sampled_from([0.0, 0.1, 100.0]),
         "deep_buffer_fraction": st.sampled_from([0.0, 0.05, 1.0]),
+        "overload_entry_share": st.sampled_from([0.0, 0.8, 1.0]),
     }),
 )  # fmt: skip
 def test_vectorized_decision_equals_the_plain_reference(

@@ -330,6 +330,26 @@ def test_overloaded_free_room_the_started_streams_will_need_goes_to_newcomers_on
     assert not preempted(plan)
 
 
+@pytest.mark.parametrize("share, admitted", [(0.8, True), (0.0, False)])
+def test_overloaded_a_newcomer_enters_where_the_started_streams_buffers_leave_it_fed(share, admitted):
+    """Overloaded (40 tok/s of readers; one stream fits the device at the projected context: Gamma 25), the started
+    streams' readers hold 10 s of buffer: for the newcomer's whole 3.2 s playback they need nothing, 0.8 x Gamma
+    feeds it and still makes their tokens in time, so it contends and a full buffer gives way. Waiting for the
+    overload's end instead (`overload_entry_share` 0: ~15 s away) it sat beside a batch making tokens past tau2,
+    worth nothing (the H200 Poisson 5/s replay at 25 tok/s: 0.92x fcfs's effective throughput; docs/DESIGN.md
+    3.15)."""
+    w = World(max_num_seqs=8, device_pages=31)  # the two streams hold 30 pages: no free room for the newcomer
+    w.add("a", RequestStatus.RUNNING, buffer_s=10.0, max_tokens=302)  # 100 tokens to go: their readers need
+    w.add("b", RequestStatus.RUNNING, buffer_s=10.0, max_tokens=302)  # 200 by 15 s, 0.8 x Gamma makes 300
+    w.add("new", RequestStatus.WAITING, arrival=NOW - 0.1, max_tokens=64)
+    w.estimates(decode_step_model=(0.04, 0.0, 0.0))
+    policy = TokenFlowPolicy(overload_entry_share=share)
+    plan = policy.plan(w.state())
+    assert policy.decision.overloaded and not policy.decision.hopeless
+    assert ("new" in plan.schedule) is admitted
+    assert bool(preempted(plan)) is admitted  # a full buffer makes its room
+
+
 @pytest.mark.parametrize(
     "arrival, admitted",
     [
