@@ -338,6 +338,9 @@ def lent_room(
         lag = lag_behind_s(snap, free_room[:fitting], spare_rate)
         playback = snap.block[MAX_TOKENS].take(free_room[:fitting]) / snap.block[RATE].take(free_room[:fitting])
         joined = snap.block[ARRIVAL].take(free_room[:fitting]) >= snap.overload_since
+        # Where the live requests' contexts already crowd the device, fcfs too leaves some waiting: the lent room
+        # is what the starved newcomer would not have had (the long burst at 30 tok/s; docs/DESIGN.md 3.15).
+        joined |= float(snap.pages.sum()) > snap.num_device_pages
         starved = ((lag > cfg.overload_entry_fraction * playback) & joined)[held:]
         if starved.any():
             return held + int(starved.argmax())
