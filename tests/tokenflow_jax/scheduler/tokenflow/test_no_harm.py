@@ -201,12 +201,12 @@ def test_overloaded_newcomers_enter_as_the_overload_ends_within_a_share_of_their
     """The 10 newcomers of the long burst waited until the overload was over (~306 s) while fcfs starts them at
     275-288 s as finishes free memory: P99 TTFT 1.08x fcfs's. Each now contends once the started streams, each
     at its reader's pace to its end, leave its rate room within a tenth of its playback (docs/DESIGN.md 3.13):
-    its first token comes as soon as fcfs's and what it may wait meanwhile stays within the rule's stall share."""
+    its first token comes as soon as fcfs's and what it may wait meanwhile stays within the rule's stall share.
+    (Since the crowded device's hold, 3.15, the burst's early cohorts wait and its tail comes sooner: held until
+    the overload's end the newcomers now start in time too.)"""
     fcfs, tokenflow = faithful_long_burst("fcfs"), faithful_long_burst("tokenflow")
     assert tokenflow["p99_ttft_ms"] <= 1.05 * fcfs["p99_ttft_ms"]
     assert max_rebuffer_increase(tokenflow, fcfs) <= 0.10
-    held = faithful_long_burst("tokenflow", overload_entry_fraction=0.0, overload_entry_share=0.0)  # at its end
-    assert held["p99_ttft_ms"] > 1.05 * fcfs["p99_ttft_ms"]
 
 
 def test_overloaded_newcomers_take_no_room_a_pause_opened():
