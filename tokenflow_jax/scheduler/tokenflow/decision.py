@@ -113,7 +113,7 @@ def decide(snap: Snapshot, est: CostEstimates, config: TokenFlowConfig, was_over
     if free_room.size and not (overloaded and started_off_device(snap)):
         entering = fill_free_room(snap, free_room, used, count)
         if overloaded and entering:
-            entering = entering[: lent_room(snap, est, cfg, free_room, len(entering), spare_rate)]
+            entering = entering[: lent_room(snap, est, cfg, free_room, len(entering), capacity)]
         running += entering
     return Decision(tuple(running), victims, give_way_at, working_set, overloaded, hopeless, spare_rate, room_short,
                     capacity)  # fmt: skip
@@ -277,7 +277,7 @@ def room_opens_in_steps(
 
 
 def held_newcomers(
-    snap: Snapshot, overloaded: bool, spare_rate: float, entry_fraction: float, entry_share: float = 0.0
+    snap: Snapshot, overloaded: bool, spare_rate: float, entry_fraction: float, entry_share: float
 ) -> np.ndarray:
     """Newcomers (no token yet) that may not displace anyone (snapshot indices): while overloaded, all but those
     the overload will spare soon enough (`entering_before_overload_ends`) and, where every newcomer states a rate,
@@ -324,7 +324,7 @@ def started_off_device(snap: Snapshot) -> bool:
 
 
 def lent_room(
-    snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_room: np.ndarray, fitting: int, spare_rate: float
+    snap: Snapshot, est: CostEstimates, cfg: TokenFlowConfig, free_room: np.ndarray, fitting: int, capacity: float
 ) -> int:
     """Overloaded, how many of the first `fitting` of `free_room` (newcomers in arrival order that free memory takes
     now) may take it. Room the started streams will grow back into is lent only against deep buffers, or where
@@ -335,15 +335,17 @@ def lent_room(
         return fitting
     held = held_to_their_end(snap, free_room[:fitting], snap.num_device_pages)
     if held < fitting and snap.rateless is None:
-        lag = lag_behind_s(snap, free_room[:fitting], spare_rate)
-        playback = snap.block[MAX_TOKENS].take(free_room[:fitting]) / snap.block[RATE].take(free_room[:fitting])
-        joined = snap.block[ARRIVAL].take(free_room[:fitting]) >= snap.overload_since
+        lending = free_room[:fitting]
+        joined = snap.block[ARRIVAL].take(lending) >= snap.overload_since
         # Where the live requests' contexts already crowd the device, fcfs too leaves some waiting: the lent room
         # is what the starved newcomer would not have had (the long burst at 30 tok/s; docs/DESIGN.md 3.15).
         joined |= float(snap.pages.sum()) > snap.num_device_pages
-        starved = ((lag > cfg.overload_entry_fraction * playback) & joined)[held:]
-        if starved.any():
-            return held + int(starved.argmax())
+        if joined[held:].any():  # the fluid model only where its verdict can hold someone
+            lag = lag_behind_s(snap, lending, capacity)
+            playback = snap.block[MAX_TOKENS].take(lending) / snap.block[RATE].take(lending)
+            starved = ((lag > cfg.overload_entry_fraction * playback) & joined)[held:]
+            if starved.any():
+                return held + int(starved.argmax())
     if held < fitting and (
         free_room.size - fitting >= fitting - held or device_room_opens_within_wait(snap, est, free_room[: held + 1])
     ):

@@ -50,14 +50,13 @@ def entering_before_overload_ends(
     return enter
 
 
-def lag_behind_s(snap: Snapshot, newcomers: np.ndarray, spare_rate: float) -> np.ndarray:
+def lag_behind_s(snap: Snapshot, newcomers: np.ndarray, capacity: float) -> np.ndarray:
     """For each of `newcomers` (snapshot indices, arrival order, all streams), how far behind its reader it would
     fall at worst (seconds) if all started now, fed last in fcfs's order: each started stream needs its reader's
-    pace from when its buffer runs out to its end, the newcomers before it theirs from now, and Gamma feeds them
-    first; the newcomer gets what is left."""
+    pace from when its buffer runs out to its end, the newcomers before it theirs from now, and `capacity` tok/s
+    (Gamma) feeds them first; the newcomer gets what is left."""
     block = snap.block
     ahead = started(snap) & (block[RATE] > 0)
-    capacity = spare_rate + float(block[RATE, started(snap)].sum())  # Gamma
     rates = np.concatenate((block[RATE, ahead], block[RATE].take(newcomers)))
     begins = np.concatenate((snap.dry_in[ahead], np.zeros(newcomers.size)))
     ends = begins + np.concatenate((snap.tokens_to_go()[ahead], block[MAX_TOKENS].take(newcomers))) / rates
@@ -81,8 +80,8 @@ def overload_fed(snap: Snapshot, newcomers: np.ndarray, spare_rate: float, fract
     rates = snap.block[RATE].take(newcomers)
     if share <= 0 or not newcomers.size or not (rates > 0).all():
         return fed
-    demand = float(snap.block[RATE, started(snap)].sum())
-    lag = lag_behind_s(snap, newcomers, share * (spare_rate + demand) - demand)
+    gamma = spare_rate + float(snap.block[RATE, started(snap)].sum())
+    lag = lag_behind_s(snap, newcomers, share * gamma)
     within = lag <= fraction * snap.block[MAX_TOKENS].take(newcomers) / rates
     fed[: int(within.argmin()) if not within.all() else within.size] = True
     return fed
