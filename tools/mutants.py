@@ -149,6 +149,13 @@ MUTANTS = [
     Mutant("every started stream paused at once reads as no overload", "tokenflow_jax/scheduler/tokenflow/decision.py",
            "if not snap.holding_kv:  # nothing started yet", "if not snap.num_running:  # nothing started yet",
            ("tests/tokenflow_jax/scheduler/tokenflow/test_policy.py", "-k", "paused_at_once")),
+    Mutant("the decode step model clips a negative slope instead of fitting without it",
+           "tokenflow_jax/engine/paged_executor.py",
+           "for terms in NNLS_SUBSETS:\n            coef = np.linalg.lstsq(x[:, terms], y, rcond=None)[0]\n"
+           "            if (coef < 0).any():\n                continue",
+           "for terms in NNLS_SUBSETS[:1]:\n            coef = np.linalg.lstsq(x[:, terms], y, rcond=None)[0]\n"
+           "            coef = np.maximum(coef, 0.0)",
+           ("tests/tokenflow_jax/engine/test_engine.py", "-k", "non_negative")),
 ]  # fmt: skip
 
 

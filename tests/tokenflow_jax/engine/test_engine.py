@@ -236,6 +236,38 @@ def test_decode_step_model_recovers_a_linear_cost_and_refuses_to_extrapolate_fro
     assert DecodeStepModel.fit([(8, 1000, 0.01)] * 40) is None
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_step_model_fits_the_closest_non_negative_coefficients(seed: int) -> None:
+    """Where the unconstrained fit has a negative slope (step times that fall with the batch, as bucketed shapes
+    and a noisy host give), the fit is the non-negative least-squares one (scipy's NNLS as the reference), not
+    the unconstrained fit with that slope clipped to 0 and its intercept left where the slope had put it."""
+    from scipy.optimize import nnls
+
+    from tokenflow_jax.engine.paged_executor import DecodeStepModel
+
+    rng = np.random.default_rng(seed)
+    seqs = rng.integers(1, 33, 200)
+    context = seqs * rng.integers(60, 120, 200)
+    # Time falls with sequences and rises with context (or the reverse): collinear terms, one slope negative.
+    sign = 1 if seed % 2 else -1
+    seconds = 0.002 + sign * 4e-5 * seqs - sign * 3e-7 * context + rng.normal(0, 2e-4, 200)
+    seconds = np.maximum(seconds, 1e-4)
+    samples = list(zip(seqs.tolist(), context.tolist(), seconds.tolist(), strict=True))
+    x = np.column_stack([np.ones(200), seqs, context]).astype(float)
+    unconstrained = np.linalg.lstsq(x, seconds, rcond=None)[0]
+    assert (unconstrained < 0).any()  # the case this test is about
+    # Columns scaled so that NNLS's tolerance sees them alike; the scale is undone on its coefficients.
+    scale = np.abs(x).max(axis=0)
+    reference = nnls(x / scale, seconds)[0] / scale
+    fitted = np.array(DecodeStepModel.fit(samples))
+    assert (fitted >= 0).all()
+    residual = np.square(x @ fitted - seconds).sum()
+    assert residual == pytest.approx(np.square(x @ reference - seconds).sum(), rel=1e-6)
+    np.testing.assert_allclose(fitted, reference, rtol=1e-4, atol=1e-12)
+    clipped = np.maximum(unconstrained, 0.0)
+    assert residual < np.square(x @ clipped - seconds).sum()
+
+
 def test_the_first_fit_predicts_the_steps_of_the_moment_not_their_average_since_start() -> None:
     """A burst's first decode steps are slower (~3x here); the first fit averages them in. Its speed is then what
     it would be had the fit been known from the first step (a model given those coefficients beforehand, fed the
