@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "tokenflow_jax.scheduler",
             "tokenflow_jax.engine.paged_executor",
+            "tokenflow_jax.engine.step_model",
             "tokenflow_jax.engine.executor",
             "tokenflow_jax.sim.executor",
             "tokenflow_jax.sim.profiles",
@@ -103,6 +104,7 @@ FORBIDDEN = [
         ("tokenflow_jax.engine", "tokenflow_jax.sim", "tokenflow_jax.kv.host_tier", "tokenflow_jax.kv.host_pool"),
     ),
     ("tokenflow_jax.engine.paged_executor", ("tokenflow_jax.scheduler.",)),
+    ("tokenflow_jax.engine.step_model", ("tokenflow_jax.scheduler.",)),
     ("tokenflow_jax.engine.executor", ("tokenflow_jax.scheduler.",)),
     ("tokenflow_jax.sim.executor", ("tokenflow_jax.scheduler.",)),
     ("tokenflow_jax.kv", ("tokenflow_jax.scheduler", "tokenflow_jax.engine")),

@@ -150,12 +150,16 @@ MUTANTS = [
            "if not snap.holding_kv:  # nothing started yet", "if not snap.num_running:  # nothing started yet",
            ("tests/tokenflow_jax/scheduler/tokenflow/test_policy.py", "-k", "paused_at_once")),
     Mutant("the decode step model clips a negative slope instead of fitting without it",
-           "tokenflow_jax/engine/paged_executor.py",
+           "tokenflow_jax/engine/step_model.py",
            "for terms in NNLS_SUBSETS:\n            coef = np.linalg.lstsq(x[:, terms], y, rcond=None)[0]\n"
            "            if (coef < 0).any():\n                continue",
            "for terms in NNLS_SUBSETS[:1]:\n            coef = np.linalg.lstsq(x[:, terms], y, rcond=None)[0]\n"
            "            coef = np.maximum(coef, 0.0)",
            ("tests/tokenflow_jax/engine/test_engine.py", "-k", "non_negative")),
+    Mutant("the bench starts each policy from the costs the previous policy's run left",
+           "tokenflow_jax/bench/schedulers.py",
+           "if own and label in estimators:", "if False:",
+           ("tests/tokenflow_jax/bench/test_schedulers.py", "-k", "own_last_run")),
 ]  # fmt: skip
 
 

@@ -89,9 +89,11 @@ def available_schedulers(names: Sequence[str]) -> list[str]:
 def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *, eos: frozenset[int] = frozenset(),
                   preemption: str = "auto", config: dict[str, Any] | None = None, seed: int = 0,
                   time_limit: float | None = None, progress: bool = True, prefix_caching: bool | None = None,
-                  label: str | None = None) -> SchedulerRun:  # fmt: skip
+                  label: str | None = None, estimators: dict[str, Any] | None = None) -> SchedulerRun:  # fmt: skip
     """Replay `specs` under policy `name` on an idle executor (a fresh EngineCore over it), from a cold prefix
-    cache (`prefix_caching` turns it on or off; None keeps the executor's setting)."""
+    cache (`prefix_caching` turns it on or off; None keeps the executor's setting). With `estimators` (run label ->
+    the executor's measured costs as that label's last run left them, updated here), the run starts from its own
+    costs, not from those another policy's run left: each policy plans as on a server that runs it alone."""
     from tokenflow_jax.engine.core import EngineCore
     from tokenflow_jax.sim.replay import replay, spec_request
 
@@ -101,6 +103,10 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
         executor.write_through_enabled = policy.uses_write_through and executor.num_host_pages > 0
     if hasattr(executor, "reset_prefix_cache"):  # a run must not hit what the previous one cached
         executor.reset_prefix_cache(prefix_caching)
+    label = label or name
+    own = estimators is not None and hasattr(executor, "restore_estimators")
+    if own and label in estimators:
+        executor.restore_estimators(estimators[label])
     core = EngineCore(executor, policy, eos_token_ids=eos, preemption=preemption)
     wall0 = time.perf_counter()
     start = executor.now()
@@ -110,7 +116,9 @@ def run_scheduler(executor: Executor, name: str, specs: Sequence[RequestSpec], *
     summary = summarize(records, swap_bytes_out=core.bytes_to_host, swap_bytes_in=core.bytes_to_device,
                         scheduler_times_s=core.scheduler_times_s,
                         prefix_cache=dataclasses.astuple(core.prefix_cache))  # fmt: skip
-    return SchedulerRun(label or name, records, summary, start, time.perf_counter() - wall0, step_seconds)
+    if own:
+        estimators[label] = executor.estimator_state()
+    return SchedulerRun(label, records, summary, start, time.perf_counter() - wall0, step_seconds)
 
 
 def compare(
@@ -388,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     simulated = isinstance(executor, SimExecutor)  # also under --paper-setup: deterministic, no warm-up
     warmups = args.num_warmups if args.num_warmups is not None else int(not simulated)
+    estimators: dict[str, Any] = {}  # each policy's own measured costs, from its last run (`run_scheduler`)
     rounds = [compare(executor, names, specs, eos=eos, preemption=args.preemption, seed=args.seed,
+                      estimators=estimators,
                       configs=configs, time_limit=args.time_limit, progress=args.progress,
                       prefix_caching=caching) for _ in range(warmups + args.repeats)][warmups:]  # fmt: skip
     runs = rounds[0]

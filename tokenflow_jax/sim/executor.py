@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenflow_jax.batching import SequenceChunk
-from tokenflow_jax.engine.paged_executor import DecodeStepModel, PagedExecutor, SamplingRow
+from tokenflow_jax.engine.paged_executor import PagedExecutor, SamplingRow
+from tokenflow_jax.engine.step_model import DecodeStepModel
 from tokenflow_jax.kv.block_manager import PageCopy
 from tokenflow_jax.kv.pages import pages_for
 from tokenflow_jax.request import Request

@@ -224,7 +224,7 @@ def test_engine_rejects_requests_beyond_the_model_length() -> None:
 
 
 def test_decode_step_model_recovers_a_linear_cost_and_refuses_to_extrapolate_from_alike_steps() -> None:
-    from tokenflow_jax.engine.paged_executor import DecodeStepModel
+    from tokenflow_jax.engine.step_model import DecodeStepModel
 
     rng = np.random.default_rng(0)
     model = DecodeStepModel(window=256, refit_every=16)
@@ -243,7 +243,7 @@ def test_decode_step_model_fits_the_closest_non_negative_coefficients(seed: int)
     the unconstrained fit with that slope clipped to 0 and its intercept left where the slope had put it."""
     from scipy.optimize import nnls
 
-    from tokenflow_jax.engine.paged_executor import DecodeStepModel
+    from tokenflow_jax.engine.step_model import DecodeStepModel
 
     rng = np.random.default_rng(seed)
     seqs = rng.integers(1, 33, 200)
@@ -273,7 +273,7 @@ def test_the_first_fit_predicts_the_steps_of_the_moment_not_their_average_since_
     it would be had the fit been known from the first step (a model given those coefficients beforehand, fed the
     same steps), not 1.0: taken at 1.0, the fit predicted ~2x the steps of the moment and the policy saw an
     overload the machine did not have (docs/DESIGN.md 3.15)."""
-    from tokenflow_jax.engine.paged_executor import DecodeStepModel
+    from tokenflow_jax.engine.step_model import DecodeStepModel
 
     def cost(seqs: int, context: int) -> float:
         return 0.001 + 1e-4 * seqs + 2e-6 * context
