@@ -16,8 +16,8 @@ NNLS_SUBSETS = [list(t) for k in (3, 2, 1) for t in itertools.combinations(range
 
 
 class DecodeStepModel:
-    """Least-squares fit of decode step time to (sequences, context tokens) over recent steps, so a policy can
-    predict the step, and so the decode capacity Gamma, at contexts the batch has not reached yet.
+    """Non-negative least-squares fit of decode step time to (sequences, context tokens) over recent steps, so a
+    policy can predict the step, and so the decode capacity Gamma, at contexts the batch has not reached yet.
 
     The fit looks back `window` steps; the machine's speed (contention, clocks, long prefills beside the batch)
     changes faster than that. `speed` follows it within a few steps: a moving average of measured over
@@ -101,5 +101,5 @@ class DecodeStepModel:
             error = float(np.square(x[:, terms] @ coef - y).sum())
             if error < best_error:
                 best[:], best_error = 0.0, error
-                best[list(terms)] = coef
+                best[terms] = coef
         return float(best[0]), float(best[1]), float(best[2])
